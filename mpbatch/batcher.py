@@ -1,0 +1,641 @@
+"""Caller side of mpbatch: the Batcher, and the road every item travels.
+
+ caller process                                          worker i of N (process)
+ add(key, value) / submit / add_many
+   checks: key hashable, value pickles, value <= max_bytes, room in buffer; errors
+   raise here, at the call, and nothing is taken
+   the item joins an open chunk (one for least-loaded and round-robin, one per worker
+   for "key"); a chunk is sealed when it holds min(size, 1024) items or 1 MiB, when
+   half of interval has passed (the collector's timer), or on flush()/close()
+ dispatch: pick i (least-loaded: min sent[i] - done[i] from shared memory; round-robin;
+   key: crc32 of the key), record the chunk in ledger i, sent[i] += n
+ item pipe i ====== CHUNK(n, deadline, pickle(pairs)) ======>  reader thread -> inbox
+                                                              group by key; flush at size,
+                                                              max_bytes, deadline or FLUSH;
+                                                              do(batch[, state]); check shape
+ collector thread <== FINISHED/FAILED(start, n, payload) ===  result pipe i; done[i] += n
+   one wait() on all result pipes, all worker sentinels and a wakeup pipe:
+   FINISHED -> futures, on_result, succeeded        FAILED -> retry after backoff (solo
+   chunk) or DeadLetter, on_dead_letter             sentinel -> items inside do() spend an
+   attempt (WorkerDied / BatchTimeout), items only queued are re-sent; a replacement starts
+   timer -> seal overdue open chunks, send due retries, kill a do() past timeout=
+ close(): add() raises Closed; flush everything; wait for pending == 0; STOP workers,
+   join them; stop the collector; unlink the shared memory.
+
+Every accepted item sits in an open chunk, in a ledger, or in the retry queue until its
+outcome is counted, so accepted == succeeded + dead_lettered + pending at every moment.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import pickle
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from itertools import islice
+from types import TracebackType
+from typing import Any
+
+import cloudpickle
+
+from .collector import Collector
+from .deadletters import DeadLetter
+from .dispatch import ROUTINGS, Dispatcher, LoadCounters, Router
+from .errors import Closed, Full, ItemTooLarge, MpbatchError, SerializationError
+from .ledger import Segment
+from .lifecycle import START_METHODS, Pool, default_start_method, default_workers
+from .stats import Accounts, Stats
+from .transport import FLUSH_FRAME, PROTOCOL, chunk_frame
+from .worker import WorkerConfig
+
+CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to BLOCK_ITEMS
+CHUNK_BYTES = 1 << 20  # seal an add() chunk at about this many bytes of values
+BLOCK_ITEMS = 4096
+STOP_GRACE = 5.0  # seconds close() gives idle workers to exit before killing them
+_PLAIN = frozenset({int, str, bytes, float, bool, type(None)})  # always pickle, always hash
+
+_NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The Batcher's knobs, checked; see Batcher for units and defaults."""
+
+    size: int
+    max_bytes: int | None
+    interval: float
+    workers: int | None
+    buffer: int
+    routing: str
+    max_attempts: int
+    retry_backoff: float
+    timeout: float | None
+    on_result: Callable[[Any, list, list | None], None] | None
+    on_dead_letter: Callable[[DeadLetter], None] | None
+    init: Callable[[], Any] | None
+    start_method: str
+
+
+class Batcher:
+    """Run ``do(batch)`` in worker processes on items added by key.
+
+    do: callable(batch) -> None | {key: [result per value]}; with ``init``, do(batch, state).
+        Shipped with cloudpickle, so lambdas and closures work.
+    size: flush a worker's batch at this many items, all keys together (default 100).
+    max_bytes: also flush at this many bytes of pickled values; a larger value alone is
+        refused at add() with ItemTooLarge (default None: no byte limit).
+    interval: seconds an accepted item may wait before its batch starts (default 0.1).
+    workers: worker processes (default: usable CPUs, physical cores preferred).
+    buffer: items accepted but unfinished, per worker; beyond it add() raises Full
+        (default 10_000).
+    routing: "least-loaded" (default), "key" (one key, one worker: per-key order), or
+        "round-robin".
+    max_attempts: tries of do() per item before it is dead-lettered (default 1).
+    retry_backoff: seconds before the first retry, doubled each time, jittered x0.5-1.5
+        (default 0.1).
+    timeout: seconds one do() call may run before its worker is killed (default None).
+    on_result(key, values, results) / on_dead_letter(dead_letter): run in the caller, on
+        the collector thread; keep them quick. Exceptions are logged, not raised.
+    init: called once per worker process; its return value is do()'s second argument.
+    start_method: "forkserver" (default where available), "spawn" or "fork".
+    """
+
+    def __init__(
+        self,
+        do: Callable[..., Any],
+        *,
+        size: int = 100,
+        max_bytes: int | None = None,
+        interval: float = 0.1,
+        workers: int | None = None,
+        buffer: int = 10_000,
+        routing: str = "least-loaded",
+        max_attempts: int = 1,
+        retry_backoff: float = 0.1,
+        timeout: float | None = None,
+        on_result: Callable[[Any, list, list | None], None] | None = None,
+        on_dead_letter: Callable[[DeadLetter], None] | None = None,
+        init: Callable[[], Any] | None = None,
+        start_method: str | None = None,
+    ) -> None:
+        _check_callable("do", do, optional=False)
+        self._do = do
+        self._options = Options(
+            size=_check_int("size", size, 1),
+            max_bytes=_check_int("max_bytes", max_bytes, 1, optional=True),
+            interval=_check_number("interval", interval, positive=True),
+            workers=_check_int("workers", workers, 1, optional=True),
+            buffer=_check_int("buffer", buffer, 1),
+            routing=_check_choice("routing", routing, ROUTINGS),
+            max_attempts=_check_int("max_attempts", max_attempts, 1),
+            retry_backoff=_check_number("retry_backoff", retry_backoff, positive=False),
+            timeout=_check_number("timeout", timeout, positive=True, optional=True),
+            on_result=_check_callable("on_result", on_result),
+            on_dead_letter=_check_callable("on_dead_letter", on_dead_letter),
+            init=_check_callable("init", init),
+            start_method=_check_start_method(start_method),
+        )
+        self._state = _NEW
+        self._start_lock = threading.Lock()
+        self._accounts = Accounts()
+        self._lock = self._accounts.lock
+        self._epoch = 0
+        self._chunk_items = max(1, min(self._options.size, CHUNK_ITEMS))
+        self._interval_ns = int(self._options.interval * 1e9)
+        self._open: list[_OpenChunk] = []
+        self._collector: Collector | None = None
+        self._workers = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> Batcher:
+        """Start the workers now (the first add/submit does it otherwise); returns self."""
+        with self._start_lock:
+            if self._state is _NEW:
+                self._start()
+            elif self._state is not _RUNNING:
+                raise Closed("this Batcher is closed; create a new one")
+        return self
+
+    def _start(self) -> None:
+        opts = self._options
+        workers = opts.workers or default_workers()
+        config = WorkerConfig(self._do, opts.init, opts.size, opts.max_bytes,
+                              want_values=opts.on_result is not None)
+        try:
+            blob = cloudpickle.dumps(config)
+        except Exception as exc:
+            raise SerializationError(
+                f"do= or init= cannot be pickled for the workers ({type(exc).__name__}: {exc}); "
+                f"they travel with cloudpickle, so they must not hold locks, sockets or open "
+                f"files: create those in init= instead") from exc
+        counters = LoadCounters(workers)
+        try:
+            pool = Pool(workers, opts.start_method, counters.name, blob)
+            self._router = Router(opts.routing, counters)
+            self._dispatcher = Dispatcher(pool, counters, self._router)
+            self._open = [_OpenChunk(i) for i in range(workers if opts.routing == "key" else 1)]
+            for i in range(workers):
+                pool.start(i)
+        except BaseException:
+            counters.unlink()
+            raise
+        self._counters, self._pool, self._workers = counters, pool, workers
+        self._collector = Collector(pool, counters, self._dispatcher, self._accounts, opts,
+                                    self._next_seal_ns, self._seal_due)
+        self._dispatcher.reject = self._collector.dead_letter
+        self._collector.start()
+        self._state = _RUNNING
+        _LIVE.add(self)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting, flush, wait for every outcome, join workers, free shared memory.
+
+        Idempotent. If ``timeout`` seconds pass first, the unfinished items are dead-lettered
+        with Closed and the workers are killed. A KeyboardInterrupt while waiting (a second
+        Ctrl-C) does the same at once and says how many items were left.
+        """
+        _check_number("timeout", timeout, positive=False, optional=True)
+        with self._start_lock:
+            state, self._state = self._state, (_CLOSING if self._state is _RUNNING else _CLOSED)
+        if state is not _RUNNING:
+            return
+        error: BaseException | None = None
+        try:
+            if not self._flush(None if timeout is None else time.monotonic() + timeout):
+                error = Closed(f"close(timeout={timeout:g}) ran out before these items finished")
+        except BaseException:
+            self._shutdown(Closed("close() was interrupted before these items finished"))
+            left = self.stats().dead_lettered
+            print(f"mpbatch: interrupted during close(); unfinished items were dead-lettered "
+                  f"({left} dead letters in all)", file=sys.stderr)
+            raise
+        self._shutdown(error)
+
+    def _shutdown(self, error: BaseException | None) -> None:
+        collector = self._collector
+        assert collector is not None
+        collector.stop_error = error
+        collector.stopping = True  # read under send_locks: no replacement after this
+        if error is not None:
+            for i in range(self._workers):
+                self._pool.kill(i)
+        self._pool.stop(0 if error is not None else STOP_GRACE)
+        collector.exit()
+        collector.join()
+        with self._lock:
+            leftovers = [seg for chunk in self._open for seg in [self._take(chunk)] if seg]
+        abandon = error or Closed("the Batcher closed before these items finished")
+        collector.dead_letter(leftovers, abandon, None)
+        collector.abandon(abandon)
+        self._counters.unlink()
+        self._state = _CLOSED
+        _LIVE.discard(self)
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- adding items ---------------------------------------------------------------------
+
+    def add(self, key: Hashable, value: Any, *, block: bool = False,
+            timeout: float | None = None) -> None:
+        """Accept one item; raises Full when there is no room (or waits, with ``block``)."""
+        self._accept(key, value, None, block, timeout)
+
+    def submit(self, key: Hashable, value: Any, *, block: bool = False,
+               timeout: float | None = None) -> Future:
+        """Like add(), and return a Future of the item's result (or of its error)."""
+        fut: Future = Future()
+        self._accept(key, value, fut, block, timeout)
+        return fut
+
+    def _accept(self, key: Hashable, value: Any, fut: Future | None, block: bool,
+                timeout: float | None) -> None:
+        if self._state is not _RUNNING:
+            self._ensure_running()
+        nbytes = self._check_item(key, value)
+        with self._lock:
+            chunk = self._open[self._router.for_key(key) if len(self._open) > 1 else 0]
+            if self._is_full(chunk):
+                self._wait_for_room(chunk, block, timeout)
+            if chunk.add(key, value, fut, nbytes, self._interval_ns) == 1:
+                if chunk.seal_at < self._collector.sleep_until_ns:  # type: ignore[union-attr]
+                    self._collector.poke()  # type: ignore[union-attr]
+            if len(chunk.pairs) >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES:
+                self._seal(chunk)
+
+    def _ensure_running(self) -> None:
+        if self._state is _NEW:
+            self.start()
+        if self._state is not _RUNNING:
+            raise Closed("add() after close(): this Batcher no longer takes items; "
+                         "create a new one")
+        collector = self._collector
+        if collector is not None and collector.broken is not None:
+            raise Closed(f"the Batcher stopped: {collector.broken}") from collector.broken
+
+    def _check_item(self, key: Hashable, value: Any) -> int | None:
+        """Pickled size of ``value`` when it is needed; raise on a bad key or value."""
+        kind = type(key)
+        if kind not in _PLAIN:
+            try:
+                hash(key)
+            except TypeError:
+                raise TypeError(f"key must be hashable (got {kind.__name__}: {key!r:.80}); "
+                                f"use a str, int, bytes or tuple key") from None
+        if self._options.max_bytes is None and type(value) in _PLAIN and kind in _PLAIN:
+            return len(value) if type(value) in (str, bytes) else 16
+        try:
+            blob = pickle.dumps(value, PROTOCOL)
+            if kind not in _PLAIN:
+                pickle.dumps(key, PROTOCOL)
+        except Exception as exc:
+            raise SerializationError(
+                f"the item with key {key!r:.80} cannot be pickled: {type(value).__name__} value "
+                f"or {kind.__name__} key ({type(exc).__name__}: {exc}); items cross to worker "
+                f"processes with pickle, so send plain data") from exc
+        limit = self._options.max_bytes
+        if limit is not None and len(blob) > limit:
+            raise ItemTooLarge(
+                f"the value for key {key!r:.80} is {len(blob)} bytes pickled, over "
+                f"max_bytes={limit}; split it or raise max_bytes")
+        return len(blob)
+
+    def _is_full(self, chunk: _OpenChunk) -> bool:
+        """No room (hold the lock): per worker for "key", all workers together otherwise."""
+        if len(self._open) > 1:
+            return self._dispatcher.held(chunk.worker) + len(chunk.pairs) >= self._options.buffer
+        acc = self._accounts
+        return acc.sealed + len(chunk.pairs) - acc.resolved >= self._options.buffer * self._workers
+
+    def _wait_for_room(self, chunk: _OpenChunk, block: bool, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if block and self._wait_until(lambda: not self._is_full(chunk), deadline):
+            return
+        where = (f"worker {chunk.worker} holds {self._options.buffer} unfinished items "
+                 f"(buffer={self._options.buffer}, routing='key')" if len(self._open) > 1 else
+                 f"{self._options.buffer * self._workers} items are unfinished "
+                 f"(buffer={self._options.buffer} x {self._workers} workers)")
+        waited = f" after waiting {timeout:g}s" if block else ""
+        raise Full(f"no room{waited}: {where}; retry later, pass block=True, or raise buffer=")
+
+    def _wait_until(self, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait (holding the lock) until ``ready()``; False at the deadline or on close."""
+        acc = self._accounts
+        acc.waiters += 1
+        try:
+            while not ready():
+                if self._state is not _RUNNING and self._state is not _CLOSING:
+                    return False
+                if self._collector is not None and self._collector.broken is not None:
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                acc.changed.wait(left)
+            return True
+        finally:
+            acc.waiters -= 1
+
+    def add_many(self, pairs: Iterable[tuple[Hashable, Any]], *,
+                 timeout: float | None = None) -> int:
+        """Accept every (key, value) of ``pairs``, waiting for room; returns how many.
+
+        The bulk path: items are checked and pickled a block at a time. On ``timeout`` it
+        raises Full whose ``.accepted`` counts the items that went in; a bad item raises
+        (SerializationError, ItemTooLarge, TypeError) after the items before it went in.
+        """
+        if self._state is not _RUNNING:
+            self._ensure_running()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if len(self._open) > 1 or self._options.max_bytes is not None:
+            return self._add_each(pairs, deadline)
+        with self._lock:
+            self._seal(self._open[0])  # items add()ed earlier go first
+        return _Bulk(self, iter(pairs), deadline).run()
+
+    def _add_each(self, pairs: Iterable[tuple[Hashable, Any]], deadline: float | None) -> int:
+        """add_many for "key" routing and max_bytes: per-item checks, still chunked."""
+        accepted = 0
+        for item in pairs:
+            key, value = _pair(item, accepted)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._accept(key, value, None, True, left)
+            except (Full, SerializationError) as exc:
+                raise type(exc)(str(exc), accepted) from exc
+            accepted += 1
+        return accepted
+
+    # -- open chunks ----------------------------------------------------------------------
+
+    def _take(self, chunk: _OpenChunk) -> Segment | None:
+        """Seal ``chunk`` into a segment of the current epoch (hold the lock)."""
+        n = len(chunk.pairs)
+        if not n:
+            return None
+        seg = Segment(chunk.pairs, chunk.sizes, chunk.futures, 0, self._epoch, chunk.deadline)
+        if seg.futures is not None:
+            del seg.futures[n:]  # an interrupt between the two appends in _OpenChunk.add
+        chunk.reset()
+        self._accounts.seal(n, self._epoch)
+        return seg
+
+    def _seal(self, chunk: _OpenChunk) -> None:
+        """Send an open chunk to its worker (hold the lock)."""
+        seg = self._take(chunk)
+        if seg is None:
+            return
+        routing = self._options.routing
+        if routing == "key":
+            i = chunk.worker
+        elif routing == "round-robin":
+            i = self._router.round_robin()
+        else:
+            i = self._router.least_loaded()
+        self._dispatcher.send(i, [seg])
+
+    def _next_seal_ns(self) -> int | None:
+        """When the oldest open chunk must be sent (hold the lock)."""
+        due = [c.seal_at for c in self._open if c.pairs]
+        return min(due) if due else None
+
+    def _seal_due(self, now: int) -> None:
+        """Send open chunks whose time has come (hold the lock); the collector's timer."""
+        for chunk in self._open:
+            if chunk.pairs and chunk.seal_at <= now:
+                self._seal(chunk)
+
+    # -- flush, stats ---------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send every partial batch now; return when each item added before the call has
+        its outcome recorded and its callback returned."""
+        if self._state is _NEW:
+            return
+        if self._state is not _RUNNING:
+            raise Closed("flush() after close(); close() already flushed everything")
+        self._flush(None)
+
+    def _flush(self, deadline: float | None) -> bool:
+        with self._lock:
+            for chunk in self._open:
+                self._seal(chunk)
+            epoch = self._epoch
+            self._epoch += 1
+        for i in range(self._workers):
+            with self._pool.send_locks[i]:
+                self._pool.send(i, FLUSH_FRAME)
+        with self._lock:
+            return self._wait_until(lambda: self._accounts.settled_through(epoch), deadline)
+
+    def stats(self) -> Stats:
+        """A consistent snapshot of the counters (works before start and after close)."""
+        acc = self._accounts
+        with self._lock:
+            accepted = acc.sealed + sum(len(c.pairs) for c in self._open)
+            return Stats(
+                accepted=accepted, succeeded=acc.succeeded, dead_lettered=acc.dead_lettered,
+                pending=accepted - acc.succeeded - acc.dead_lettered, batches=acc.batches,
+                retries=acc.retries, worker_restarts=acc.worker_restarts,
+                failed_attempts=acc.failed_attempts, redelivered=acc.redelivered,
+                workers=self._workers)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every DeadLetter so far, oldest first (a copy)."""
+        return [] if self._collector is None else list(self._collector.dead_letters)
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (f"<mpbatch.Batcher {self._state} workers={s.workers} accepted={s.accepted} "
+                f"pending={s.pending}>")
+
+
+class _OpenChunk:
+    """Items accepted in the caller and not yet sent to a worker."""
+
+    __slots__ = ("deadline", "futures", "nbytes", "pairs", "seal_at", "sizes", "worker")
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker  # for "key" routing: the worker this chunk goes to
+        self.reset()
+
+    def reset(self) -> None:
+        self.pairs: list[tuple[Any, Any]] = []
+        self.sizes: list[int] | None = None
+        self.futures: list[Future | None] | None = None
+        self.nbytes = 0
+        self.deadline = 0
+        self.seal_at = 0
+
+    def add(self, key: Any, value: Any, fut: Future | None, nbytes: int | None,
+            interval_ns: int) -> int:
+        """Append one item; returns the chunk's new length. The pairs append commits it."""
+        n = len(self.pairs)
+        if not n:
+            now = time.monotonic_ns()
+            self.deadline = now + interval_ns
+            self.seal_at = now + interval_ns // 2
+        if fut is not None and self.futures is None:
+            self.futures = [None] * n
+        if self.futures is not None:
+            self.futures.append(fut)
+        if nbytes is not None:
+            self.nbytes += nbytes
+        self.pairs.append((key, value))
+        return n + 1
+
+
+class _Bulk:
+    """One add_many() call on the block path: pull, check, pickle and send blocks."""
+
+    def __init__(self, batcher: Batcher, items: Any, deadline: float | None) -> None:
+        self.b = batcher
+        self.items = items
+        self.deadline = deadline
+        self.accepted = 0
+        self.block = 256  # adapts: a slow iterator must not hold items past interval
+
+    def run(self) -> int:
+        b = self.b
+        budget = b._options.interval / 4
+        while True:
+            room = self._room()
+            started = time.monotonic()
+            block = list(islice(self.items, min(room, self.block)))
+            if not block:
+                return self.accepted
+            took = time.monotonic() - started
+            self.block = max(1, self.block // 2) if took > budget else min(BLOCK_ITEMS, self.block * 2)
+            self._send(block, int(started * 1e9) + b._interval_ns)
+
+    def _room(self) -> int:
+        b, acc = self.b, self.b._accounts
+        cap = b._options.buffer * b._workers
+
+        def free() -> int:
+            return cap - (acc.sealed - acc.resolved)
+
+        with b._lock:
+            if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
+                if b._state is not _RUNNING:
+                    raise Closed("add_many() interrupted by close()")
+                raise Full(f"add_many() waited past its timeout with {cap} items unfinished "
+                           f"(buffer={b._options.buffer} x {b._workers} workers); "
+                           f"{self.accepted} items went in", self.accepted)
+            return free()
+
+    def _send(self, block: list, deadline_ns: int) -> None:
+        try:
+            dict(block)  # C speed: every element a pair, every key hashable
+            payload = pickle.dumps((block, None), PROTOCOL)
+        except Exception:
+            self._send_good_prefix(block, deadline_ns)
+            return
+        b = self.b
+        frame = chunk_frame(payload, len(block), deadline_ns)
+        with b._lock:
+            seg = Segment(block, None, None, 0, b._epoch, deadline_ns)
+            b._accounts.seal(len(block), b._epoch)
+            i = b._router.round_robin() if b._options.routing == "round-robin" else \
+                b._router.least_loaded()
+            b._dispatcher.send(i, [seg], frame=frame)
+        self.accepted += len(block)
+
+    def _send_good_prefix(self, block: list, deadline_ns: int) -> None:
+        """The block did not check out: send the items before the first bad one, raise for it."""
+        for j, item in enumerate(block):
+            try:
+                key, value = _pair(item, self.accepted + j)
+                self.b._check_item(key, value)
+            except Exception as exc:
+                if j:
+                    self._send(block[:j], deadline_ns)
+                if isinstance(exc, SerializationError):
+                    exc.args = (exc.args[0], self.accepted)
+                    exc.accepted = self.accepted
+                raise
+        # Each item pickles alone but the block does not (a pickling side effect): go one by one.
+        for key, value in block:
+            self.b._accept(key, value, None, True, None)
+            self.accepted += 1
+
+
+def _pair(item: Any, index: int) -> tuple[Hashable, Any]:
+    try:
+        key, value = item
+    except (TypeError, ValueError):
+        raise TypeError(f"add_many() takes (key, value) pairs; item {index} is "
+                        f"{type(item).__name__}: {item!r:.80}") from None
+    return key, value
+
+
+# -- argument checks: TypeError for a wrong type, ValueError for a value out of range ---------
+
+def _check_int(name: str, value: Any, low: int, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        none = " or None" if optional else ""
+        raise TypeError(f"{name} must be an int{none} (got {type(value).__name__}: {value!r})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low} (got {value!r})")
+    return value
+
+
+def _check_number(name: str, value: Any, positive: bool, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        none = " or None" if optional else ""
+        raise TypeError(f"{name} must be a number of seconds{none} "
+                        f"(got {type(value).__name__}: {value!r})")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound} (got {value!r})")
+    return float(value)
+
+
+def _check_callable(name: str, value: Any, optional: bool = True) -> Any:
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be callable (got {type(value).__name__}: {value!r:.80})")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices} (got {type(value).__name__})")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices} (got {value!r})")
+    return value
+
+
+def _check_start_method(value: Any) -> str:
+    if value is None:
+        return default_start_method()
+    return _check_choice("start_method", value, START_METHODS)
+
+
+# Close what is still open at interpreter exit: flush, then join (guarantee 1 and 4).
+_LIVE: weakref.WeakSet[Batcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for batcher in list(_LIVE):
+        try:
+            batcher.close()
+        except Exception:  # noqa: PERF203 - one failure must not skip the others
+            pass

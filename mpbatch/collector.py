@@ -1,0 +1,367 @@
+"""The collector thread (caller process): outcomes, callbacks, retries, deaths, timeouts.
+
+One ``wait()`` covers every result pipe, every worker sentinel and a wakeup pipe. The
+collector is the only reader of result pipes and the only thread that starts replacement
+workers, so a death is handled once, after the dead worker's last reports are read.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Any
+
+from . import transport as tp
+from .deadletters import DeadLetter
+from .dispatch import B_END, B_START, BUSY_NS, Dispatcher, LoadCounters
+from .errors import (
+    BatchFailed,
+    BatchTimeout,
+    Closed,
+    SerializationError,
+    WorkerDied,
+    reraise_copy,
+    signal_name,
+)
+from .ledger import Segment, WorkerLedger, merged_batch, split_at
+from .lifecycle import Pool
+from .stats import Accounts
+
+if TYPE_CHECKING:
+    from .batcher import Options
+
+log = logging.getLogger("mpbatch")
+
+MAX_START_FAILURES = 3  # workers in a row that died before READY: stop respawning
+MAX_BACKOFF = 30.0  # seconds; the cap of one retry's wait
+
+
+class Collector(threading.Thread):
+    """Reads every worker's reports and turns them into outcomes."""
+
+    def __init__(self, pool: Pool, counters: LoadCounters, dispatcher: Dispatcher,
+                 accounts: Accounts, options: Options,
+                 next_seal: Callable[[], int | None], seal_due: Callable[[int], None]) -> None:
+        super().__init__(name="mpbatch-collector", daemon=True)
+        self.pool = pool
+        self.counters = counters
+        self.dispatcher = dispatcher
+        self.accounts = accounts
+        self.options = options
+        self.next_seal = next_seal  # the Batcher's: when its oldest open chunk is due
+        self.seal_due = seal_due  # the Batcher's: send the open chunks due by now
+        self.dead_letters: list[DeadLetter] = []
+        self.broken: BaseException | None = None  # set when workers cannot start
+        self.stopping = False  # close() is stopping the workers: no replacements
+        self.stop_error: BaseException | None = None  # why items left at stop fail
+        self.sleep_until_ns = 0  # when the collector wakes up next (under accounts.lock)
+        self._exit = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._retries: list[tuple[int, int, list[Segment]]] = []  # (due_ns, tie, segments)
+        self._tie = itertools.count()
+        self._timed_out: dict[int, BatchTimeout] = {}
+        self._init_error: dict[int, BaseException] = {}
+        self._start_failures = 0
+        self._waitables: dict[Any, tuple[str, int]] = {}
+        self._rebuild_waitables()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Wake the collector (new open chunk, flush, close); safe from any thread."""
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # already pending, or closed at the very end
+
+    def exit(self) -> None:
+        self._exit = True
+        self.poke()
+
+    def run(self) -> None:
+        while not self._exit:
+            try:
+                self._step()
+            except Exception:  # a bug of ours must not silently stop every outcome
+                log.exception("mpbatch collector: unexpected error; continuing")
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _step(self) -> None:
+        for obj in wait(list(self._waitables), self._wait_seconds()):
+            kind, i = self._waitables.get(obj, ("gone", -1))
+            if kind == "wake":
+                os.read(self._wake_r, 4096)
+            elif kind == "results":
+                self._drain(i)
+            elif kind == "sentinel":
+                self._on_death(i)
+        self._timers()
+
+    def _rebuild_waitables(self) -> None:
+        table: dict[Any, tuple[str, int]] = {self._wake_r: ("wake", -1)}
+        for i in range(self.pool.workers):
+            proc, conn = self.pool.procs[i], self.pool.results[i]
+            if proc is not None and proc.exitcode is None:
+                table[proc.sentinel] = ("sentinel", i)
+                if conn is not None and not conn.closed:
+                    table[conn] = ("results", i)
+        self._waitables = table
+
+    def _wait_seconds(self) -> float | None:
+        now = time.monotonic_ns()
+        due = [self._retries[0][0]] if self._retries else []
+        if self.options.timeout is not None:
+            due.append(now + int(min(0.05, self.options.timeout / 4) * 1e9))
+        with self.accounts.lock:
+            seal = self.next_seal()
+            if seal is not None:
+                due.append(seal)
+            wake = min(due) if due else None
+            self.sleep_until_ns = wake if wake is not None else 1 << 62
+        return None if wake is None else max(0.0, (wake - now) / 1e9)
+
+    def _timers(self) -> None:
+        now = time.monotonic_ns()
+        while self._retries and self._retries[0][0] <= now:
+            _, _, segments = heapq.heappop(self._retries)
+            self._resend(segments, solo=True)
+        with self.accounts.lock:
+            self.seal_due(now)
+        if self.options.timeout is not None:
+            self._kill_overdue(now)
+
+    # -- reports --------------------------------------------------------------------------
+
+    def _drain(self, i: int) -> None:
+        conn = self.pool.results[i]
+        if conn is None:
+            return
+        try:
+            while True:
+                self._on_frame(i, conn.recv_bytes())
+                if not conn.poll():
+                    return
+        except (EOFError, OSError):
+            # The worker is exiting; its sentinel will fire. Stop watching this pipe.
+            self._waitables.pop(conn, None)
+
+    def _on_frame(self, i: int, frame: bytes) -> None:
+        kind, start, n = tp.read_to_caller(frame)
+        if kind == tp.FINISHED:
+            self._finished(i, start, n, frame)
+        elif kind == tp.FAILED:
+            segments = self.dispatcher.ledgers[i].take(start, n)
+            try:
+                error = tp.payload_of(frame, tp.TO_CALLER_SIZE)
+            except Exception as exc:
+                error = BatchFailed(f"worker {i} reported a failure that cannot be unpickled "
+                                    f"({type(exc).__name__}: {exc})", type(exc).__name__)
+            self.accounts.bump(batches=1)
+            self._attempt_failed(segments, error, i)
+        elif kind == tp.READY:
+            self.pool.ready[i] = True
+            self._start_failures = 0
+        elif kind == tp.INIT_FAILED:
+            self._init_error[i] = tp.payload_of(frame, tp.TO_CALLER_SIZE)
+
+    def _finished(self, i: int, start: int, n: int, frame: bytes) -> None:
+        segments = self.dispatcher.ledgers[i].take(start, n)
+        try:
+            results, batch = tp.payload_of(frame, tp.TO_CALLER_SIZE)
+        except Exception as exc:
+            self.accounts.bump(batches=1)
+            error = SerializationError(
+                f"the results of a batch of {n} items from worker {i} cannot be unpickled in "
+                f"the caller ({type(exc).__name__}: {exc}); return plain data from do()")
+            self._attempt_failed(segments, error, None)
+            return
+        _resolve_futures(segments, results)
+        if self.options.on_result is not None and batch is not None:
+            self._call_on_result(batch, results)
+        self.accounts.bump(batches=1)
+        self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True)
+
+    def _call_on_result(self, batch: dict, results: dict | None) -> None:
+        on_result = self.options.on_result
+        for key, values in batch.items():
+            try:
+                on_result(key, values, None if results is None else results[key])
+            except Exception:
+                log.exception("mpbatch: on_result raised for key %r; the item still "
+                              "counts as succeeded", key)
+
+    # -- failures, retries, dead letters --------------------------------------------------
+
+    def _attempt_failed(self, segments: list[Segment], error: BaseException,
+                        worker: int | None) -> None:
+        retry, dead = [], []
+        for seg in segments:
+            seg.attempts += 1
+            (retry if seg.attempts < self.options.max_attempts else dead).append(seg)
+        self.accounts.bump(failed_attempts=sum(len(s) for s in segments))
+        if retry:
+            attempt = max(s.attempts for s in retry)
+            delay = self.options.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            due = time.monotonic_ns() + int(min(delay, MAX_BACKOFF) * 1e9)
+            heapq.heappush(self._retries, (due, next(self._tie), retry))
+        if dead:
+            self.dead_letter(dead, error, worker)
+
+    def _resend(self, segments: list[Segment], solo: bool) -> None:
+        if self.broken is not None:
+            self.dead_letter(segments, self.broken, None)
+            return
+        n = sum(len(s) for s in segments)
+        self.accounts.bump(**{"retries" if solo else "redelivered": n})
+        self.dispatcher.send_routed(segments, solo)
+
+    def dead_letter(self, segments: list[Segment], error: BaseException,
+                    worker: int | None) -> None:
+        """Record items that will not be tried again; any thread once the collector stopped."""
+        if not segments:
+            return
+        letter = DeadLetter(merged_batch(segments), error,
+                            max(s.attempts for s in segments), worker)
+        for seg in segments:
+            for fut in seg.futures or ():
+                if fut is not None:
+                    _set(fut, exception=reraise_copy(error))
+        self.dead_letters.append(letter)
+        if self.options.on_dead_letter is not None:
+            try:
+                self.options.on_dead_letter(letter)
+            except Exception:
+                log.exception("mpbatch: on_dead_letter raised; the dead letter is kept")
+        self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=False)
+
+    # -- deaths and timeouts --------------------------------------------------------------
+
+    def _kill_overdue(self, now: int) -> None:
+        limit = int(self.options.timeout * 1e9)
+        for i in range(self.pool.workers):
+            busy = self.counters.get(i, BUSY_NS)
+            if busy and now - busy > limit and i not in self._timed_out:
+                proc = self.pool.procs[i]
+                self._timed_out[i] = BatchTimeout(
+                    f"do() ran longer than timeout={self.options.timeout:g}s on worker {i} "
+                    f"(pid {proc.pid}); the worker was killed and replaced")
+                self.pool.kill(i)
+
+    def _on_death(self, i: int) -> None:
+        proc = self.pool.procs[i]
+        proc.join()  # the sentinel fired: this only reaps it and sets exitcode
+        self._drain(i)  # what it reported before dying is real
+        with self.pool.send_locks[i]:
+            cut = (self.counters.get(i, B_START), self.counters.get(i, B_END))
+            left = self.dispatcher.ledgers[i].take_all()
+            self.dispatcher.ledgers[i] = WorkerLedger()
+            self.counters.reset(i)
+            started = self.pool.ready[i]
+            restart = self._note_start(i, started, proc.exitcode)
+            if restart:
+                self.pool.start(i)
+        if restart:
+            self.accounts.bump(worker_restarts=1)
+        self._rebuild_waitables()
+        self._place_orphaned_items(i, proc, cut, left)
+
+    def _note_start(self, i: int, started: bool, exitcode: int | None) -> bool:
+        """Whether to replace worker i; after repeated start failures, stop for good."""
+        if self.stopping or self.broken is not None:
+            return False
+        if started:
+            return True
+        self._start_failures += 1
+        if self._start_failures < MAX_START_FAILURES:
+            return True
+        cause = self._init_error.get(i)
+        why = str(cause) if cause is not None else f"it exited with {signal_name(exitcode)}"
+        self.broken = WorkerDied(
+            f"{MAX_START_FAILURES} workers in a row died before taking items (worker {i}: "
+            f"{why}); the Batcher stopped: fix init= or the environment and create a new "
+            f"Batcher", None, exitcode)
+        self._fail_everything(self.broken)
+        return False
+
+    def _place_orphaned_items(self, i: int, proc: Any, cut: tuple[int, int],
+                              left: list[tuple[int, Segment]]) -> None:
+        """Items a dead worker held: inside do() spent an attempt; the rest are re-sent."""
+        inside: list[Segment] = []
+        queued: list[Segment] = []
+        for position, seg in left:
+            a, b = split_at(position, seg, *cut)
+            inside += a
+            queued += b
+        if inside:
+            error = self._timed_out.pop(i, None) or self._death_error(i, proc, inside)
+            self._attempt_failed(inside, error, i)
+        self._timed_out.pop(i, None)
+        if queued:
+            if self.stopping:
+                self.dead_letter(queued, self.stop_error or Closed("the Batcher closed"), None)
+            else:
+                self._resend(queued, solo=False)
+
+    def _death_error(self, i: int, proc: Any, inside: list[Segment]) -> WorkerDied:
+        n = sum(len(s) for s in inside)
+        keys = list(dict.fromkeys(k for s in inside for k, _ in s.pairs))
+        shown = ", ".join(repr(k) for k in keys[:2]) + (f", +{len(keys) - 2} more" if len(keys) > 2 else "")
+        attempt = max(s.attempts for s in inside) + 1
+        how = signal_name(proc.exitcode)
+        verb = f"was killed by {how}" if proc.exitcode and proc.exitcode < 0 else f"exited ({how})"
+        hint = ("; a SIGKILL with no traceback is typical of the OOM killer: try a smaller size= "
+                "or max_bytes=" if proc.exitcode == -9 else "")
+        return WorkerDied(
+            f"worker {i} (pid {proc.pid}) {verb} inside do() holding {n} items (keys {shown}), "
+            f"attempt {attempt} of {self.options.max_attempts}{hint}", proc.pid, proc.exitcode)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        for i in range(self.pool.workers):
+            left = [seg for _, seg in self.dispatcher.ledgers[i].take_all()]
+            self.dead_letter(left, error, None)
+        while self._retries:
+            self.dead_letter(heapq.heappop(self._retries)[2], error, None)
+
+    def abandon(self, error: BaseException) -> None:
+        """After the thread stopped: everything still held fails with ``error``."""
+        self._fail_everything(error)
+
+
+def _set(fut: Future, result: Any = None, exception: BaseException | None = None) -> None:
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass  # the user cancelled it
+
+
+def _resolve_futures(segments: list[Segment], results: dict | None) -> None:
+    """Give each submit() future its own result: the j-th value of a key gets results[key][j]."""
+    if all(seg.futures is None for seg in segments):
+        return
+    if results is None:
+        for seg in segments:
+            for fut in seg.futures or ():
+                if fut is not None:
+                    _set(fut)
+        return
+    seen: dict[Any, int] = {}
+    for seg in segments:
+        futures = seg.futures or itertools.repeat(None)
+        for (key, _), fut in zip(seg.pairs, futures):
+            j = seen.get(key, 0)
+            seen[key] = j + 1
+            if fut is not None:
+                _set(fut, results[key][j])

@@ -1,0 +1,241 @@
+"""Routing policies and the shared-memory load counters they read (caller and workers).
+
+The dispatcher runs in the caller. It never takes a lock per item: each counter has one
+writer (``sent`` the dispatcher, ``done`` and the batch cells worker i), and a reader that
+sees a slightly stale value only routes a little less evenly.
+"""
+
+from __future__ import annotations
+
+import pickle
+import secrets
+import zlib
+from collections.abc import Callable, Hashable
+from multiprocessing import shared_memory
+from typing import TYPE_CHECKING
+
+from .errors import SerializationError
+from .ledger import Segment, WorkerLedger
+from .transport import PROTOCOL, chunk_frame
+
+if TYPE_CHECKING:
+    from .lifecycle import Pool
+
+ROUTINGS = ("least-loaded", "key", "round-robin")
+
+# Shared-memory layout: worker i owns one 64-byte line (8 int64 cells), so that two
+# workers never write the same cache line.
+#   int64 sent     at 64*i + 0    writer: dispatcher   items sent to worker i (this incarnation)
+#   int64 done     at 64*i + 8    writer: worker i     items worker i has reported back
+#   int64 b_start  at 64*i + 16   writer: worker i     stream position of the batch in do()
+#   int64 b_end    at 64*i + 24   writer: worker i     end (exclusive) of that batch
+#   int64 busy_ns  at 64*i + 32   writer: worker i     monotonic_ns when do() began; 0 = idle
+#   int64 batches  at 64*i + 40   writer: worker i     batches this incarnation has run
+CELLS = 8
+SENT, DONE, B_START, B_END, BUSY_NS, BATCHES = range(6)
+
+
+class LoadCounters:
+    """Per-worker counters in one ``multiprocessing.shared_memory`` segment.
+
+    The caller creates and unlinks it; workers attach by name (``attach``). A worker's
+    death leaves the segment intact (the caller zeroes that worker's line on respawn).
+    """
+
+    def __init__(self, workers: int, name: str | None = None) -> None:
+        self.workers = workers
+        create = name is None
+        self.shm = shared_memory.SharedMemory(
+            name=name or f"mpbatch_{secrets.token_hex(6)}", create=create, size=64 * workers
+        )
+        self.cells = self.shm.buf.cast("q")
+        if create:
+            for j in range(CELLS * workers):
+                self.cells[j] = 0
+
+    @classmethod
+    def attach(cls, name: str, workers: int) -> LoadCounters:
+        """The worker's view of the caller's segment."""
+        return cls(workers, name=name)
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def get(self, i: int, cell: int) -> int:
+        return self.cells[CELLS * i + cell]
+
+    def set(self, i: int, cell: int, value: int) -> None:
+        self.cells[CELLS * i + cell] = value
+
+    def load(self, i: int) -> int:
+        """Items sent to worker i that it has not reported back yet."""
+        base = CELLS * i
+        return self.cells[base + SENT] - self.cells[base + DONE]
+
+    def reset(self, i: int) -> None:
+        """Zero worker i's line before its replacement starts (the old writer is dead)."""
+        for j in range(CELLS * i, CELLS * (i + 1)):
+            self.cells[j] = 0
+
+    def close(self) -> None:
+        self.cells.release()
+        self.shm.close()
+
+    def unlink(self) -> None:
+        """Close and remove the segment from /dev/shm; the caller's job, once."""
+        self.close()
+        self.shm.unlink()
+
+
+def key_hash(key: Hashable) -> int:
+    """A hash of ``key`` that is the same in every process and every run.
+
+    Python's ``hash()`` of str and bytes is salted per process (PYTHONHASHSEED), so it
+    cannot pin a key to a worker across a restart or a replay.
+    """
+    kind = type(key)
+    if kind is str:
+        return zlib.crc32(key.encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
+    if kind is int:
+        return key & 0x7FFFFFFFFFFFFFFF  # type: ignore[operator]
+    if kind is bytes:
+        return zlib.crc32(key)  # type: ignore[arg-type]
+    return zlib.crc32(pickle.dumps(key, protocol=4))
+
+
+class Router:
+    """Picks the worker for a chunk (least-loaded, round-robin) or for a key ("key")."""
+
+    _KEY_CACHE_MAX = 65_536  # bounded: a stream of distinct keys must not grow memory
+
+    def __init__(self, routing: str, counters: LoadCounters) -> None:
+        self.routing = routing
+        self.counters = counters
+        self.workers = counters.workers
+        self._next = 0
+        self._key_cache: dict[Hashable, int] = {}
+
+    def least_loaded(self) -> int:
+        """The worker with the fewest items sent but not reported; O(workers) per chunk."""
+        load = self.counters.load
+        best, best_load = 0, load(0)
+        for i in range(1, self.workers):
+            li = load(i)
+            if li < best_load:
+                best, best_load = i, li
+        return best
+
+    def round_robin(self) -> int:
+        i = self._next
+        self._next = (i + 1) % self.workers
+        return i
+
+    def for_key(self, key: Hashable) -> int:
+        """The worker that owns ``key``: one key always goes to one worker."""
+        i = self._key_cache.get(key)
+        if i is not None:
+            return i
+        i = key_hash(key) % self.workers
+        if len(self._key_cache) >= self._KEY_CACHE_MAX:
+            self._key_cache.clear()
+        self._key_cache[key] = i
+        return i
+
+
+class Dispatcher:
+    """Writes chunks of segments to workers, recording each in that worker's ledger first.
+
+    Used by the caller's add path (fresh items) and by the collector (retries and items
+    re-sent after a death). ``reject`` dead-letters items that turn out not to pickle.
+    """
+
+    def __init__(self, pool: Pool, counters: LoadCounters, router: Router) -> None:
+        self.pool = pool
+        self.counters = counters
+        self.router = router
+        self.ledgers = [WorkerLedger() for _ in range(counters.workers)]
+        self.reject: Callable[[list[Segment], BaseException], None] = _no_reject
+
+    def held(self, i: int) -> int:
+        return self.ledgers[i].held
+
+    def send(self, i: int, segments: list[Segment], solo: bool = False,
+             frame: bytes | None = None) -> None:
+        """Write ``segments`` to worker i as one chunk (``frame``: already pickled)."""
+        if frame is None:
+            segments, frame = self._frame(segments, solo)
+            if frame is None:
+                return
+        with self.pool.send_locks[i]:
+            ledger = self.ledgers[i]
+            for seg in segments:
+                ledger.append(seg)
+            n = sum(len(s) for s in segments)
+            cells, at = self.counters.cells, CELLS * i + SENT
+            cells[at] += n
+            self.pool.send(i, frame)  # a failure means a death: the collector re-sends
+
+    def send_routed(self, segments: list[Segment], solo: bool = False) -> None:
+        """Route items that are already accepted (retries, re-sends) and send them."""
+        if self.router.routing != "key":
+            self.send(self.router.least_loaded(), segments, solo)
+            return
+        by_worker: dict[int, list[Segment]] = {}
+        for seg in segments:
+            for i, part in _split_by_key_owner(seg, self.router):
+                by_worker.setdefault(i, []).append(part)
+        for i, parts in by_worker.items():
+            self.send(i, parts, solo)
+
+    def _frame(self, segments: list[Segment], solo: bool) -> tuple[list[Segment], bytes | None]:
+        """The CHUNK frame; items that no longer pickle are split off and rejected."""
+        pairs = segments[0].pairs if len(segments) == 1 else [p for s in segments for p in s.pairs]
+        sizes = None
+        if segments[0].sizes is not None:
+            sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]
+        deadline = min(s.deadline_ns for s in segments)
+        try:
+            payload = pickle.dumps((pairs, sizes), PROTOCOL)
+        except Exception:
+            segments = self._drop_unpicklable(segments)
+            if not segments:
+                return segments, None
+            return self._frame(segments, solo)
+        return segments, chunk_frame(payload, len(pairs), deadline, solo)
+
+    def _drop_unpicklable(self, segments: list[Segment]) -> list[Segment]:
+        """The slow path: an item that passed add() no longer pickles (mutated since)."""
+        good: list[Segment] = []
+        for seg in segments:
+            keep = []
+            for j, (key, value) in enumerate(seg.pairs):
+                try:
+                    pickle.dumps((key, value), PROTOCOL)
+                    keep.append(j)
+                except Exception as exc:
+                    bad = seg.part(j, j + 1)
+                    self.reject([bad], SerializationError(
+                        f"the item with key {key!r} ({type(value).__name__}) no longer pickles "
+                        f"when its chunk is sent ({type(exc).__name__}: {exc}); do not change "
+                        f"a value after add()"))
+            for j in keep:
+                good.append(seg.part(j, j + 1))
+        return good
+
+
+def _split_by_key_owner(seg: Segment, router: Router) -> list[tuple[int, Segment]]:
+    owners = [router.for_key(key) for key, _ in seg.pairs]
+    if len(set(owners)) == 1:
+        return [(owners[0], seg)]
+    out = []
+    start = 0
+    for j in range(1, len(owners) + 1):
+        if j == len(owners) or owners[j] != owners[start]:
+            out.append((owners[start], seg.part(start, j)))
+            start = j
+    return out
+
+
+def _no_reject(segments: list[Segment], error: BaseException) -> None:
+    raise error

@@ -1,0 +1,126 @@
+"""The in-flight ledger: every item sent to a worker, kept until its outcome is known (caller).
+
+Items travel in Segments (runs of items that share attempts, flush epoch and deadline).
+A worker's ledger lists its segments in the order they were sent, each at its position in
+the worker's item stream, so a report "[start, start+n) finished" names its items without
+a per-item id crossing the pipe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class Segment:
+    """A run of accepted items that share their bookkeeping."""
+
+    pairs: list[tuple[Any, Any]]
+    """(key, value) in add() order."""
+    sizes: list[int] | None
+    """Pickled size of each value; only when max_bytes is set."""
+    futures: list[Future | None] | None
+    """A Future per item where submit() made one; None when no item has one."""
+    attempts: int
+    """Attempts of do() already spent on these items."""
+    epoch: int
+    """The flush() epoch the items were accepted in."""
+    deadline_ns: int
+    """monotonic_ns by which the first item should be inside do() (interval)."""
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def part(self, lo: int, hi: int) -> Segment:
+        """Items [lo, hi) as a segment of their own (self when that is all of it)."""
+        if lo == 0 and hi == len(self.pairs):
+            return self
+        return Segment(self.pairs[lo:hi], None if self.sizes is None else self.sizes[lo:hi],
+                       None if self.futures is None else self.futures[lo:hi],
+                       self.attempts, self.epoch, self.deadline_ns)
+
+    def batch(self) -> dict[Any, list[Any]]:
+        """key -> values, as do() would receive these items."""
+        grouped: dict[Any, list[Any]] = {}
+        for key, value in self.pairs:
+            grouped.setdefault(key, []).append(value)
+        return grouped
+
+
+def merged_batch(segments: list[Segment]) -> dict[Any, list[Any]]:
+    grouped: dict[Any, list[Any]] = {}
+    for seg in segments:
+        for key, value in seg.pairs:
+            grouped.setdefault(key, []).append(value)
+    return grouped
+
+
+class WorkerLedger:
+    """Segments sent to one worker process (one incarnation) and not yet reported."""
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[int, Segment]] = deque()  # (stream start, segment)
+        self.sent = 0  # stream position of the next item sent
+        self.reported = 0  # every item before this position has an outcome
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        """Items sent to this worker whose outcome is not known."""
+        return self.sent - self.reported
+
+    def append(self, segment: Segment) -> None:
+        """Record a segment about to be written to the worker's pipe (under its send lock)."""
+        with self._lock:
+            self._entries.append((self.sent, segment))
+            self.sent += len(segment)
+
+    def take(self, start: int, n: int) -> list[Segment]:
+        """Remove and return the items of stream positions [start, start + n).
+
+        Reports arrive in stream order, since a worker runs its batches one after another.
+        """
+        end = start + n
+        out: list[Segment] = []
+        with self._lock:
+            entries = self._entries
+            pos = max(start, self.reported)
+            while entries and pos < end:
+                first, seg = entries[0]
+                seg_end = first + len(seg)
+                out.append(seg.part(pos - first, min(end, seg_end) - first))
+                if seg_end <= end:
+                    entries.popleft()
+                pos = min(end, seg_end)
+            self.reported = max(self.reported, end)
+        return out
+
+    def take_all(self) -> list[tuple[int, Segment]]:
+        """Remove every unreported item, as (stream position, segment): the worker is gone."""
+        with self._lock:
+            out = []
+            for first, seg in self._entries:
+                lo = max(0, self.reported - first)
+                if lo < len(seg):
+                    out.append((first + lo, seg.part(lo, len(seg))))
+            self._entries.clear()
+            self.reported = self.sent
+        return out
+
+
+def split_at(position: int, segment: Segment, cut_lo: int, cut_hi: int) -> tuple[list, list]:
+    """Split a segment at stream ``position`` into the items inside [cut_lo, cut_hi) and the rest.
+
+    Used after a death: items inside the batch that was in do() spent an attempt; the
+    others were only queued.
+    """
+    n = len(segment)
+    lo = min(max(cut_lo - position, 0), n)
+    hi = min(max(cut_hi - position, lo), n)
+    inside = [segment.part(lo, hi)] if hi > lo else []
+    outside = [segment.part(a, b) for a, b in ((0, lo), (hi, n)) if b > a]
+    return inside, outside

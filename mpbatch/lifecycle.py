@@ -1,0 +1,150 @@
+"""Start, replace and stop worker processes (caller process).
+
+Each worker i has an item pipe (caller writes), a result pipe (worker writes) and a
+process sentinel. ``send_locks[i]`` serialises writes to pipe i, the matching ledger
+appends, and the swap to a replacement process, so that every item the worker is sent
+is in its ledger, in the order it was sent.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import psutil
+
+from . import transport as tp
+from . import worker
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def default_start_method() -> str:
+    """forkserver where the platform has it, else spawn.
+
+    The caller runs a collector thread, and forking a process that has threads can copy a
+    lock in a held state into the child (CPython warns about it from 3.12). forkserver forks
+    from a single-threaded server and starts a worker in milliseconds once the server runs;
+    it is also the Linux default from Python 3.14. ``do`` travels by cloudpickle either way.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a container's CFS quota (cgroup v2, then v1), if any."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period_us = int(f.read())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def default_workers() -> int:
+    """CPUs this process may use: affinity, container quota, physical cores preferred.
+
+    The same rule as loky's ``cpu_count()``: hyper-threads rarely speed up CPU-bound batches.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit:
+        n = min(n, max(1, math.ceil(limit)))
+    physical = psutil.cpu_count(logical=False)
+    if physical:
+        n = min(n, physical)
+    return max(1, n)
+
+
+class Pool:
+    """The worker processes, their pipes and the locks that keep their ledgers in order."""
+
+    def __init__(self, workers: int, start_method: str, counters_name: str,
+                 config_blob: bytes) -> None:
+        self.workers = workers
+        self.start_method = start_method
+        self.ctx: BaseContext = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # Workers fork from a server that already imported the worker module.
+            self.ctx.set_forkserver_preload(["mpbatch.worker"])
+        self.counters_name = counters_name
+        self.config_blob = config_blob
+        self.caller_pid = os.getpid()
+        self.procs: list[Any] = [None] * workers
+        self.items: list[Connection | None] = [None] * workers
+        self.results: list[Connection | None] = [None] * workers
+        self.send_locks = [threading.Lock() for _ in range(workers)]
+        self.ready = [False] * workers  # READY seen from this incarnation
+
+    def start(self, i: int) -> None:
+        """Start a process for slot i (first start or replacement); hold send_locks[i]."""
+        items_r, items_w = self.ctx.Pipe(duplex=False)
+        results_r, results_w = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(
+            target=worker.main, name=f"mpbatch-worker-{i}",
+            args=(i, items_r, results_w, self.counters_name, self.workers,
+                  self.config_blob, self.caller_pid))
+        proc.start()
+        # Close our copies of the child's ends: a dead worker must mean EPIPE on send.
+        items_r.close()
+        results_w.close()
+        old_items, old_results = self.items[i], self.results[i]
+        self.procs[i], self.items[i], self.results[i] = proc, items_w, results_r
+        self.ready[i] = False
+        for conn in (old_items, old_results):
+            if conn is not None:
+                conn.close()
+
+    def send(self, i: int, frame: bytes) -> bool:
+        """Write one frame to worker i; False if it is gone (its death is handled elsewhere)."""
+        conn = self.items[i]
+        if conn is None:
+            return False
+        try:
+            conn.send_bytes(frame)
+        except (OSError, ValueError):  # EPIPE from a dead worker; ValueError: closed here
+            return False
+        return True
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.exitcode is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
+
+    def stop(self, timeout: float) -> None:
+        """Ask every worker to finish and exit; kill those still alive after ``timeout``."""
+        for i in range(self.workers):
+            with self.send_locks[i]:
+                self.send(i, tp.STOP_FRAME)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            if proc is not None:
+                proc.join(max(0.0, deadline - time.monotonic()))
+        for i in range(self.workers):
+            self.kill(i)
+        for proc in self.procs:
+            if proc is not None:
+                proc.join()
+        for conn in self.items + self.results:
+            if conn is not None:
+                conn.close()

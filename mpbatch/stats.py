@@ -1,0 +1,90 @@
+"""Stats: a frozen snapshot of the Batcher's counters (caller process)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What the Batcher has done so far; ``accepted == succeeded + dead_lettered + pending``."""
+
+    accepted: int
+    """Items taken by add()/submit()/add_many()."""
+    succeeded: int
+    """Items whose batch returned without error."""
+    dead_lettered: int
+    """Items that ran out of attempts (or could never run); see dead_letters()."""
+    pending: int
+    """Items accepted whose outcome is not known yet."""
+    batches: int
+    """Calls of do() that finished (successfully or not)."""
+    retries: int
+    """Items sent again after a failed attempt (one item tried 3 times counts 2)."""
+    worker_restarts: int
+    """Workers started to replace one that died, timed out or was recycled."""
+    failed_attempts: int
+    """Items whose attempt failed (do raised, bad shape, timeout, death inside do)."""
+    redelivered: int
+    """Items re-sent after their worker died before handing them to do (no attempt spent)."""
+    workers: int
+    """Worker processes the Batcher runs."""
+
+
+class Accounts:
+    """The live counters behind Stats, and the condition that flush()/add() wait on.
+
+    Writers: the caller (sealing chunks) and the collector (outcomes), under ``lock``. An
+    outcome is counted after its callback returned, so flush() waits for callbacks too.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # an outcome landed, or a state change
+        self.sealed = 0  # accepted items that left the caller's open chunks
+        self.succeeded = 0
+        self.dead_lettered = 0
+        self.batches = 0
+        self.retries = 0
+        self.worker_restarts = 0
+        self.failed_attempts = 0
+        self.redelivered = 0
+        self.unresolved: dict[int, int] = {}  # flush epoch -> items without an outcome
+        self.waiters = 0  # threads inside changed.wait(); skip notify when none
+
+    @property
+    def resolved(self) -> int:
+        return self.succeeded + self.dead_lettered
+
+    def seal(self, n: int, epoch: int) -> None:
+        """n items of ``epoch`` left an open chunk (hold ``lock``)."""
+        self.sealed += n
+        self.unresolved[epoch] = self.unresolved.get(epoch, 0) + n
+
+    def settle(self, epochs: list[tuple[int, int]], ok: bool) -> None:
+        """(epoch, n) pairs reached an outcome: succeeded if ``ok``, else dead-lettered."""
+        with self.lock:
+            total = 0
+            for epoch, n in epochs:
+                total += n
+                left = self.unresolved[epoch] - n
+                if left:
+                    self.unresolved[epoch] = left
+                else:
+                    del self.unresolved[epoch]
+            if ok:
+                self.succeeded += total
+            else:
+                self.dead_lettered += total
+            if self.waiters:
+                self.changed.notify_all()
+
+    def bump(self, **counts: int) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def settled_through(self, epoch: int) -> bool:
+        """Every item of epochs <= ``epoch`` has an outcome (hold ``lock``)."""
+        return not self.unresolved or min(self.unresolved) > epoch

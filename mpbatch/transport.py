@@ -1,0 +1,70 @@
+"""What crosses the pipes between the caller and a worker, and how it is framed.
+
+Every message is one ``send_bytes`` frame: a fixed struct header, then a pickle. The
+header travels unpickled so that a payload which fails to unpickle still says which
+items it was about.
+
+caller -> worker (item pipe i)
+    CHUNK  flags, n, deadline_ns | pickle((pairs, sizes))  n items; sizes None unless max_bytes
+    FLUSH  -                                                run what you hold now
+    STOP   -                                                run what you hold, then exit
+worker -> caller (result pipe i)
+    READY        pid                                        init() done, taking items
+    FINISHED     start, n | pickle((results, batch))        stream items [start, start+n) done
+    FAILED       start, n | pickle(error)                   that attempt failed
+    INIT_FAILED  pid      | pickle(error)                   init() raised; the worker exits
+
+``start`` is a position in the worker's item stream: the items of its chunks, in the order
+they were sent. A batch is always a contiguous run of that stream, so two integers name
+every item of it, and the caller maps them back to its ledger.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# caller -> worker
+CHUNK, FLUSH, STOP = 1, 2, 3
+SOLO = 1  # flag: run this chunk as a batch of its own (a retry), not merged with others
+_TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
+
+# worker -> caller
+READY, FINISHED, FAILED, INIT_FAILED = 1, 2, 3, 4
+_TO_CALLER = struct.Struct("<Bqq")  # kind, start (or pid), n
+
+TO_WORKER_SIZE = _TO_WORKER.size
+TO_CALLER_SIZE = _TO_CALLER.size
+FLUSH_FRAME = _TO_WORKER.pack(FLUSH, 0, 0, 0)
+STOP_FRAME = _TO_WORKER.pack(STOP, 0, 0, 0)
+
+
+def chunk_frame(payload: bytes, n: int, deadline_ns: int, solo: bool = False) -> bytes:
+    """A CHUNK frame around ``payload = pickle.dumps((pairs, sizes))``."""
+    return _TO_WORKER.pack(CHUNK, SOLO if solo else 0, n, deadline_ns) + payload
+
+
+def read_to_worker(frame: bytes) -> tuple[int, int, int, int]:
+    """(kind, flags, n, deadline_ns) of a caller -> worker frame."""
+    return _TO_WORKER.unpack_from(frame)
+
+
+def caller_frame(kind: int, start: int, n: int, payload: Any = None) -> bytes:
+    """A worker -> caller frame; ``payload`` is pickled (may raise: the worker handles it)."""
+    head = _TO_CALLER.pack(kind, start, n)
+    if payload is None:
+        return head
+    return head + pickle.dumps(payload, PROTOCOL)
+
+
+def read_to_caller(frame: bytes) -> tuple[int, int, int]:
+    """(kind, start, n) of a worker -> caller frame."""
+    return _TO_CALLER.unpack_from(frame)
+
+
+def payload_of(frame: bytes, header_size: int) -> Any:
+    """Unpickle what follows the header (may raise: the receiver decides what fails)."""
+    return pickle.loads(memoryview(frame)[header_size:])

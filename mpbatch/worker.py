@@ -1,0 +1,325 @@
+"""Worker process main loop: hold items by key, flush on size/bytes/interval, run do().
+
+Runs in worker process i. A reader thread drains the item pipe into a queue, so the caller
+never blocks on a worker that is busy inside do(); the main thread groups items and runs
+batches. Failed attempts are reported, never retried here: the caller's collector owns
+retries, so a batch may be retried on another worker.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+from . import transport as tp
+from .dispatch import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, LoadCounters
+from .errors import BatchFailed, SerializationError
+
+EXIT_INIT_FAILED = 3
+EXIT_ORPHANED = 70  # the caller died; see _exit_with_caller
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs, shipped once with cloudpickle (lambdas and closures travel)."""
+
+    do: Callable[..., Any]
+    init: Callable[[], Any] | None
+    size: int
+    max_bytes: int | None
+    want_values: bool  # on_result is set: ship the batch's values back with the results
+
+
+def main(index: int, items: Connection, results: Connection, counters_name: str,
+         workers: int, config_blob: bytes, caller_pid: int) -> None:
+    """Entry point of worker ``index`` (the Process target)."""
+    # Ctrl-C goes to the whole foreground process group; it is the caller's to handle, and
+    # the caller's close() still needs this worker to finish what it holds.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_caller(caller_pid)
+    config: WorkerConfig = cloudpickle.loads(config_blob)
+    counters = LoadCounters.attach(counters_name, workers)
+    state = None
+    if config.init is not None:
+        try:
+            state = config.init()
+        except BaseException as exc:
+            results.send_bytes(tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, _failure(exc, "init()")))
+            os._exit(EXIT_INIT_FAILED)
+    results.send_bytes(tp.caller_frame(tp.READY, os.getpid(), 0))
+    try:
+        _Loop(index, items, results, counters, config, state).run()
+    finally:
+        counters.close()  # release our view before SharedMemory.__del__ tries to
+
+
+def _exit_with_caller(caller_pid: int) -> None:
+    """Exit at once when the caller process dies, however it dies (no orphans).
+
+    A pidfd turns the caller's exit into an event on Linux >= 5.3, for every start method
+    (under forkserver our parent is the fork server, not the caller, so neither the parent
+    pid nor PR_SET_PDEATHSIG names the right process). Elsewhere, poll the caller's pid.
+    """
+    try:
+        fd = os.pidfd_open(caller_pid)
+    except ProcessLookupError:
+        os._exit(EXIT_ORPHANED)
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+            os._exit(EXIT_ORPHANED)
+        while True:
+            time.sleep(0.1)  # no event to wait on without pidfd
+            try:
+                os.kill(caller_pid, 0)
+            except ProcessLookupError:
+                os._exit(EXIT_ORPHANED)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="mpbatch-watchdog", daemon=True).start()
+
+
+def _read_items(conn: Connection, inbox: queue.SimpleQueue) -> None:
+    """Reader thread: move frames from the item pipe to the inbox; None on EOF."""
+    try:
+        while True:
+            inbox.put(conn.recv_bytes())
+    except (EOFError, OSError):
+        inbox.put(None)
+
+
+def _qualname(exc: BaseException) -> str:
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _failure(exc: BaseException, where: str = "do()") -> BatchFailed:
+    """BatchFailed for ``exc``: strings only, so it always pickles and always unpickles."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<str() of the exception failed>"
+    name = _qualname(exc)
+    tb = "".join(traceback.format_exception(exc))
+    return BatchFailed(f"{where} raised {name}: {text}" if text else f"{where} raised {name}", name, tb)
+
+
+def _results_of(batch: dict, result: Any) -> tuple[dict | None, BatchFailed | None]:
+    """Check what do() returned: None, or key -> one result per value of that key."""
+    if result is None:
+        return None, None
+    if not isinstance(result, Mapping):
+        return None, BatchFailed(
+            f"do() must return None or a mapping key -> list of results; it returned "
+            f"{type(result).__name__}", "TypeError")
+    out = {}
+    for key, values in batch.items():
+        if key not in result:
+            return None, BatchFailed(
+                f"do() returned no results for key {key!r} ({len(values)} items in the batch)",
+                "KeyError")
+        got = result[key]
+        try:
+            got = list(got)
+        except TypeError:
+            return None, BatchFailed(
+                f"do() returned {type(got).__name__} for key {key!r}; expected a list of "
+                f"{len(values)} results", "TypeError")
+        if len(got) != len(values):
+            return None, BatchFailed(
+                f"do() returned {len(got)} results for key {key!r}; expected {len(values)}, "
+                f"one per item", "ValueError")
+        out[key] = got
+    if len(result) != len(batch):
+        extra = [k for k in result if k not in batch][:3]
+        return None, BatchFailed(f"do() returned results for keys not in the batch: {extra!r}",
+                                 "KeyError")
+    return out, None
+
+
+def _unpicklable(payload: tuple) -> str:
+    """Name the key whose result (or value) will not pickle; the slow path after a failure."""
+    results, batch = payload
+    for part in (results, batch):
+        for key, values in (part or {}).items():
+            for value in values:
+                try:
+                    tp.pickle.dumps(value, tp.PROTOCOL)
+                except Exception as exc:
+                    return f"key {key!r}: {type(value).__name__} ({type(exc).__name__}: {exc})"
+    return "unknown item"
+
+
+_TICK = object()  # the held batch's interval ran out
+
+
+class _Loop:
+    """The worker's state between batches: held items and its position in the item stream."""
+
+    def __init__(self, index: int, items: Connection, results: Connection,
+                 counters: LoadCounters, config: WorkerConfig, state: Any) -> None:
+        self.results = results
+        self.cells = counters.cells
+        self.base = CELLS * index
+        self.do = config.do
+        self.state = state
+        self.with_state = config.init is not None
+        self.size = config.size
+        self.max_bytes = config.max_bytes
+        self.want_values = config.want_values
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.reader = threading.Thread(target=_read_items, args=(items, self.inbox),
+                                       name="mpbatch-reader", daemon=True)
+        self.held: dict = {}
+        self.held_n = 0
+        self.held_bytes = 0
+        self.held_start = 0  # stream position of the first held item
+        self.pos = 0  # stream position of the next item to arrive
+        self.deadline = 0  # monotonic_ns by which the held items must run
+
+    def run(self) -> None:
+        self.reader.start()
+        while True:
+            frame = self._next_frame()
+            if frame is _TICK:
+                self._flush()
+                continue
+            kind, flags, n, deadline = (tp.STOP, 0, 0, 0) if frame is None else tp.read_to_worker(frame)
+            if kind == tp.STOP:  # or EOF: the caller closed the pipe
+                self._flush()
+                self.results.close()
+                return
+            if kind == tp.FLUSH:
+                self._flush()
+            else:
+                self._take_chunk(frame, flags, n, deadline)
+
+    def _next_frame(self) -> Any:
+        if not self.held_n:
+            return self.inbox.get()
+        wait = (self.deadline - time.monotonic_ns()) / 1e9
+        if wait <= 0:
+            return _TICK
+        try:
+            return self.inbox.get(timeout=wait)
+        except queue.Empty:
+            return _TICK
+
+    def _take_chunk(self, frame: bytes, flags: int, n: int, deadline: int) -> None:
+        try:
+            pairs, sizes = tp.payload_of(frame, tp.TO_WORKER_SIZE)
+        except BaseException as exc:
+            # The items exist only as bytes we cannot read: fail exactly this chunk.
+            self._flush()
+            error = _failure(exc, "unpickling items in the worker")
+            self._send(tp.caller_frame(tp.FAILED, self.pos, n, error), n)
+            self.pos += n
+            self.held_start = self.pos
+            return
+        if flags & tp.SOLO:
+            self._flush()
+            self._hold(pairs, deadline)
+            self._flush()
+        elif sizes is None:
+            self._hold_by_count(pairs, deadline)
+        else:
+            self._hold_by_bytes(pairs, sizes, deadline)
+
+    def _start_holding(self, deadline: int) -> None:
+        if not self.held_n:
+            self.held_start = self.pos
+            self.deadline = deadline
+        elif deadline < self.deadline:
+            self.deadline = deadline
+
+    def _hold(self, pairs: Any, deadline: int) -> None:
+        """Group ``pairs`` by key into the held batch, no size check."""
+        self._start_holding(deadline)
+        held = self.held
+        count = 0
+        for key, value in pairs:
+            values = held.get(key)
+            if values is None:
+                held[key] = [value]
+            else:
+                values.append(value)
+            count += 1
+        self.held_n += count
+        self.pos += count
+
+    def _hold_by_count(self, pairs: list, deadline: int) -> None:
+        i, n = 0, len(pairs)
+        while i < n:
+            take = min(n - i, self.size - self.held_n)
+            self._hold(pairs if take == n else islice(pairs, i, i + take), deadline)
+            i += take
+            if self.held_n >= self.size:
+                self._flush()
+
+    def _hold_by_bytes(self, pairs: list, sizes: list, deadline: int) -> None:
+        limit = self.max_bytes
+        for pair, nbytes in zip(pairs, sizes, strict=True):
+            if self.held_n and self.held_bytes + nbytes > limit:
+                self._flush()
+            self._hold((pair,), deadline)
+            self.held_bytes += nbytes
+            if self.held_n >= self.size or self.held_bytes >= limit:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Run do() on everything held, report the outcome, and count it done."""
+        n = self.held_n
+        if not n:
+            return
+        batch, start = self.held, self.held_start
+        self.held, self.held_n, self.held_bytes, self.held_start = {}, 0, 0, self.pos
+        cells, base = self.cells, self.base
+        # The caller reads these after a death or on a timeout: which items were inside do().
+        cells[base + B_START] = start
+        cells[base + B_END] = start + n
+        cells[base + BUSY_NS] = time.monotonic_ns()
+        try:
+            result = self.do(batch, self.state) if self.with_state else self.do(batch)
+            results, error = _results_of(batch, result)
+        except BaseException as exc:  # SystemExit too: do() ending the worker is a failure
+            results, error = None, _failure(exc)
+        frame = self._outcome_frame(start, n, batch, results, error)
+        cells[base + BUSY_NS] = 0
+        cells[base + BATCHES] += 1
+        self._send(frame, n)
+
+    def _outcome_frame(self, start: int, n: int, batch: dict, results: dict | None,
+                       error: BaseException | None) -> bytes:
+        if error is None:
+            payload = (results, batch if self.want_values else None)
+            try:
+                return tp.caller_frame(tp.FINISHED, start, n, payload)
+            except BaseException as exc:
+                error = SerializationError(
+                    f"a result of do() cannot be pickled, {_unpicklable(payload)}; return "
+                    f"picklable results (plain data), or None")
+                error.__cause__ = exc
+        return tp.caller_frame(tp.FAILED, start, n, error)
+
+    def _send(self, frame: bytes, n: int) -> None:
+        try:
+            self.results.send_bytes(frame)
+        except OSError:  # the caller is gone; the watchdog ends us
+            os._exit(EXIT_ORPHANED)
+        self.cells[self.base + DONE] += n
