@@ -180,7 +180,8 @@ class Batcher:
             pool = Pool(workers, opts.start_method, counters.name, blob)
             self._router = Router(opts.routing, counters)
             self._dispatcher = Dispatcher(pool, counters, self._router)
-            self._open = [_OpenChunk(i) for i in range(workers if opts.routing == "key" else 1)]
+            sized = opts.max_bytes is not None
+            self._open = [_OpenChunk(i, sized) for i in range(workers if opts.routing == "key" else 1)]
             for i in range(workers):
                 pool.start(i)
         except BaseException:
@@ -261,7 +262,7 @@ class Batcher:
 
     def _accept(self, key: Hashable, value: Any, fut: Future | None, block: bool,
                 timeout: float | None) -> None:
-        if self._state is not _RUNNING:
+        if self._state is not _RUNNING or self._collector.broken is not None:  # type: ignore[union-attr]
             self._ensure_running()
         nbytes = self._check_item(key, value)
         with self._lock:
@@ -355,7 +356,7 @@ class Batcher:
         raises Full whose ``.accepted`` counts the items that went in; a bad item raises
         (SerializationError, ItemTooLarge, TypeError) after the items before it went in.
         """
-        if self._state is not _RUNNING:
+        if self._state is not _RUNNING or self._collector.broken is not None:  # type: ignore[union-attr]
             self._ensure_running()
         deadline = None if timeout is None else time.monotonic() + timeout
         if len(self._open) > 1 or self._options.max_bytes is not None:
@@ -385,8 +386,9 @@ class Batcher:
         if not n:
             return None
         seg = Segment(chunk.pairs, chunk.sizes, chunk.futures, 0, self._epoch, chunk.deadline)
-        if seg.futures is not None:
-            del seg.futures[n:]  # an interrupt between the two appends in _OpenChunk.add
+        for extra in (seg.futures, seg.sizes):
+            if extra is not None:
+                del extra[n:]  # an interrupt between the appends in _OpenChunk.add
         chunk.reset()
         self._accounts.seal(n, self._epoch)
         return seg
@@ -395,6 +397,10 @@ class Batcher:
         """Send an open chunk to its worker (hold the lock)."""
         seg = self._take(chunk)
         if seg is None:
+            return
+        broken = self._collector.broken  # type: ignore[union-attr]
+        if broken is not None:
+            self._collector.dead_letter([seg], broken, None)  # type: ignore[union-attr]
             return
         routing = self._options.routing
         if routing == "key":
@@ -464,15 +470,16 @@ class Batcher:
 class _OpenChunk:
     """Items accepted in the caller and not yet sent to a worker."""
 
-    __slots__ = ("deadline", "futures", "nbytes", "pairs", "seal_at", "sizes", "worker")
+    __slots__ = ("deadline", "futures", "nbytes", "pairs", "seal_at", "sizes", "sized", "worker")
 
-    def __init__(self, worker: int) -> None:
+    def __init__(self, worker: int, sized: bool) -> None:
         self.worker = worker  # for "key" routing: the worker this chunk goes to
+        self.sized = sized  # max_bytes is set: the worker needs each value's size
         self.reset()
 
     def reset(self) -> None:
         self.pairs: list[tuple[Any, Any]] = []
-        self.sizes: list[int] | None = None
+        self.sizes: list[int] | None = [] if self.sized else None
         self.futures: list[Future | None] | None = None
         self.nbytes = 0
         self.deadline = 0
@@ -492,6 +499,8 @@ class _OpenChunk:
             self.futures.append(fut)
         if nbytes is not None:
             self.nbytes += nbytes
+            if self.sizes is not None:
+                self.sizes.append(nbytes)
         self.pairs.append((key, value))
         return n + 1
 

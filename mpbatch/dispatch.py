@@ -7,6 +7,7 @@ sees a slightly stale value only routes a little less evenly.
 
 from __future__ import annotations
 
+import os
 import pickle
 import secrets
 import zlib
@@ -38,6 +39,7 @@ SENT, DONE, B_START, B_END, BUSY_NS, BATCHES = range(6)
 class LoadCounters:
     """Per-worker counters in one ``multiprocessing.shared_memory`` segment.
 
+    Named ``mpbatch_<caller pid>_<random>``, so a segment left behind names its owner.
     The caller creates and unlinks it; workers attach by name (``attach``). A worker's
     death leaves the segment intact (the caller zeroes that worker's line on respawn).
     """
@@ -46,7 +48,8 @@ class LoadCounters:
         self.workers = workers
         create = name is None
         self.shm = shared_memory.SharedMemory(
-            name=name or f"mpbatch_{secrets.token_hex(6)}", create=create, size=64 * workers
+            name=name or f"mpbatch_{os.getpid()}_{secrets.token_hex(4)}", create=create,
+            size=64 * workers
         )
         self.cells = self.shm.buf.cast("q")
         if create:

@@ -40,7 +40,8 @@ class Accounts:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a chunk rejected while sealing (the caller holds the lock) settles too.
+        self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # an outcome landed, or a state change
         self.sealed = 0  # accepted items that left the caller's open chunks
         self.succeeded = 0

@@ -318,8 +318,11 @@ class _Loop:
         return tp.caller_frame(tp.FAILED, start, n, error)
 
     def _send(self, frame: bytes, n: int) -> None:
+        # Done before the report is sent: a caller that reacts to the result must already
+        # see this worker's lower load. The caller's ledger, not this counter, keeps the
+        # items safe should we die in between.
+        self.cells[self.base + DONE] += n
         try:
             self.results.send_bytes(frame)
         except OSError:  # the caller is gone; the watchdog ends us
             os._exit(EXIT_ORPHANED)
-        self.cells[self.base + DONE] += n

@@ -1,0 +1,64 @@
+"""Fixtures every test gets: no child process and no shared-memory segment outlives a test."""
+
+import os
+
+import psutil
+import pytest
+
+import mpbatch
+
+# Helpers multiprocessing starts once per test session; they are not our workers.
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+def cmdline(p):
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def shm_segments():
+    """Segments this test process created (other runs on the machine are not ours)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(f"mpbatch_{os.getpid()}_")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_orphans():
+    before = shm_segments()
+    yield
+    me = psutil.Process()
+    helpers = {p.pid for p in me.children() if any(h in cmdline(p) for h in HELPERS)}
+    kids = [p for p in me.children(recursive=True) if p.pid not in helpers]
+    _, alive = psutil.wait_procs(kids, timeout=2)
+    for p in alive:
+        p.kill()
+    assert not alive, f"outlived the test: {[(p.pid, cmdline(p)) for p in alive]}"
+    leaked = shm_segments() - before
+    assert not leaked, f"shared memory left in /dev/shm: {leaked}"
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request):
+    """Run the test once per start method."""
+    return request.param
+
+
+@pytest.fixture
+def batcher_factory():
+    """Make Batchers that are closed at the end of the test even if it fails."""
+    made = []
+
+    def make(do, **kwargs):
+        kwargs.setdefault("workers", 2)
+        b = mpbatch.Batcher(do, **kwargs)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close(timeout=10)

@@ -1,0 +1,170 @@
+"""do() functions for the tests; top level so that every start method can import them."""
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+
+def double(batch):
+    return {k: [v * 2 for v in vs] for k, vs in batch.items()}
+
+
+def nothing(batch):
+    return None
+
+
+def with_pid(batch):
+    """Each item's result: (worker pid, value) — shows where and in what order items ran."""
+    pid = os.getpid()
+    return {k: [(pid, v) for v in vs] for k, vs in batch.items()}
+
+
+def batch_shape(batch):
+    """Each item's result: the batch's (number of keys, number of items)."""
+    n = sum(len(vs) for vs in batch.values())
+    return {k: [(len(batch), n)] * len(vs) for k, vs in batch.items()}
+
+
+def raise_value_error(batch):
+    raise ValueError(f"bad batch of {sum(map(len, batch.values()))}")
+
+
+def kill_self(batch):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_self(batch):
+    os._exit(3)
+
+
+def c_exit(batch):
+    ctypes.CDLL(None).exit(4)
+
+
+def sleep_forever(batch):
+    threading.Event().wait()
+
+
+def sys_exit(batch):
+    raise SystemExit(5)
+
+
+def returns_list(batch):
+    return [1, 2, 3]
+
+
+def returns_missing_key(batch):
+    return {}
+
+
+def returns_short(batch):
+    return {k: vs[:-1] for k, vs in batch.items()}
+
+
+def returns_extra_key(batch):
+    out = double(batch)
+    out["not-a-key"] = [1]
+    return out
+
+
+def returns_unpicklable(batch):
+    return {k: [threading.Lock() for _ in vs] for k, vs in batch.items()}
+
+
+class Unpicklable(Exception):
+    def __init__(self):
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(batch):
+    raise Unpicklable()
+
+
+def _explode():
+    raise RuntimeError("cannot be rebuilt in the caller")
+
+
+class BreaksOnLoad:
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def returns_breaks_on_load(batch):
+    return {k: [BreaksOnLoad() for _ in vs] for k, vs in batch.items()}
+
+
+def kill_on(bad):
+    """do() that SIGKILLs its worker when the batch holds value ``bad``, else doubles."""
+
+    def do(batch):
+        if any(bad in vs for vs in batch.values()):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return double(batch)
+
+    return do
+
+
+def once_then(marker_dir, first):
+    """do() that runs ``first`` on the very first call (across workers), then doubles."""
+
+    def do(batch):
+        marker = os.path.join(marker_dir, "tried")
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return double(batch)
+        os.close(fd)
+        return first(batch)
+
+    return do
+
+
+def wait_for_file(path, key=None):
+    """do() that holds a batch (with ``key``, or any) until ``path`` exists: the test
+    decides when it ends. A worker-side gate; the test itself waits on futures."""
+
+    def do(batch):
+        if key is None or key in batch:
+            while not os.path.exists(path):
+                time.sleep(0.01)
+        return double(batch)
+
+    return do
+
+
+def init_state():
+    return {"pid": os.getpid(), "factor": 10}
+
+
+def use_state(batch, state):
+    return {k: [v * state["factor"] for v in vs] for k, vs in batch.items()}
+
+
+def init_fails():
+    raise RuntimeError("no model here")
+
+
+def once_then_bad(first):
+    """do() that runs ``first`` on batches holding key "bad", and doubles the others."""
+
+    def do(batch):
+        if "bad" in batch:
+            return first(batch)
+        return double(batch)
+
+    return do
+
+
+def announce_then_wait(fifo, gate):
+    """do() that writes its pid to ``fifo`` when a batch starts, then waits for ``gate``."""
+
+    def do(batch):
+        fd = os.open(fifo, os.O_WRONLY)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        return wait_for_file(gate)(batch)
+
+    return do

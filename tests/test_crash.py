@@ -1,0 +1,106 @@
+"""One row per way a batch can fail inside a worker; the others items and the Batcher go on."""
+
+import os
+import signal
+
+import pytest
+
+import mpbatch
+from tests import fns
+
+CRASHES = [  # (id, do, error the future raises, text its message must contain, extra options)
+    ("raises", fns.raise_value_error, mpbatch.BatchFailed, "ValueError: bad batch", {}),
+    ("sys-exit", fns.sys_exit, mpbatch.BatchFailed, "SystemExit: 5", {}),
+    ("sigkill", fns.kill_self, mpbatch.WorkerDied, "was killed by SIGKILL", {}),
+    ("os-exit", fns.exit_self, mpbatch.WorkerDied, "exited (exit code 3)", {}),
+    ("c-exit", fns.c_exit, mpbatch.WorkerDied, "exited (exit code 4)", {}),
+    ("hang", fns.sleep_forever, mpbatch.BatchTimeout, "timeout=0.5", {"timeout": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("do", "error", "text", "options"),
+                         [c[1:] for c in CRASHES], ids=[c[0] for c in CRASHES])
+def test_crash_fails_only_its_batch(batcher_factory, do, error, text, options):
+    letters = []
+    b = batcher_factory(fns.once_then_bad(do), size=3, workers=2, on_dead_letter=letters.append,
+                        **options)
+    bad = [b.submit("bad", i) for i in range(3)]  # the first batch: it crashes
+    b.flush()
+    good = [b.submit(f"k{i % 2}", i) for i in range(30)]
+    b.flush()
+    for fut in bad:
+        with pytest.raises(error, match=None) as info:
+            fut.result()
+        assert text in str(info.value)
+    assert [f.result() for f in good] == [2 * i for i in range(30)]
+    (letter,) = letters
+    assert letter.batch == {"bad": [0, 1, 2]} and letter.attempts == 1
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (33, 30, 3, 0)
+
+
+def test_worker_died_names_pid_exitcode_and_keys(batcher_factory):
+    b = batcher_factory(fns.kill_self, size=2, workers=1)
+    fut = b.submit("user:1", 1)
+    b.submit("user:2", 2)
+    b.flush()
+    err = fut.exception()
+    assert isinstance(err, mpbatch.WorkerDied)
+    assert err.exitcode == -9 and err.pid > 0
+    assert "keys 'user:1', 'user:2'" in str(err) and "attempt 1 of 1" in str(err)
+    assert "OOM killer" in str(err)
+    assert b.stats().worker_restarts == 1
+
+
+def test_sigkill_mid_batch_redelivers_with_attempts_left(batcher_factory, tmp_path):
+    b = batcher_factory(fns.once_then(str(tmp_path), fns.kill_self), size=5, max_attempts=2,
+                        retry_backoff=0)
+    futs = [b.submit(f"k{i % 3}", i) for i in range(50)]
+    b.flush()
+    assert [f.result() for f in futs] == [2 * i for i in range(50)]
+    s = b.stats()
+    assert s.worker_restarts == 1 and s.retries == 5 and s.failed_attempts == 5
+    assert (s.succeeded, s.dead_lettered, s.pending) == (50, 0, 0)
+
+
+def test_external_sigkill_of_a_busy_worker(batcher_factory, tmp_path):
+    """A real kill from outside, of a worker inside do(): its items come back."""
+    fifo, gate = tmp_path / "started", tmp_path / "gate"
+    os.mkfifo(fifo)
+    b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate)), size=10, workers=2,
+                        max_attempts=2, retry_backoff=0)
+    futs = [b.submit(f"k{i % 4}", i) for i in range(40)]
+    with open(fifo) as started:  # blocks until a worker is inside do()
+        victim = int(started.readline())
+        os.kill(victim, signal.SIGKILL)
+        gate.touch()
+        b.flush()
+    assert [f.result() for f in futs] == [2 * i for i in range(40)]
+    s = b.stats()
+    assert s.worker_restarts == 1 and s.pending == 0 and s.succeeded == 40
+    assert s.failed_attempts == 10 and s.retries == 10
+
+
+def test_items_queued_in_a_dead_worker_are_resent_without_an_attempt(batcher_factory, tmp_path):
+    # One worker, size=1: the first item kills it inside do(); the others were only queued.
+    b = batcher_factory(fns.kill_on(0), size=1, workers=1, interval=5)
+    futs = [b.submit("k", i) for i in range(6)]
+    b.flush()
+    with pytest.raises(mpbatch.WorkerDied):
+        futs[0].result()
+    assert [f.result() for f in futs[1:]] == [2, 4, 6, 8, 10]
+    s = b.stats()
+    assert s.failed_attempts == 1 and s.dead_lettered == 1 and s.succeeded == 5
+    assert s.redelivered >= 1
+
+
+def test_init_that_always_fails_stops_the_batcher(batcher_factory):
+    b = batcher_factory(fns.use_state, init=fns.init_fails, workers=2)
+    futs = [b.submit("k", i) for i in range(3)]
+    for fut in futs:
+        with pytest.raises(mpbatch.WorkerDied, match="no model here"):
+            fut.result(timeout=30)
+    with pytest.raises(mpbatch.Closed, match="the Batcher stopped"):
+        b.add("k", 9)
+    s = b.stats()
+    assert s.pending == 0 and s.dead_lettered == 3

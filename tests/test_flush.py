@@ -1,0 +1,81 @@
+"""A batch starts on size, on max_bytes, on interval, and at once on flush()."""
+
+import time
+
+import mpbatch
+from tests import fns
+
+
+def shapes(b, items):
+    futs = [b.submit(k, v) for k, v in items]
+    b.flush()
+    return [f.result() for f in futs]
+
+
+def test_size_flushes_full_batches_of_all_keys_together(batcher_factory):
+    b = batcher_factory(fns.batch_shape, size=10, interval=60, workers=1)
+    futs = [b.submit(f"k{i % 3}", i) for i in range(30)]
+    # Three full batches ran without flush() and without waiting out the 60 s interval.
+    assert [f.result(timeout=10) for f in futs] == [(3, 10)] * 30
+
+
+def test_values_of_a_key_arrive_in_add_order(batcher_factory):
+    b = batcher_factory(fns.with_pid, size=100, workers=1)
+    futs = [b.submit(f"k{i % 3}", i) for i in range(300)]
+    b.flush()
+    assert [f.result()[1] for f in futs] == list(range(300))
+
+
+def test_max_bytes_flushes_before_the_limit(batcher_factory):
+    b = batcher_factory(fns.batch_shape, size=1000, max_bytes=300, interval=60, workers=1)
+    # Each value pickles to ~105 bytes: two fit under 300, a third would not.
+    result = shapes(b, [("k", "x" * 100) for _ in range(6)])
+    assert {n for _, n in result} == {2}
+
+
+def test_item_larger_than_max_bytes_is_refused(batcher_factory):
+    b = batcher_factory(fns.double, max_bytes=100, workers=1)
+    try:
+        b.add("big", "x" * 500)
+    except mpbatch.ItemTooLarge as exc:
+        assert "'big'" in str(exc) and "max_bytes=100" in str(exc)
+    else:
+        raise AssertionError("ItemTooLarge not raised")
+    assert b.stats().accepted == 0
+    b.add("small", "x")
+    b.flush()
+    assert b.stats().succeeded == 1
+
+
+def test_interval_bounds_the_wait_of_a_lone_item(batcher_factory):
+    b = batcher_factory(fns.double, size=1000, interval=0.2, workers=2)
+    b.submit("warm", 1).result(timeout=10)  # workers started
+    started = time.monotonic()
+    fut = b.submit("k", 1)
+    assert fut.result(timeout=10) == 2
+    waited = time.monotonic() - started
+    assert waited < 0.2 + 0.3, waited  # the bound, plus scheduling slack on a loaded CI box
+
+
+def test_flush_does_not_wait_out_the_interval(batcher_factory):
+    b = batcher_factory(fns.double, size=1000, interval=60, workers=2)
+    futs = [b.submit(f"k{i}", i) for i in range(5)]
+    b.flush()  # would take 60 s if it waited for the interval
+    assert all(f.done() for f in futs)
+    assert [f.result() for f in futs] == [0, 2, 4, 6, 8]
+
+
+def test_flush_waits_for_callbacks(batcher_factory):
+    done = []
+    b = batcher_factory(fns.double, size=1000, interval=60,
+                        on_result=lambda k, vs, rs: done.extend(vs))
+    b.add_many((f"k{i % 7}", i) for i in range(500))
+    b.flush()
+    assert sorted(done) == list(range(500))
+
+
+def test_flush_before_start_is_a_no_op():
+    b = mpbatch.Batcher(fns.double)
+    b.flush()
+    assert b.stats().workers == 0
+    b.close()

@@ -1,0 +1,114 @@
+"""What do() returns: per-item results, None, or a bad shape that fails the batch."""
+
+import pytest
+
+import mpbatch
+from tests import fns
+
+
+def test_futures_get_their_own_results_across_keys(batcher_factory):
+    b = batcher_factory(fns.double, size=7)
+    futs = {(f"k{i % 4}", i): b.submit(f"k{i % 4}", i) for i in range(100)}
+    b.flush()
+    assert all(f.result() == 2 * v for (_, v), f in futs.items())
+
+
+def test_on_result_gets_key_values_and_results_in_order(batcher_factory):
+    calls = []
+    b = batcher_factory(fns.double, size=10, workers=1,
+                        on_result=lambda k, vs, rs: calls.append((k, vs, rs)))
+    for i in range(20):
+        b.add("a" if i % 2 else "b", i)
+    b.flush()
+    by_key = {}
+    for k, vs, rs in calls:
+        assert rs == [2 * v for v in vs]
+        by_key.setdefault(k, []).extend(vs)
+    assert by_key == {"a": list(range(1, 20, 2)), "b": list(range(0, 20, 2))}
+
+
+def test_none_means_every_item_succeeded_with_none(batcher_factory):
+    calls = []
+    b = batcher_factory(fns.nothing, on_result=lambda k, vs, rs: calls.append(rs))
+    fut = b.submit("k", 1)
+    b.flush()
+    assert fut.result() is None
+    assert calls == [None]
+    assert b.stats().succeeded == 1
+
+
+@pytest.mark.parametrize(("do", "text"), [
+    (fns.returns_list, "must return None or a mapping key -> list of results; it returned list"),
+    (fns.returns_missing_key, "returned no results for key 'k' (2 items in the batch)"),
+    (fns.returns_short, "returned 1 results for key 'k'; expected 2, one per item"),
+    (fns.returns_extra_key, "returned results for keys not in the batch: ['not-a-key']"),
+])
+def test_a_bad_shape_fails_the_batch_and_is_dead_lettered(batcher_factory, do, text):
+    letters = []
+    b = batcher_factory(do, size=2, workers=1, on_dead_letter=letters.append)
+    f1, f2 = b.submit("k", 1), b.submit("k", 2)
+    b.flush()
+    for fut in (f1, f2):
+        with pytest.raises(mpbatch.BatchFailed) as info:
+            fut.result()
+        assert text in str(info.value)
+    assert len(letters) == 1 and letters[0].batch == {"k": [1, 2]}
+    assert letters[0].attempts == 1 and letters[0].worker == 0
+    assert type(letters[0].error) is mpbatch.BatchFailed and text in str(letters[0].error)
+    s = b.stats()
+    assert (s.succeeded, s.dead_lettered, s.pending) == (0, 2, 0)
+    b.add("k", 3)  # still usable
+
+
+def test_a_bad_shape_fails_even_without_futures(batcher_factory):
+    b = batcher_factory(fns.returns_short, size=3, workers=1)
+    b.add_many([("k", 1), ("k", 2), ("k", 3)])
+    b.flush()
+    assert b.stats().dead_lettered == 3
+    assert "expected 3" in str(b.dead_letters()[0].error)
+
+
+def test_unpicklable_result_fails_only_that_batch(batcher_factory):
+    b = batcher_factory(fns.returns_unpicklable, size=1, workers=1)
+    fut = b.submit("locks", 1)
+    b.flush()
+    with pytest.raises(mpbatch.SerializationError, match="cannot be pickled, key 'locks': lock"):
+        fut.result()
+
+
+def test_unpicklable_exception_still_reports(batcher_factory):
+    b = batcher_factory(fns.raise_unpicklable, size=1, workers=1)
+    fut = b.submit("k", 1)
+    b.flush()
+    with pytest.raises(mpbatch.BatchFailed, match="Unpicklable: holds a lock") as info:
+        fut.result()
+    assert "raise Unpicklable()" in info.value.traceback
+
+
+def test_result_that_cannot_be_unpickled_in_the_caller(batcher_factory):
+    b = batcher_factory(fns.returns_breaks_on_load, size=1, workers=1)
+    fut = b.submit("k", 1)
+    b.flush()
+    with pytest.raises(mpbatch.SerializationError, match="cannot be unpickled in the caller"):
+        fut.result()
+    letter = b.dead_letters()[0]
+    assert letter.worker is None  # no worker was at fault
+
+
+def test_a_callback_that_raises_is_logged_and_the_collector_goes_on(batcher_factory, caplog):
+    def boom(key, values, results):
+        raise RuntimeError("callback bug")
+
+    b = batcher_factory(fns.double, size=1, on_result=boom)
+    futs = [b.submit("k", i) for i in range(5)]
+    b.flush()
+    assert [f.result() for f in futs] == [0, 2, 4, 6, 8]
+    assert b.stats().succeeded == 5
+    assert "on_result raised" in caplog.text
+
+
+def test_init_state_is_passed_and_kept(batcher_factory):
+    b = batcher_factory(fns.use_state, init=fns.init_state, size=3)
+    futs = [b.submit("k", i) for i in range(9)]
+    b.flush()
+    assert [f.result() for f in futs] == [10 * i for i in range(9)]
