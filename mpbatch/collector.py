@@ -302,15 +302,15 @@ class Collector(threading.Thread):
             a, b = split_at(position, seg, *cut)
             inside += a
             queued += b
+        timed_out = self._timed_out.pop(i, None)
+        if self.stopping:  # close() gave up on them (timeout or a second Ctrl-C)
+            self.dead_letter(inside + queued, self.stop_error or Closed("the Batcher closed"),
+                             None)
+            return
         if inside:
-            error = self._timed_out.pop(i, None) or self._death_error(i, proc, inside)
-            self._attempt_failed(inside, error, i)
-        self._timed_out.pop(i, None)
+            self._attempt_failed(inside, timed_out or self._death_error(i, proc, inside), i)
         if queued:
-            if self.stopping:
-                self.dead_letter(queued, self.stop_error or Closed("the Batcher closed"), None)
-            else:
-                self._resend(queued, solo=False)
+            self._resend(queued, solo=False)
 
     def _death_error(self, i: int, proc: Any, inside: list[Segment]) -> WorkerDied:
         n = sum(len(s) for s in inside)

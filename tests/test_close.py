@@ -1,0 +1,83 @@
+"""close(): idempotent, flushes, joins workers, frees shared memory; __exit__ even on error."""
+
+import os
+
+import pytest
+
+import mpbatch
+from tests import fns
+
+
+def test_close_flushes_joins_and_unlinks(batcher_factory):
+    b = batcher_factory(fns.double, size=1000, interval=60)
+    futs = [b.submit("k", i) for i in range(10)]
+    name = b._counters.name
+    procs = list(b._pool.procs)
+    assert os.path.exists(f"/dev/shm/{name}")
+    b.close()
+    assert [f.result(timeout=0) for f in futs] == [2 * i for i in range(10)]
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert all(p.exitcode == 0 for p in procs)
+    b.close()  # idempotent
+    assert b.stats().pending == 0
+
+
+def test_exit_flushes_even_when_the_block_raises():
+    seen = []
+    with pytest.raises(RuntimeError, match="user bug"), \
+            mpbatch.Batcher(fns.double, workers=2, size=1000, interval=60,
+                            on_result=lambda k, vs, rs: seen.extend(rs)) as b:
+        b.add_many(("k", i) for i in range(100))
+        raise RuntimeError("user bug")
+    assert sorted(seen) == [2 * i for i in range(100)]
+    assert b.stats().pending == 0
+
+
+def test_close_timeout_dead_letters_what_is_unfinished(batcher_factory):
+    b = batcher_factory(fns.sleep_forever, size=2, workers=1)
+    futs = [b.submit("k", i) for i in range(4)]
+    b.close(timeout=0.5)
+    for f in futs:
+        with pytest.raises(mpbatch.Closed, match="close\\(timeout=0.5\\) ran out"):
+            f.result(timeout=0)
+    s = b.stats()
+    assert (s.accepted, s.dead_lettered, s.pending) == (4, 4, 0)
+
+
+def test_workers_survive_a_worker_death_and_counters_stay_attached(batcher_factory, tmp_path):
+    b = batcher_factory(fns.once_then(str(tmp_path), fns.kill_self), size=1, workers=2,
+                        max_attempts=2, retry_backoff=0)
+    futs = [b.submit("k", i) for i in range(20)]
+    b.flush()
+    assert [f.result() for f in futs] == [2 * i for i in range(20)]
+    assert os.path.exists(f"/dev/shm/{b._counters.name}")  # a death did not unlink it
+    assert b.stats().worker_restarts == 1
+
+
+def test_close_from_another_thread_while_adding(batcher_factory):
+    import threading
+
+    b = batcher_factory(fns.double, size=10)
+    stop, thousand = threading.Event(), threading.Event()
+    accepted = []
+
+    def producer():
+        i = 0
+        while not stop.is_set():
+            try:
+                b.add("k", i, block=True, timeout=5)
+            except mpbatch.Closed:
+                return
+            accepted.append(i)
+            i += 1
+            if i == 1000:
+                thousand.set()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    assert thousand.wait(20)
+    b.close()
+    stop.set()
+    t.join(10)
+    s = b.stats()
+    assert s.pending == 0 and s.accepted == s.succeeded == len(accepted)
