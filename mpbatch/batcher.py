@@ -29,6 +29,7 @@ outcome is counted, so accepted == succeeded + dead_lettered + pending at every 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import pickle
 import sys
@@ -47,7 +48,7 @@ import cloudpickle
 from .collector import Collector
 from .deadletters import DeadLetter
 from .dispatch import ROUTINGS, Dispatcher, LoadCounters, Router
-from .errors import Closed, Full, ItemTooLarge, MpbatchError, SerializationError
+from .errors import Closed, Full, ItemTooLarge, SerializationError
 from .ledger import Segment
 from .lifecycle import START_METHODS, Pool, default_start_method, default_workers
 from .stats import Accounts, Stats
@@ -151,6 +152,8 @@ class Batcher:
         self._open: list[_OpenChunk] = []
         self._collector: Collector | None = None
         self._workers = 0
+        self._capacity = 0  # buffer x workers, once started
+        self._fast = False  # add() may take its inlined path: running, one open chunk
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -181,7 +184,8 @@ class Batcher:
             self._router = Router(opts.routing, counters)
             self._dispatcher = Dispatcher(pool, counters, self._router)
             sized = opts.max_bytes is not None
-            self._open = [_OpenChunk(i, sized) for i in range(workers if opts.routing == "key" else 1)]
+            chunks = workers if opts.routing == "key" else 1
+            self._open = [_OpenChunk(i, sized) for i in range(chunks)]
             for i in range(workers):
                 pool.start(i)
         except BaseException:
@@ -191,9 +195,15 @@ class Batcher:
         self._collector = Collector(pool, counters, self._dispatcher, self._accounts, opts,
                                     self._next_seal_ns, self._seal_due)
         self._dispatcher.reject = self._collector.dead_letter
+        self._collector.on_broken = self._stop_fast_path
         self._collector.start()
+        self._capacity = opts.buffer * workers
         self._state = _RUNNING
+        self._fast = opts.routing != "key" and opts.max_bytes is None
         _LIVE.add(self)
+
+    def _stop_fast_path(self) -> None:
+        self._fast = False
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting, flush, wait for every outcome, join workers, free shared memory.
@@ -203,14 +213,16 @@ class Batcher:
         Ctrl-C) does the same at once and says how many items were left.
         """
         _check_number("timeout", timeout, positive=False, optional=True)
-        with self._start_lock:
+        with self._start_lock, self._lock:  # add() checks the state under _lock
+            self._fast = False
             state, self._state = self._state, (_CLOSING if self._state is _RUNNING else _CLOSED)
         if state is not _RUNNING:
             return
         error: BaseException | None = None
         try:
             if not self._flush(None if timeout is None else time.monotonic() + timeout):
-                error = Closed(f"close(timeout={timeout:g}) ran out before these items finished")
+                error = self._collector.broken or Closed(  # type: ignore[union-attr]
+                    f"close(timeout={timeout:g}) ran out before these items finished")
         except BaseException:
             self._shutdown(Closed("close() was interrupted before these items finished"))
             left = self.stats().dead_lettered
@@ -251,6 +263,24 @@ class Batcher:
     def add(self, key: Hashable, value: Any, *, block: bool = False,
             timeout: float | None = None) -> None:
         """Accept one item; raises Full when there is no room (or waits, with ``block``)."""
+        # The hot path, inlined: a plain key and value (nothing to check), one open chunk,
+        # and room. Anything else takes _accept(), which checks and waits.
+        if self._fast and type(key) in _PLAIN and type(value) in _PLAIN:
+            with self._lock:
+                chunk = self._open[0]
+                pairs = chunk.pairs
+                n = len(pairs)
+                if self._fast and self._accounts.outstanding + n < self._capacity:
+                    if not n:
+                        self._opened(chunk)
+                    if chunk.futures is not None:
+                        chunk.futures.append(None)
+                    if type(value) is str or type(value) is bytes:
+                        chunk.nbytes += len(value)
+                    pairs.append((key, value))
+                    if n + 1 >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES:
+                        self._seal(chunk)
+                    return
         self._accept(key, value, None, block, timeout)
 
     def submit(self, key: Hashable, value: Any, *, block: bool = False,
@@ -262,18 +292,27 @@ class Batcher:
 
     def _accept(self, key: Hashable, value: Any, fut: Future | None, block: bool,
                 timeout: float | None) -> None:
-        if self._state is not _RUNNING or self._collector.broken is not None:  # type: ignore[union-attr]
+        if self._state is not _RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         nbytes = self._check_item(key, value)
         with self._lock:
+            if self._state is not _RUNNING:  # close() began since the check above
+                self._ensure_running()
             chunk = self._open[self._router.for_key(key) if len(self._open) > 1 else 0]
             if self._is_full(chunk):
                 self._wait_for_room(chunk, block, timeout)
-            if chunk.add(key, value, fut, nbytes, self._interval_ns) == 1:
-                if chunk.seal_at < self._collector.sleep_until_ns:  # type: ignore[union-attr]
-                    self._collector.poke()  # type: ignore[union-attr]
+            if chunk.add(key, value, fut, nbytes) == 1:
+                self._opened(chunk)
             if len(chunk.pairs) >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES:
                 self._seal(chunk)
+
+    def _opened(self, chunk: _OpenChunk) -> None:
+        """The first item of an open chunk: set its deadlines, wake the collector's timer."""
+        now = time.monotonic_ns()
+        chunk.deadline = now + self._interval_ns
+        chunk.seal_at = now + self._interval_ns // 2
+        if chunk.seal_at < self._collector.sleep_until_ns:  # type: ignore[union-attr]
+            self._collector.poke()  # type: ignore[union-attr]
 
     def _ensure_running(self) -> None:
         if self._state is _NEW:
@@ -316,13 +355,13 @@ class Batcher:
         """No room (hold the lock): per worker for "key", all workers together otherwise."""
         if len(self._open) > 1:
             return self._dispatcher.held(chunk.worker) + len(chunk.pairs) >= self._options.buffer
-        acc = self._accounts
-        return acc.sealed + len(chunk.pairs) - acc.resolved >= self._options.buffer * self._workers
+        return self._accounts.outstanding + len(chunk.pairs) >= self._capacity
 
     def _wait_for_room(self, chunk: _OpenChunk, block: bool, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         if block and self._wait_until(lambda: not self._is_full(chunk), deadline):
             return
+        self._ensure_running()  # raises Closed if close() or a failure stopped the wait
         where = (f"worker {chunk.worker} holds {self._options.buffer} unfinished items "
                  f"(buffer={self._options.buffer}, routing='key')" if len(self._open) > 1 else
                  f"{self._options.buffer * self._workers} items are unfinished "
@@ -356,7 +395,7 @@ class Batcher:
         raises Full whose ``.accepted`` counts the items that went in; a bad item raises
         (SerializationError, ItemTooLarge, TypeError) after the items before it went in.
         """
-        if self._state is not _RUNNING or self._collector.broken is not None:  # type: ignore[union-attr]
+        if self._state is not _RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         deadline = None if timeout is None else time.monotonic() + timeout
         if len(self._open) > 1 or self._options.max_bytes is not None:
@@ -470,7 +509,7 @@ class Batcher:
 class _OpenChunk:
     """Items accepted in the caller and not yet sent to a worker."""
 
-    __slots__ = ("deadline", "futures", "nbytes", "pairs", "seal_at", "sizes", "sized", "worker")
+    __slots__ = ("deadline", "futures", "nbytes", "pairs", "seal_at", "sized", "sizes", "worker")
 
     def __init__(self, worker: int, sized: bool) -> None:
         self.worker = worker  # for "key" routing: the worker this chunk goes to
@@ -485,14 +524,9 @@ class _OpenChunk:
         self.deadline = 0
         self.seal_at = 0
 
-    def add(self, key: Any, value: Any, fut: Future | None, nbytes: int | None,
-            interval_ns: int) -> int:
+    def add(self, key: Any, value: Any, fut: Future | None, nbytes: int | None) -> int:
         """Append one item; returns the chunk's new length. The pairs append commits it."""
         n = len(self.pairs)
-        if not n:
-            now = time.monotonic_ns()
-            self.deadline = now + interval_ns
-            self.seal_at = now + interval_ns // 2
         if fut is not None and self.futures is None:
             self.futures = [None] * n
         if self.futures is not None:
@@ -525,7 +559,8 @@ class _Bulk:
             if not block:
                 return self.accepted
             took = time.monotonic() - started
-            self.block = max(1, self.block // 2) if took > budget else min(BLOCK_ITEMS, self.block * 2)
+            grow = took <= budget
+            self.block = min(BLOCK_ITEMS, self.block * 2) if grow else max(1, self.block // 2)
             self._send(block, int(started * 1e9) + b._interval_ns)
 
     def _room(self) -> int:
@@ -533,12 +568,11 @@ class _Bulk:
         cap = b._options.buffer * b._workers
 
         def free() -> int:
-            return cap - (acc.sealed - acc.resolved)
+            return cap - acc.outstanding
 
         with b._lock:
             if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
-                if b._state is not _RUNNING:
-                    raise Closed("add_many() interrupted by close()")
+                b._ensure_running()  # raises Closed if close() or a failure stopped us
                 raise Full(f"add_many() waited past its timeout with {cap} items unfinished "
                            f"(buffer={b._options.buffer} x {b._workers} workers); "
                            f"{self.accepted} items went in", self.accepted)
@@ -547,13 +581,14 @@ class _Bulk:
     def _send(self, block: list, deadline_ns: int) -> None:
         try:
             dict(block)  # C speed: every element a pair, every key hashable
-            payload = pickle.dumps((block, None), PROTOCOL)
+            frame = chunk_frame(block, None, deadline_ns)
         except Exception:
             self._send_good_prefix(block, deadline_ns)
             return
         b = self.b
-        frame = chunk_frame(payload, len(block), deadline_ns)
         with b._lock:
+            if b._state is not _RUNNING:
+                b._ensure_running()  # close() began: raise Closed, nothing of this block taken
             seg = Segment(block, None, None, 0, b._epoch, deadline_ns)
             b._accounts.seal(len(block), b._epoch)
             i = b._router.round_robin() if b._options.routing == "round-robin" else \
@@ -644,7 +679,5 @@ _LIVE: weakref.WeakSet[Batcher] = weakref.WeakSet()
 @atexit.register
 def _close_all() -> None:
     for batcher in list(_LIVE):
-        try:
+        with contextlib.suppress(Exception):  # one failure must not skip the others
             batcher.close()
-        except Exception:  # noqa: PERF203 - one failure must not skip the others
-            pass

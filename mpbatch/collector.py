@@ -7,6 +7,7 @@ workers, so a death is handled once, after the dead worker's last reports are re
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -60,6 +61,7 @@ class Collector(threading.Thread):
         self.seal_due = seal_due  # the Batcher's: send the open chunks due by now
         self.dead_letters: list[DeadLetter] = []
         self.broken: BaseException | None = None  # set when workers cannot start
+        self.on_broken: Callable[[], None] = lambda: None  # the Batcher stops taking items
         self.stopping = False  # close() is stopping the workers: no replacements
         self.stop_error: BaseException | None = None  # why items left at stop fail
         self.sleep_until_ns = 0  # when the collector wakes up next (under accounts.lock)
@@ -78,10 +80,8 @@ class Collector(threading.Thread):
 
     def poke(self) -> None:
         """Wake the collector (new open chunk, flush, close); safe from any thread."""
-        try:
+        with contextlib.suppress(OSError):  # a wakeup already pending, or closed at the end
             os.write(self._wake_w, b"!")
-        except (BlockingIOError, OSError):
-            pass  # already pending, or closed at the very end
 
     def exit(self) -> None:
         self._exit = True
@@ -188,8 +188,7 @@ class Collector(threading.Thread):
         _resolve_futures(segments, results)
         if self.options.on_result is not None and batch is not None:
             self._call_on_result(batch, results)
-        self.accounts.bump(batches=1)
-        self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True)
+        self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True, batches=1)
 
     def _call_on_result(self, batch: dict, results: dict | None) -> None:
         on_result = self.options.on_result
@@ -259,7 +258,7 @@ class Collector(threading.Thread):
 
     def _on_death(self, i: int) -> None:
         proc = self.pool.procs[i]
-        proc.join()  # the sentinel fired: this only reaps it and sets exitcode
+        self.pool.reap(proc)  # the sentinel fired: this only reaps it and sets exitcode
         self._drain(i)  # what it reported before dying is real
         with self.pool.send_locks[i]:
             cut = (self.counters.get(i, B_START), self.counters.get(i, B_END))
@@ -290,6 +289,7 @@ class Collector(threading.Thread):
             f"{MAX_START_FAILURES} workers in a row died before taking items (worker {i}: "
             f"{why}); the Batcher stopped: fix init= or the environment and create a new "
             f"Batcher", None, exitcode)
+        self.on_broken()
         self._fail_everything(self.broken)
         return False
 
@@ -315,7 +315,9 @@ class Collector(threading.Thread):
     def _death_error(self, i: int, proc: Any, inside: list[Segment]) -> WorkerDied:
         n = sum(len(s) for s in inside)
         keys = list(dict.fromkeys(k for s in inside for k, _ in s.pairs))
-        shown = ", ".join(repr(k) for k in keys[:2]) + (f", +{len(keys) - 2} more" if len(keys) > 2 else "")
+        shown = ", ".join(repr(k) for k in keys[:2])
+        if len(keys) > 2:
+            shown += f", +{len(keys) - 2} more"
         attempt = max(s.attempts for s in inside) + 1
         how = signal_name(proc.exitcode)
         verb = f"was killed by {how}" if proc.exitcode and proc.exitcode < 0 else f"exited ({how})"
@@ -359,8 +361,8 @@ def _resolve_futures(segments: list[Segment], results: dict | None) -> None:
         return
     seen: dict[Any, int] = {}
     for seg in segments:
-        futures = seg.futures or itertools.repeat(None)
-        for (key, _), fut in zip(seg.pairs, futures):
+        futures = seg.futures or itertools.repeat(None, len(seg.pairs))
+        for (key, _), fut in zip(seg.pairs, futures, strict=True):
             j = seen.get(key, 0)
             seen[key] = j + 1
             if fut is not None:

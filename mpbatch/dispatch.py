@@ -199,13 +199,12 @@ class Dispatcher:
             sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]
         deadline = min(s.deadline_ns for s in segments)
         try:
-            payload = pickle.dumps((pairs, sizes), PROTOCOL)
+            return segments, chunk_frame(pairs, sizes, deadline, solo)
         except Exception:
             segments = self._drop_unpicklable(segments)
             if not segments:
                 return segments, None
             return self._frame(segments, solo)
-        return segments, chunk_frame(payload, len(pairs), deadline, solo)
 
     def _drop_unpicklable(self, segments: list[Segment]) -> list[Segment]:
         """The slow path: an item that passed add() no longer pickles (mutated since)."""

@@ -44,6 +44,7 @@ class Accounts:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # an outcome landed, or a state change
         self.sealed = 0  # accepted items that left the caller's open chunks
+        self.outstanding = 0  # sealed items without an outcome: sealed - succeeded - dead
         self.succeeded = 0
         self.dead_lettered = 0
         self.batches = 0
@@ -61,11 +62,13 @@ class Accounts:
     def seal(self, n: int, epoch: int) -> None:
         """n items of ``epoch`` left an open chunk (hold ``lock``)."""
         self.sealed += n
+        self.outstanding += n
         self.unresolved[epoch] = self.unresolved.get(epoch, 0) + n
 
-    def settle(self, epochs: list[tuple[int, int]], ok: bool) -> None:
+    def settle(self, epochs: list[tuple[int, int]], ok: bool, batches: int = 0) -> None:
         """(epoch, n) pairs reached an outcome: succeeded if ``ok``, else dead-lettered."""
         with self.lock:
+            self.batches += batches
             total = 0
             for epoch, n in epochs:
                 total += n
@@ -74,6 +77,7 @@ class Accounts:
                     self.unresolved[epoch] = left
                 else:
                     del self.unresolved[epoch]
+            self.outstanding -= total
             if ok:
                 self.succeeded += total
             else:

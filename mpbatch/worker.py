@@ -56,7 +56,8 @@ def main(index: int, items: Connection, results: Connection, counters_name: str,
         try:
             state = config.init()
         except BaseException as exc:
-            results.send_bytes(tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, _failure(exc, "init()")))
+            error = _failure(exc, "init()")
+            results.send_bytes(tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, error))
             os._exit(EXIT_INIT_FAILED)
     results.send_bytes(tp.caller_frame(tp.READY, os.getpid(), 0))
     try:
@@ -106,7 +107,9 @@ def _read_items(conn: Connection, inbox: queue.SimpleQueue) -> None:
 
 def _qualname(exc: BaseException) -> str:
     kind = type(exc)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _failure(exc: BaseException, where: str = "do()") -> BatchFailed:
@@ -117,7 +120,8 @@ def _failure(exc: BaseException, where: str = "do()") -> BatchFailed:
         text = "<str() of the exception failed>"
     name = _qualname(exc)
     tb = "".join(traceback.format_exception(exc))
-    return BatchFailed(f"{where} raised {name}: {text}" if text else f"{where} raised {name}", name, tb)
+    message = f"{where} raised {name}: {text}" if text else f"{where} raised {name}"
+    return BatchFailed(message, name, tb)
 
 
 def _results_of(batch: dict, result: Any) -> tuple[dict | None, BatchFailed | None]:
@@ -200,8 +204,10 @@ class _Loop:
             if frame is _TICK:
                 self._flush()
                 continue
-            kind, flags, n, deadline = (tp.STOP, 0, 0, 0) if frame is None else tp.read_to_worker(frame)
-            if kind == tp.STOP:  # or EOF: the caller closed the pipe
+            if frame is None:  # EOF: the caller closed the pipe
+                frame = tp.STOP_FRAME
+            kind, flags, n, deadline = tp.read_to_worker(frame)
+            if kind == tp.STOP:
                 self._flush()
                 self.results.close()
                 return

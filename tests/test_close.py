@@ -17,18 +17,23 @@ def test_close_flushes_joins_and_unlinks(batcher_factory):
     b.close()
     assert [f.result(timeout=0) for f in futs] == [2 * i for i in range(10)]
     assert not os.path.exists(f"/dev/shm/{name}")
-    assert all(p.exitcode == 0 for p in procs)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
     b.close()  # idempotent
     assert b.stats().pending == 0
 
 
 def test_exit_flushes_even_when_the_block_raises():
     seen = []
-    with pytest.raises(RuntimeError, match="user bug"), \
-            mpbatch.Batcher(fns.double, workers=2, size=1000, interval=60,
-                            on_result=lambda k, vs, rs: seen.extend(rs)) as b:
-        b.add_many(("k", i) for i in range(100))
-        raise RuntimeError("user bug")
+    b = mpbatch.Batcher(fns.double, workers=2, size=1000, interval=60,
+                        on_result=lambda k, vs, rs: seen.extend(rs))
+
+    def work():
+        with b:
+            b.add_many(("k", i) for i in range(100))
+            raise RuntimeError("user bug")
+
+    with pytest.raises(RuntimeError, match="user bug"):
+        work()
     assert sorted(seen) == [2 * i for i in range(100)]
     assert b.stats().pending == 0
 
@@ -38,7 +43,7 @@ def test_close_timeout_dead_letters_what_is_unfinished(batcher_factory):
     futs = [b.submit("k", i) for i in range(4)]
     b.close(timeout=0.5)
     for f in futs:
-        with pytest.raises(mpbatch.Closed, match="close\\(timeout=0.5\\) ran out"):
+        with pytest.raises(mpbatch.Closed, match=r"close\(timeout=0.5\) ran out"):
             f.result(timeout=0)
     s = b.stats()
     assert (s.accepted, s.dead_lettered, s.pending) == (4, 4, 0)

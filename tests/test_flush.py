@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 import mpbatch
 from tests import fns
 
@@ -35,12 +37,9 @@ def test_max_bytes_flushes_before_the_limit(batcher_factory):
 
 def test_item_larger_than_max_bytes_is_refused(batcher_factory):
     b = batcher_factory(fns.double, max_bytes=100, workers=1)
-    try:
+    with pytest.raises(mpbatch.ItemTooLarge) as info:
         b.add("big", "x" * 500)
-    except mpbatch.ItemTooLarge as exc:
-        assert "'big'" in str(exc) and "max_bytes=100" in str(exc)
-    else:
-        raise AssertionError("ItemTooLarge not raised")
+    assert "'big'" in str(info.value) and "max_bytes=100" in str(info.value)
     assert b.stats().accepted == 0
     b.add("small", "x")
     b.flush()

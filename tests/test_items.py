@@ -1,4 +1,4 @@
-"""Bad input gets a clear error at the call, and leaves the Batcher and its counters as they were."""
+"""Bad input gets a clear error at the call; the Batcher and its counters stay as they were."""
 
 import threading
 
@@ -31,7 +31,7 @@ def test_unpicklable_item_names_key_and_type(batcher_factory):
 
 def test_unhashable_key_is_a_type_error(batcher_factory):
     b = batcher_factory(fns.double)
-    with pytest.raises(TypeError, match="key must be hashable \\(got list"):
+    with pytest.raises(TypeError, match=r"key must be hashable \(got list"):
         b.add(["a"], 1)
     assert b.stats().accepted == 0
 
@@ -44,7 +44,7 @@ def test_full_raises_and_block_waits(batcher_factory, tmp_path):
     before = counters(b)
     with pytest.raises(mpbatch.Full, match="buffer=3 x 1 workers"):
         b.add("k", 3)
-    with pytest.raises(mpbatch.Full, match="after waiting 0.1s"):
+    with pytest.raises(mpbatch.Full, match=r"after waiting 0\.1s"):
         b.add("k", 3, block=True, timeout=0.1)
     assert counters(b) == before
     gate.touch()  # the worker finishes, room appears, the blocked add goes in

@@ -11,7 +11,7 @@ def test_lambda_and_closure(start_method):
     got = {}
     with mpbatch.Batcher(lambda batch: {k: [v * factor for v in vs] for k, vs in batch.items()},
                          workers=2, size=10, start_method=start_method,
-                         on_result=lambda k, vs, rs: got.update(zip(vs, rs))) as b:
+                         on_result=lambda k, vs, rs: got.update(zip(vs, rs, strict=True))) as b:
         futs = [b.submit(f"k{i % 4}", i) for i in range(40)]
     assert [f.result() for f in futs] == [3 * i for i in range(40)]
     assert got == {i: 3 * i for i in range(40)}

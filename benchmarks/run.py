@@ -1,0 +1,507 @@
+"""Benchmark driver: mpbatch against the serial loop and its peers, on W1-W4 and MEM.
+
+    python benchmarks/run.py                        # W1-W4 + MEM, 3 repeats, chunk sweep
+    python benchmarks/run.py --smoke                # every workload and contender, tiny (CI)
+    python benchmarks/run.py --workloads W1,W2 --repeats 5 --only pool,mpbatch-add_many
+    python benchmarks/run.py --workloads MEM --big  # adds MEM10M: 10M items through add_many
+
+Every measured run is a fresh child process (this file with --child): no run inherits a warm
+pool, a grown heap or imports from the one before. The child times the contender, cold start
+and teardown included, and checks nothing itself; this process samples the PSS of the child's
+whole process tree every 20 ms, checks count and checksum, and writes the results.
+"""
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import contenders
+import psutil
+import workloads
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+SAMPLE_PERIOD = 0.02  # s between PSS samples of the measured process tree
+RESULT_TAG = "RESULT "  # prefixes the child's one line of JSON on stdout
+MB = 2**20
+
+# MEM measures the bulk path: mpbatch through add_many, and each peer fed the same generator.
+MEM_CONTENDERS = ("serial", "pool", "ppe", "joblib", "mpire", "mpbatch-add_many")
+# PPE.map turns the whole stream into futures up front: 10M of them would need gigabytes.
+MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "mpbatch-add_many")
+
+# workload -> [(metric, label, higher is better)]; the first one is the headline score.
+SCORES = {
+    "W1": [("items_per_s", "items/s", True)],
+    "W2": [("efficiency", "efficiency", True)],
+    "W3": [("wall_over_ideal", "wall/ideal", False)],
+    "W4": [("p99_ms", "p99 ms", False), ("p50_ms", "p50 ms", False)],
+    "MEM": [("peak_pss_mb", "peak PSS MB", False)],
+    "MEM10M": [("peak_pss_mb", "peak PSS MB", False)],
+}
+
+
+# --- the child: one measured run ----------------------------------------------------------------
+
+
+def child_main(spec):
+    """Run one contender once and print its outcome as one line of JSON."""
+    sys.path.insert(0, str(ROOT))  # mpbatch from this checkout, whether installed or not
+    w = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]]
+    job = contenders.Job(w, spec["n"], spec["chunk"], spec["rounds"], spec["workers"],
+                         spec["start_method"])
+    out = {}
+    start = time.perf_counter()
+    try:
+        count, checksum, extra = contenders.run(spec["contender"], job)
+        out = {"count": count, "checksum": checksum, "extra": extra}
+    except BaseException as exc:  # reported as the run's error, not raised
+        traceback.print_exc()
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    out["wall"] = time.perf_counter() - start
+    print(RESULT_TAG + json.dumps(out, default=repr), flush=True)
+
+
+# --- the parent: sampling, one run, a sweep -----------------------------------------------------
+
+
+class TreeSampler(threading.Thread):
+    """Peak PSS of a process and all its descendants, sampled every SAMPLE_PERIOD seconds.
+
+    PSS (not RSS) because forked workers share pages with their parent: RSS counts a shared
+    page once per process, PSS splits it between them, so the sum is the tree's real memory.
+    """
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.seen = {}  # pid -> psutil.Process: every process seen in the tree
+        self.peak = 0
+        self.most_procs = 0
+        self.halt = threading.Event()
+
+    def run(self):
+        while True:
+            self.sample()
+            if self.halt.wait(SAMPLE_PERIOD):
+                return
+
+    def sample(self):
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_full_info().pss
+                self.seen.setdefault(p.pid, p)
+            except psutil.Error:
+                pass  # exited between the listing and the read
+        self.peak = max(self.peak, total)
+        self.most_procs = max(self.most_procs, len(procs))
+
+    def stop(self):
+        self.halt.set()
+        self.join()
+
+    def leftovers(self, grace=3.0):
+        """Processes of this tree still alive after its root exited; killed after `grace` s.
+
+        They are reported with the run: a pool that leaves workers behind would also have
+        them competing with the next run.
+        """
+        others = [p for pid, p in self.seen.items() if pid != self.root.pid]
+        deadline = time.monotonic() + grace
+        while (alive := [p for p in others if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = []
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                found.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+                p.kill()
+        return found
+
+
+def _alive(p):
+    """Running and not a zombie: an orphan's zombie waits for init to reap it, which here
+    (a VM whose init reaps lazily) takes up to 1.5 s after the process really ended."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def kill_tree(pid):
+    """Kill a timed-out child and everything it started (only processes this run started)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def measure(spec, timeout):
+    """One run in a fresh child process: its outcome, wall time, peak tree PSS and leftovers."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        stdout += RESULT_TAG + json.dumps({"error": f"timeout after {timeout} s"}) + "\n"
+    sampler.stop()
+    lines = [x for x in stdout.splitlines() if x.startswith(RESULT_TAG)]
+    out = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {
+        "error": f"child exited {proc.returncode} with no result"}
+    if "error" in out:
+        out["stderr_tail"] = stderr[-2000:]
+    out |= {"peak_pss": sampler.peak, "most_procs": sampler.most_procs,
+            "leftovers": sampler.leftovers()}
+    count, checksum = workloads.expected(spec["n"])
+    out["ok"] = out.get("count") == count and out.get("checksum") == checksum
+    if "error" not in out and not out["ok"]:
+        out["error"] = (f"delivery check failed: got {out.get('count')} results summing to "
+                        f"{out.get('checksum')}, expected {count} summing to {checksum}")
+    return out
+
+
+def make_spec(args, w, name, n, chunk, rounds):
+    return {"workload": w.name, "contender": name, "n": n, "chunk": chunk, "rounds": rounds,
+            "workers": args.workers, "start_method": args.start_method, "smoke": args.smoke,
+            "big": args.big}
+
+
+def candidates(args, w, name):
+    """Chunk sizes to try for `name` on `w`; the first is used when there is no sweep."""
+    kind = contenders.kind(name)
+    if kind == "serial":
+        return [None]
+    if w.paced:
+        return [1]  # latency: one item per task (peers) and size=1 (mpbatch)
+    if args.chunksize:
+        return list(args.chunksize)
+    listed = list(w.sizes if kind == "mpbatch" else w.chunks)
+    middle = listed.pop(len(listed) // 2)  # the no-sweep default: the middle of the list
+    extra = ["auto"] if name == "joblib" else []  # joblib's default is what most users keep
+    return [middle, *listed, *extra]
+
+
+def sweep(args, w, names, rounds, log, cache):
+    """Quick pre-pass: each contender's best chunk size on a smaller stream of the same kind.
+
+    `cache` keeps the choices per (items, function): MEM streams W1's items through W1's
+    function, so it reuses W1's choices instead of sweeping again.
+    """
+    chosen, trials = {}, {}
+    known = cache.setdefault((w.items.__name__, w.fn.__name__, w.paced), {})
+    for name in names:
+        options = candidates(args, w, name)
+        if len(options) == 1 or not w.sweep_n or args.no_sweep:
+            chosen[name] = options[0]
+            continue
+        if name in known:
+            chosen[name] = known[name]
+            continue
+        walls = {}
+        for chunk in options:
+            rec = measure(make_spec(args, w, name, w.sweep_n, chunk, rounds), args.timeout)
+            walls[chunk] = rec["wall"] if rec["ok"] else float("inf")
+            log(f"  sweep {w.name} {name:17} chunk={chunk!s:>6}: {fmt_run(rec, w.sweep_n)}")
+        chosen[name] = known[name] = min(walls, key=walls.get)
+        trials[name] = {str(k): v for k, v in walls.items()}
+    return chosen, trials
+
+
+def fmt_run(rec, n):
+    if not rec["ok"]:
+        return f"FAILED {rec.get('error')}"
+    text = (f"{rec['wall']:7.2f} s {n / rec['wall']:>10,.0f} items/s"
+            f"  PSS {rec['peak_pss'] / MB:6.0f} MB")
+    extra = rec.get("extra", {})
+    if "p99_ms" in extra:
+        text += f"  p50 {extra['p50_ms']:.2f} ms  p99 {extra['p99_ms']:.2f} ms"
+    if rec["leftovers"]:
+        text += f"  LEFTOVER {rec['leftovers']}"
+    return text
+
+
+def run_workload(args, w, names, rounds, log, cache):
+    """Sweep, then the measured repeats, interleaved: A B C A B C ..."""
+    chosen, trials = sweep(args, w, names, rounds, log, cache)
+    records = []
+    for rep in range(args.repeats):
+        for name in names:
+            rec = measure(make_spec(args, w, name, w.n, chosen[name], rounds), args.timeout)
+            rec |= {"contender": name, "repeat": rep, "chunk": chosen[name]}
+            records.append(rec)
+            log(f"{w.name} {rep + 1}/{args.repeats} {name:17} chunk={chosen[name]!s:>6}: "
+                f"{fmt_run(rec, w.n)}")
+    return chosen, trials, records
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def summarize(args, w, names, records):
+    """Medians per contender, the workload's scores, and ratios to the best peer's median."""
+    rows = {}
+    for name in names:
+        runs = [r for r in records if r["contender"] == name]
+        ok = [r for r in runs if r["ok"]]
+        row = {"kind": contenders.kind(name), "chunk": runs[0]["chunk"], "runs": len(runs),
+               "runs_ok": len(ok)}
+        if not ok:
+            rows[name] = row | {"error": runs[0].get("error")}
+            continue
+        walls = [r["wall"] for r in ok]
+        row |= {"wall_s": statistics.median(walls), "walls": walls,
+                "items_per_s": w.n / statistics.median(walls),
+                "peak_pss_mb": statistics.median(r["peak_pss"] for r in ok) / MB}
+        for key in ("p50_ms", "p99_ms"):
+            if key in ok[0].get("extra", {}):
+                row[key] = statistics.median(r["extra"][key] for r in ok)
+        rows[name] = row
+    serial = rows.get("serial", {}).get("wall_s")
+    estimated = serial is None
+    if estimated:  # no serial run: the calibrated cost of the work instead
+        serial = w.n * w.units_per_item * workloads.UNIT_SECONDS
+    ideal = serial / args.workers
+    for row in rows.values():
+        if "wall_s" in row and ideal > 0:
+            row["efficiency"] = ideal / row["wall_s"]
+            row["wall_over_ideal"] = row["wall_s"] / ideal
+    add_ratios(rows, SCORES[w.name] + [("peak_pss_mb", "peak PSS MB", False)])
+    return {"serial_compute_s": serial, "serial_estimated": estimated, "ideal_s": ideal,
+            "rows": rows}
+
+
+def add_ratios(rows, metrics):
+    """row[metric + '_ratio'] = the row's median over the best peer's median."""
+    for metric, _, higher in metrics:
+        peers = [r[metric] for r in rows.values() if r["kind"] == "peer" and metric in r]
+        if not peers:
+            continue
+        best = max(peers) if higher else min(peers)
+        for row in rows.values():
+            if metric in row and best:
+                row[metric + "_ratio"] = row[metric] / best
+
+
+def fmt_value(metric, value):
+    if metric == "items_per_s":
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if metric in ("efficiency", "wall_over_ideal") else f"{value:.1f}"
+
+
+def workload_table(w, summary):
+    """Markdown: one row per contender, every score with its ratio to the best peer."""
+    metrics = SCORES[w.name] + ([] if w.name.startswith("MEM") else
+                                [("peak_pss_mb", "peak PSS MB", False)])
+    head = ["contender", "chunk", "wall s"]
+    for _, label, higher in metrics:
+        head += [label, f"÷ best peer ({'higher' if higher else 'lower'} is better)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary["rows"].items():
+        if "wall_s" not in row:
+            cells = [name, str(row["chunk"]), f"failed: {row.get('error')}"]
+            lines.append("| " + " | ".join(cells + [""] * (len(head) - 3)) + " |")
+            continue
+        cells = [name, str(row["chunk"]), f"{row['wall_s']:.2f}"]
+        for metric, _, _ in metrics:
+            cells.append(fmt_value(metric, row[metric]) if metric in row else "-")
+            ratio = row.get(metric + "_ratio")
+            cells.append(f"{ratio:.2f}" if ratio is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def overview_table(done):
+    """Markdown: contenders by workload, each cell the headline score (ratio to best peer)."""
+    names = list(dict.fromkeys(n for _, s in done for n in s["rows"]))
+    head = ["contender"] + [f"{w.name} {SCORES[w.name][0][1]}" for w, _ in done]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name]
+        for w, s in done:
+            metric = SCORES[w.name][0][0]
+            row = s["rows"].get(name, {})
+            if metric not in row:
+                cells.append("failed" if name in s["rows"] else "")
+                continue
+            ratio = row.get(metric + "_ratio")
+            cells.append(fmt_value(metric, row[metric])
+                         + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def environment(args, rounds):
+    versions = {}
+    for module in ("joblib", "mpire", "psutil", "cloudpickle", "mpbatch"):
+        try:
+            versions[module] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:  # mpbatch run from the checkout
+            versions[module] = "checkout" if module == "mpbatch" else "not installed"
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "versions": versions, "rounds_per_unit": rounds,
+            "unit_seconds": workloads.UNIT_SECONDS, "argv": sys.argv[1:],
+            "start_method": args.start_method, "workers": args.workers}
+
+
+def stem(args):
+    day = datetime.date.today().isoformat()
+    return f"{day}-smoke" if args.smoke else day
+
+
+def write_json(args, w, env, chosen, trials, records, summary):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{stem(args)}-{w.name}.json"
+    doc = {"workload": w.name, "title": w.title, "n": w.n, "repeats": args.repeats,
+           "environment": env, "chunks": chosen, "sweep": trials, "summary": summary,
+           "table_md": workload_table(w, summary), "runs": records}
+    path.write_text(json.dumps(doc, indent=1, default=repr))
+    return path
+
+
+def chart(args, done):
+    """One bar chart per workload: each contender's median headline score, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI or this machine
+    import matplotlib.pyplot as plt
+
+    colors = {"serial": "#999999", "peer": "#4c78a8", "mpbatch": "#f58518"}
+    cols = min(3, len(done))
+    rows = -(-len(done) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(done):]:
+        ax.set_visible(False)
+    for ax, (w, s) in zip(axes.flat, done, strict=False):
+        metric, label, higher = SCORES[w.name][0]
+        bars = [(n, r) for n, r in s["rows"].items() if metric in r]
+        values = [r[metric] for _, r in bars]
+        ax.barh([n for n, _ in bars], values, color=[colors[r["kind"]] for _, r in bars])
+        for y, value in enumerate(values):
+            ax.text(value, y, " " + fmt_value(metric, value), va="center", fontsize=7)
+        if max(values, default=0) > 20 * min(values, default=1):
+            ax.set_xscale("log")  # W4's and W1's spreads hide the small bars on a linear axis
+        ax.invert_yaxis()
+        ax.set_title(f"{w.name} {label} ({'higher' if higher else 'lower'} is better)",
+                     fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"mpbatch benchmarks, {args.workers} workers, {stem(args)} (medians)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = RESULTS / f"{stem(args)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny run of everything, 1 repeat")
+    p.add_argument("--workloads", type=lambda s: s.split(","), help="e.g. W1,W2 (default all)")
+    p.add_argument("--only", type=lambda s: s.split(","), help="contenders, e.g. pool,serial")
+    p.add_argument("--repeats", type=int, help="measured runs per contender (default 3)")
+    p.add_argument("--chunksize", type=lambda s: [int(x) for x in s.split(",")],
+                   help="chunk sizes to sweep instead of each workload's list; one: no sweep")
+    p.add_argument("--no-sweep", action="store_true", help="use each list's middle value")
+    p.add_argument("--big", action="store_true", help="also MEM10M: 10M items")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"],
+                   help="for Pool, ProcessPoolExecutor, mpire and mpbatch (joblib: loky)")
+    p.add_argument("--timeout", type=float, help="s per run before it is killed")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.smoke else 3)
+    args.timeout = args.timeout or (60 if args.smoke else 1200)
+    return args
+
+
+def mpbatch_importable():
+    sys.path.insert(0, str(ROOT))
+    try:
+        importlib.import_module("mpbatch").Batcher  # noqa: B018 - the check is the lookup
+    except Exception as exc:  # any failure means: not ready yet
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def plan(args, table, log):
+    """[(workload, contender names)] for this invocation."""
+    chosen = args.workloads or list(table)
+    unknown = [n for n in chosen if n not in table]
+    if unknown:
+        sys.exit(f"unknown workload(s) {unknown}; known: {list(table)}")
+    if args.big and "MEM10M" not in chosen:
+        chosen.append("MEM10M")
+    defaults = {"MEM": MEM_CONTENDERS, "MEM10M": MEM10M_CONTENDERS}
+    broken = mpbatch_importable()
+    if broken and not args.only:
+        log(f"mpbatch is not importable ({broken}); running without it")
+    out = []
+    for name in chosen:
+        names = args.only or [n for n in defaults.get(name, contenders.CONTENDERS)
+                              if not (broken and contenders.kind(n) == "mpbatch")]
+        out.append((table[name], [n for n in names if n in contenders.CONTENDERS]))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+    started = time.monotonic()
+
+    def log(text):
+        print(f"[{time.monotonic() - started:6.0f}s] {text}", flush=True)
+
+    table = workloads.workloads(args.smoke, args.big)
+    todo = plan(args, table, log)
+    rounds = workloads.calibrate()
+    env = environment(args, rounds)
+    log(f"{rounds} sha256 rounds = {workloads.UNIT_SECONDS * 1e6:.0f} us; "
+        f"versions {env['versions']}")
+    done, cache = [], {}
+    for w, names in todo:
+        log(f"== {w.name}: {w.title} ({w.n:,} items) — {', '.join(names)}")
+        chosen, trials, records = run_workload(args, w, names, rounds, log, cache)
+        summary = summarize(args, w, names, records)
+        path = write_json(args, w, env, chosen, trials, records, summary)
+        done.append((w, summary))
+        print(f"\n{w.name}: {w.title}\n{workload_table(w, summary)}\n(wrote {path})\n")
+    print("Overview: headline score (ratio to the best peer)\n" + overview_table(done))
+    log(f"chart: {chart(args, done)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

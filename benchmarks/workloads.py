@@ -1,0 +1,174 @@
+"""Benchmark workloads: deterministic items, per-item functions and mpbatch `do` functions.
+
+Everything a worker process runs is a top-level function here, so it pickles by reference
+under fork, spawn and forkserver alike. Items are regenerated from their index in every run:
+no contender gets a pre-built list the others do not.
+
+Items are `(key, value)` pairs. mpbatch receives both; the peers, which have no notion of a
+key, receive the values only. W2-W4 values are `(i, rounds)` tuples: the hashing cost travels
+with the item, so the same `spin` does identical work in every contender.
+"""
+
+import hashlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+UNIT_SECONDS = 100e-6  # the cost of one "unit" of CPU work in W2-W4, the issue's ~100 us
+KEYS = 100  # distinct keys in W1, W2, W4 and MEM
+RUN = 50  # W3: items per same-key run
+HOT_KEYS = 10  # W3: keys whose items cost HOT_COST units each
+HOT_COST = 20
+HOT_TAIL = 0.3  # W3: hot runs appear only in this last fraction of the stream
+RATE = 1000.0  # W4: items offered per second, on a fixed schedule
+
+
+# --- per-item work (peers call these directly; the do functions below wrap them) -------------
+
+
+def double(v):
+    """W1 / MEM: the cheapest possible item, so the harness measures per-item overhead."""
+    return v * 2
+
+
+def spin(v):
+    """W2-W4: `rounds` chained sha256 digests of the item's index (v = (i, rounds, ...)).
+
+    The result is 2*i plus a term that is always 0 (a byte shifted right by 8) yet depends on
+    the last digest: the work cannot be skipped, and the sum of results is still known in
+    closed form, so every run is checked without a serial reference run.
+    """
+    i, rounds = v[0], v[1]
+    h = i.to_bytes(8, "little", signed=True)
+    for _ in range(rounds):
+        h = hashlib.sha256(h).digest()
+    return 2 * i + (h[0] >> 8)
+
+
+def do_double(batch):
+    """mpbatch `do` for W1 / MEM: one result per value, same order, as the spec requires."""
+    return {k: [v * 2 for v in vs] for k, vs in batch.items()}
+
+
+def do_spin(batch):
+    """mpbatch `do` for W2-W4."""
+    return {k: [spin(v) for v in vs] for k, vs in batch.items()}
+
+
+# --- item streams -------------------------------------------------------------------------------
+
+
+def overhead_items(n, rounds):
+    """W1 / MEM: key f"k{i % 100}", value i. `rounds` is unused (the signature is shared)."""
+    del rounds
+    for i in range(n):
+        yield f"k{i % KEYS}", i
+
+
+def cpu_items(n, rounds):
+    """W2 / W4: n items over 100 keys, each one unit of hashing."""
+    for i in range(n):
+        yield f"k{i % KEYS}", (i, rounds)
+
+
+def skew_items(n, rounds):
+    """W3: same-key runs of RUN items; hot runs only in the last HOT_TAIL of the stream.
+
+    The head is cold runs cycling over 100 keys. In the tail, runs alternate hot and cold, so
+    ten hot keys (HOT_COST units per item) carry most of the work and all of it comes late:
+    a scheduler that committed work to workers early cannot rebalance it.
+    """
+    runs = n // RUN
+    head = runs - round(runs * HOT_TAIL)
+    i = 0
+    for r in range(runs):
+        hot = r >= head and (r - head) % 2 == 0
+        key = f"hot{(r - head) // 2 % HOT_KEYS}" if hot else f"k{r % KEYS}"
+        cost = rounds * HOT_COST if hot else rounds
+        for _ in range(RUN):
+            yield key, (i, cost)
+            i += 1
+
+
+def skew_units(n):
+    """W3: total work in units, for the ideal wall time when no serial run is available."""
+    runs = n // RUN
+    head = runs - round(runs * HOT_TAIL)
+    hot = (runs - head + 1) // 2
+    return RUN * ((runs - hot) + hot * HOT_COST)
+
+
+def expected(n):
+    """(count, checksum) every run must deliver: each result is 2*i, so the sum is n*(n-1)."""
+    return n, n * (n - 1)
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+
+def calibrate(target=UNIT_SECONDS, trials=15):
+    """Hash rounds that take about `target` seconds here; run once, in the parent.
+
+    The median of several short trials: this machine's speed wanders by up to 2x from one
+    second to the next (a shared VM), and the median is the speed a run most often sees.
+    """
+    probe = 5000
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        spin((1, probe))
+        times.append(time.perf_counter() - start)
+    return max(1, round(probe * target / statistics.median(times)))
+
+
+# --- the workloads ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark: its items, its work, its size and how its result is scored."""
+
+    name: str  # "W1" .. "W4", "MEM", "MEM10M"
+    title: str
+    n: int  # items in a measured run
+    items: Callable[[int, int], Iterator[tuple[str, object]]]  # (n, rounds) -> pairs
+    fn: Callable  # per-item function, for the peers and the serial loop
+    do: Callable  # mpbatch do(batch)
+    units_per_item: float  # mean cost in units; 0 for W1 / MEM (no hashing)
+    chunks: tuple = ()  # peers' chunk sizes to sweep (chunksize=, batch_size=, chunk_size=)
+    sizes: tuple = ()  # mpbatch size= values to sweep; kept under its default buffer=10_000
+    paced: bool = False  # W4: items are offered on a schedule, latency is the score
+    sweep_n: int = 0  # items in a sweep run (0: no sweep)
+
+
+def workloads(smoke=False, big=False):
+    """All workloads by name; `smoke` shrinks every one to seconds and skips the sweep."""
+    overhead = {"items": overhead_items, "fn": double, "do": do_double, "units_per_item": 0,
+                "chunks": (1000, 10_000, 50_000), "sizes": (500, 2000, 5000), "sweep_n": 200_000}
+    cpu = {"fn": spin, "do": do_spin, "chunks": (10, 50, 200), "sizes": (10, 50, 200),
+           "sweep_n": 5000}
+    table = [
+        Workload("W1", "overhead: 1M trivial items", 1_000_000, **overhead),
+        Workload("W2", "CPU-bound: 20k items x 100 us", 20_000, items=cpu_items,
+                 units_per_item=1, **cpu),
+        Workload("W3", "skew: hot keys late in the stream", 20_000, items=skew_items,
+                 units_per_item=skew_units(20_000) / 20_000, **cpu),
+        # Latency is measured one item at a time (chunk 1, size=1): nothing to sweep.
+        Workload("W4", "latency: 1000 items/s, 100 us each", 2000, cpu_items, spin, do_spin,
+                 units_per_item=1, paced=True),
+        Workload("MEM", "memory: a 1M-item generator", 1_000_000, **overhead),
+    ]
+    if big:
+        table.append(Workload("MEM10M", "memory: a 10M-item generator", 10_000_000,
+                              **{**overhead, "chunks": (10_000,), "sizes": (2000,)}))
+    if smoke:
+        table = [_shrink(w, 300 if w.paced else 2000) for w in table]
+    return {w.name: w for w in table}
+
+
+def _shrink(w, n):
+    """A smoke-sized copy of `w`: n items, one chunk size, no sweep."""
+    units = skew_units(n) / n if w.items is skew_items else w.units_per_item
+    return replace(w, n=n, units_per_item=units, chunks=w.chunks[:1], sizes=w.sizes[:1],
+                   sweep_n=0)
