@@ -52,7 +52,7 @@ from .errors import Closed, Full, ItemTooLarge, SerializationError
 from .ledger import Segment
 from .lifecycle import START_METHODS, Pool, default_start_method, default_workers
 from .stats import Accounts, Stats
-from .transport import FLUSH_FRAME, PROTOCOL, chunk_frame
+from .transport import PROTOCOL, chunk_frame
 from .worker import WorkerConfig
 
 CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to BLOCK_ITEMS
@@ -81,6 +81,9 @@ class Options:
     on_dead_letter: Callable[[DeadLetter], None] | None
     init: Callable[[], Any] | None
     start_method: str
+    isolate_poison: bool
+    max_batches_per_worker: int | None
+    max_rss: int | None
 
 
 class Batcher:
@@ -105,6 +108,12 @@ class Batcher:
         the collector thread; keep them quick. Exceptions are logged, not raised.
     init: called once per worker process; its return value is do()'s second argument.
     start_method: "forkserver" (default where available), "spawn" or "fork".
+    isolate_poison: when a batch kills its worker or times out, re-run its halves as
+        batches of their own (recursively, within a budget) so that only the item that
+        crashes is charged an attempt (default True).
+    max_batches_per_worker: replace a worker after this many batches (default None).
+    max_rss: replace a worker, between batches, once its resident memory exceeds this
+        many bytes (default None).
     """
 
     def __init__(
@@ -124,6 +133,9 @@ class Batcher:
         on_dead_letter: Callable[[DeadLetter], None] | None = None,
         init: Callable[[], Any] | None = None,
         start_method: str | None = None,
+        isolate_poison: bool = True,
+        max_batches_per_worker: int | None = None,
+        max_rss: int | None = None,
     ) -> None:
         _check_callable("do", do, optional=False)
         self._do = do
@@ -141,6 +153,10 @@ class Batcher:
             on_dead_letter=_check_callable("on_dead_letter", on_dead_letter),
             init=_check_callable("init", init),
             start_method=_check_start_method(start_method),
+            isolate_poison=_check_bool("isolate_poison", isolate_poison),
+            max_batches_per_worker=_check_int("max_batches_per_worker", max_batches_per_worker,
+                                              1, optional=True),
+            max_rss=_check_int("max_rss", max_rss, 1, optional=True),
         )
         self._state = _NEW
         self._start_lock = threading.Lock()
@@ -170,7 +186,8 @@ class Batcher:
         opts = self._options
         workers = opts.workers or default_workers()
         config = WorkerConfig(self._do, opts.init, opts.size, opts.max_bytes,
-                              want_values=opts.on_result is not None)
+                              want_values=opts.on_result is not None,
+                              max_batches=opts.max_batches_per_worker, max_rss=opts.max_rss)
         try:
             blob = cloudpickle.dumps(config)
         except Exception as exc:
@@ -478,9 +495,9 @@ class Batcher:
                 self._seal(chunk)
             epoch = self._epoch
             self._epoch += 1
+            self._accounts.flushing_through = epoch
         for i in range(self._workers):
-            with self._pool.send_locks[i]:
-                self._pool.send(i, FLUSH_FRAME)
+            self._dispatcher.flush(i)
         with self._lock:
             return self._wait_until(lambda: self._accounts.settled_through(epoch), deadline)
 
@@ -494,6 +511,7 @@ class Batcher:
                 pending=accepted - acc.succeeded - acc.dead_lettered, batches=acc.batches,
                 retries=acc.retries, worker_restarts=acc.worker_restarts,
                 failed_attempts=acc.failed_attempts, redelivered=acc.redelivered,
+                splits=acc.splits, recycled=acc.recycled,
                 workers=self._workers)
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -648,6 +666,12 @@ def _check_number(name: str, value: Any, positive: bool, optional: bool = False)
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound} (got {value!r})")
     return float(value)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False (got {type(value).__name__}: {value!r})")
+    return value
 
 
 def _check_callable(name: str, value: Any, optional: bool = True) -> Any:

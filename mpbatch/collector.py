@@ -32,9 +32,10 @@ from .errors import (
     reraise_copy,
     signal_name,
 )
-from .ledger import Segment, WorkerLedger, merged_batch, split_at
+from .ledger import Isolation, Segment, WorkerLedger, halves, merged_batch, split_at
 from .lifecycle import Pool
 from .stats import Accounts
+from .worker import EXIT_RECYCLED
 
 if TYPE_CHECKING:
     from .batcher import Options
@@ -74,6 +75,7 @@ class Collector(threading.Thread):
         self._init_error: dict[int, BaseException] = {}
         self._start_failures = 0
         self._waitables: dict[Any, tuple[str, int]] = {}
+        self._buried: set[Any] = set()  # processes whose death was handled, not replaced
         self._rebuild_waitables()
 
     # -- the loop -------------------------------------------------------------------------
@@ -108,10 +110,12 @@ class Collector(threading.Thread):
         self._timers()
 
     def _rebuild_waitables(self) -> None:
+        # Watch every worker whose death is not handled yet. Never ask proc.exitcode here:
+        # it consumes the death notice, and a worker that died meanwhile would be lost.
         table: dict[Any, tuple[str, int]] = {self._wake_r: ("wake", -1)}
         for i in range(self.pool.workers):
             proc, conn = self.pool.procs[i], self.pool.results[i]
-            if proc is not None and proc.exitcode is None:
+            if proc is not None and proc not in self._buried:
                 table[proc.sentinel] = ("sentinel", i)
                 if conn is not None and not conn.closed:
                     table[conn] = ("results", i)
@@ -216,13 +220,33 @@ class Collector(threading.Thread):
         if dead:
             self.dead_letter(dead, error, worker)
 
+    def _crashed(self, segments: list[Segment], error: BaseException, worker: int) -> None:
+        """A batch killed its worker or timed out: isolate the culprit, or charge attempts."""
+        n = sum(len(s) for s in segments)
+        if not self.options.isolate_poison or n < 2:
+            self._attempt_failed(segments, error, worker)
+            return
+        budget = segments[0].isolation or Isolation(n)
+        if not budget.spend():
+            self._attempt_failed(segments, error, worker)
+            return
+        for seg in segments:
+            seg.isolation = budget
+        self.accounts.bump(splits=1)
+        for half in halves(segments):
+            self.dispatcher.send_routed(half, solo=True)
+
     def _resend(self, segments: list[Segment], solo: bool) -> None:
         if self.broken is not None:
             self.dead_letter(segments, self.broken, None)
             return
         n = sum(len(s) for s in segments)
         self.accounts.bump(**{"retries" if solo else "redelivered": n})
-        self.dispatcher.send_routed(segments, solo)
+        workers = self.dispatcher.send_routed(segments, solo)
+        if not solo and min(s.epoch for s in segments) <= self.accounts.flushing_through:
+            # A flush() waits for these: the FLUSH it sent went to the dead worker.
+            for i in workers:
+                self.dispatcher.flush(i)
 
     def dead_letter(self, segments: list[Segment], error: BaseException,
                     worker: int | None) -> None:
@@ -258,6 +282,8 @@ class Collector(threading.Thread):
 
     def _on_death(self, i: int) -> None:
         proc = self.pool.procs[i]
+        if proc in self._buried:
+            return
         self.pool.reap(proc)  # the sentinel fired: this only reaps it and sets exitcode
         self._drain(i)  # what it reported before dying is real
         with self.pool.send_locks[i]:
@@ -269,8 +295,11 @@ class Collector(threading.Thread):
             restart = self._note_start(i, started, proc.exitcode)
             if restart:
                 self.pool.start(i)
+            else:
+                self._buried.add(proc)
         if restart:
-            self.accounts.bump(worker_restarts=1)
+            recycled = int(proc.exitcode == EXIT_RECYCLED)
+            self.accounts.bump(worker_restarts=1, recycled=recycled)
         self._rebuild_waitables()
         self._place_orphaned_items(i, proc, cut, left)
 
@@ -308,7 +337,7 @@ class Collector(threading.Thread):
                              None)
             return
         if inside:
-            self._attempt_failed(inside, timed_out or self._death_error(i, proc, inside), i)
+            self._crashed(inside, timed_out or self._death_error(i, proc, inside), i)
         if queued:
             self._resend(queued, solo=False)
 
@@ -324,7 +353,8 @@ class Collector(threading.Thread):
         hint = ("; a SIGKILL with no traceback is typical of the OOM killer: try a smaller size= "
                 "or max_bytes=" if proc.exitcode == -9 else "")
         return WorkerDied(
-            f"worker {i} (pid {proc.pid}) {verb} inside do() holding {n} items (keys {shown}), "
+            f"worker {i} (pid {proc.pid}) {verb} while running a batch of {n} items "
+            f"(keys {shown}), "
             f"attempt {attempt} of {self.options.max_attempts}{hint}", proc.pid, proc.exitcode)
 
     def _fail_everything(self, error: BaseException) -> None:

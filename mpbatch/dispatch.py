@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .errors import SerializationError
 from .ledger import Segment, WorkerLedger
-from .transport import PROTOCOL, chunk_frame
+from .transport import FLUSH_FRAME, PROTOCOL, chunk_frame
 
 if TYPE_CHECKING:
     from .lifecycle import Pool
@@ -179,17 +179,27 @@ class Dispatcher:
             cells[at] += n
             self.pool.send(i, frame)  # a failure means a death: the collector re-sends
 
-    def send_routed(self, segments: list[Segment], solo: bool = False) -> None:
-        """Route items that are already accepted (retries, re-sends) and send them."""
+    def send_routed(self, segments: list[Segment], solo: bool = False) -> list[int]:
+        """Route items that are already accepted (retries, re-sends) and send them.
+
+        Returns the workers they went to.
+        """
         if self.router.routing != "key":
-            self.send(self.router.least_loaded(), segments, solo)
-            return
+            i = self.router.least_loaded()
+            self.send(i, segments, solo)
+            return [i]
         by_worker: dict[int, list[Segment]] = {}
         for seg in segments:
             for i, part in _split_by_key_owner(seg, self.router):
                 by_worker.setdefault(i, []).append(part)
         for i, parts in by_worker.items():
             self.send(i, parts, solo)
+        return list(by_worker)
+
+    def flush(self, i: int) -> None:
+        """Ask worker i to run what it holds now."""
+        with self.pool.send_locks[i]:
+            self.pool.send(i, FLUSH_FRAME)
 
     def _frame(self, segments: list[Segment], solo: bool) -> tuple[list[Segment], bytes | None]:
         """The CHUNK frame; items that no longer pickle are split off and rejected."""

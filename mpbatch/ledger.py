@@ -8,6 +8,7 @@ a per-item id crossing the pipe.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -31,6 +32,8 @@ class Segment:
     """The flush() epoch the items were accepted in."""
     deadline_ns: int
     """monotonic_ns by which the first item should be inside do() (interval)."""
+    isolation: Isolation | None = None
+    """Set once the items were in a batch that crashed: the split budget they share."""
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -41,7 +44,7 @@ class Segment:
             return self
         return Segment(self.pairs[lo:hi], None if self.sizes is None else self.sizes[lo:hi],
                        None if self.futures is None else self.futures[lo:hi],
-                       self.attempts, self.epoch, self.deadline_ns)
+                       self.attempts, self.epoch, self.deadline_ns, self.isolation)
 
     def batch(self) -> dict[Any, list[Any]]:
         """key -> values, as do() would receive these items."""
@@ -49,6 +52,49 @@ class Segment:
         for key, value in self.pairs:
             grouped.setdefault(key, []).append(value)
         return grouped
+
+
+class Isolation:
+    """The split budget of one batch that crashed its worker or timed out.
+
+    Poison-item isolation re-runs the halves of such a batch as batches of their own, and
+    the halves of a half that crashes again, so that innocent items succeed and only the
+    item that crashes is charged an attempt. Every split costs two do() calls (and a worker
+    restart for each half that crashes); all pieces of one batch share this budget of
+    4 * ceil(log2(n)) + 2 calls: enough to corner two culprits, while a do() that crashes
+    on everything stops splitting after a few calls and is charged as usual.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, items: int) -> None:
+        self.left = 4 * max(1, math.ceil(math.log2(items))) + 2
+
+    def spend(self) -> bool:
+        """Pay for one split (two do() calls); False when the budget is gone."""
+        if self.left < 2:
+            return False
+        self.left -= 2
+        return True
+
+
+def halves(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
+    """Split segments into two runs of (nearly) equal item counts, order kept."""
+    mid = sum(len(s) for s in segments) // 2
+    left: list[Segment] = []
+    right: list[Segment] = []
+    pos = 0
+    for seg in segments:
+        n = len(seg)
+        if pos + n <= mid:
+            left.append(seg)
+        elif pos >= mid:
+            right.append(seg)
+        else:
+            left.append(seg.part(0, mid - pos))
+            right.append(seg.part(mid - pos, n))
+        pos += n
+    return left, right
 
 
 def merged_batch(segments: list[Segment]) -> dict[Any, list[Any]]:

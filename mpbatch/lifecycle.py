@@ -145,10 +145,12 @@ class Pool:
             proc.join(timeout)
 
     def kill(self, i: int) -> None:
+        """SIGKILL worker i if it still runs (under the reap lock: see reap)."""
         proc = self.procs[i]
-        if proc is not None and proc.exitcode is None:
-            with contextlib.suppress(OSError):  # it exited in between
-                proc.kill()
+        if proc is None:
+            return
+        with self._reap_lock, contextlib.suppress(OSError):  # it exited in between
+            proc.kill()  # a no-op once its exit status was read
 
     def stop(self, timeout: float) -> None:
         """Ask every worker to finish and exit; kill those still alive after ``timeout``."""

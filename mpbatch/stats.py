@@ -28,6 +28,10 @@ class Stats:
     """Items whose attempt failed (do raised, bad shape, timeout, death inside do)."""
     redelivered: int
     """Items re-sent after their worker died before handing them to do (no attempt spent)."""
+    splits: int
+    """Crashed batches split in two by poison-item isolation (see isolate_poison)."""
+    recycled: int
+    """Workers replaced on purpose: max_batches_per_worker or max_rss reached."""
     workers: int
     """Worker processes the Batcher runs."""
 
@@ -52,8 +56,11 @@ class Accounts:
         self.worker_restarts = 0
         self.failed_attempts = 0
         self.redelivered = 0
+        self.splits = 0
+        self.recycled = 0
         self.unresolved: dict[int, int] = {}  # flush epoch -> items without an outcome
         self.waiters = 0  # threads inside changed.wait(); skip notify when none
+        self.flushing_through = -1  # a flush() waits for the epochs up to this one
 
     @property
     def resolved(self) -> int:

@@ -12,6 +12,7 @@ import os
 import queue
 import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -22,6 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
+import psutil
 
 from . import transport as tp
 from .dispatch import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, LoadCounters
@@ -29,6 +31,7 @@ from .errors import BatchFailed, SerializationError
 
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 70  # the caller died; see _exit_with_caller
+EXIT_RECYCLED = 75  # max_batches_per_worker or max_rss reached: replace me
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class WorkerConfig:
     size: int
     max_bytes: int | None
     want_values: bool  # on_result is set: ship the batch's values back with the results
+    max_batches: int | None = None  # recycle after this many batches
+    max_rss: int | None = None  # recycle, between batches, above this resident size (bytes)
 
 
 def main(index: int, items: Connection, results: Connection, counters_name: str,
@@ -61,9 +66,13 @@ def main(index: int, items: Connection, results: Connection, counters_name: str,
             os._exit(EXIT_INIT_FAILED)
     results.send_bytes(tp.caller_frame(tp.READY, os.getpid(), 0))
     try:
-        _Loop(index, items, results, counters, config, state).run()
+        recycle = _Loop(index, items, results, counters, config, state).run()
     finally:
         counters.close()  # release our view before SharedMemory.__del__ tries to
+    if recycle:
+        # Items still queued here are in the caller's ledger: it re-sends them, with no
+        # attempt spent, to the worker that replaces this one.
+        sys.exit(EXIT_RECYCLED)
 
 
 def _exit_with_caller(caller_pid: int) -> None:
@@ -170,6 +179,10 @@ def _unpicklable(payload: tuple) -> str:
     return "unknown item"
 
 
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
 _TICK = object()  # the held batch's interval ran out
 
 
@@ -187,6 +200,9 @@ class _Loop:
         self.size = config.size
         self.max_bytes = config.max_bytes
         self.want_values = config.want_values
+        self.max_batches = config.max_batches
+        self.max_rss = config.max_rss
+        self.batches = 0
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.reader = threading.Thread(target=_read_items, args=(items, self.inbox),
                                        name="mpbatch-reader", daemon=True)
@@ -197,9 +213,13 @@ class _Loop:
         self.pos = 0  # stream position of the next item to arrive
         self.deadline = 0  # monotonic_ns by which the held items must run
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Serve until STOP or EOF (False), or until due for recycling (True)."""
         self.reader.start()
         while True:
+            if self._worn_out():
+                self.results.close()
+                return True
             frame = self._next_frame()
             if frame is _TICK:
                 self._flush()
@@ -210,11 +230,19 @@ class _Loop:
             if kind == tp.STOP:
                 self._flush()
                 self.results.close()
-                return
+                return False
             if kind == tp.FLUSH:
                 self._flush()
             else:
                 self._take_chunk(frame, flags, n, deadline)
+
+    def _worn_out(self) -> bool:
+        """Recycle between batches: nothing is held, every report is sent."""
+        if self.held_n:
+            return False
+        if self.max_batches is not None and self.batches >= self.max_batches:
+            return True
+        return self.max_rss is not None and self.batches > 0 and _rss() > self.max_rss
 
     def _next_frame(self) -> Any:
         if not self.held_n:
@@ -228,8 +256,15 @@ class _Loop:
             return _TICK
 
     def _take_chunk(self, frame: bytes, flags: int, n: int, deadline: int) -> None:
+        cells, base = self.cells, self.base
+        # Unpickling runs user code (__reduce__, __setstate__): should it kill us, these
+        # items are charged an attempt like a crash in do(), instead of being re-sent
+        # forever as "only queued". Earlier batches are all reported by now.
+        cells[base + B_START] = self.pos
+        cells[base + B_END] = self.pos + n
         try:
             pairs, sizes = tp.payload_of(frame, tp.TO_WORKER_SIZE)
+            cells[base + B_END] = self.pos  # in hand, not in do(): a death re-sends them
         except BaseException as exc:
             # The items exist only as bytes we cannot read: fail exactly this chunk.
             self._flush()
@@ -277,6 +312,8 @@ class _Loop:
             i += take
             if self.held_n >= self.size:
                 self._flush()
+                if self._worn_out():
+                    return  # the rest of the chunk is never reported: the caller re-sends it
 
     def _hold_by_bytes(self, pairs: list, sizes: list, deadline: int) -> None:
         limit = self.max_bytes
@@ -287,6 +324,8 @@ class _Loop:
             self.held_bytes += nbytes
             if self.held_n >= self.size or self.held_bytes >= limit:
                 self._flush()
+                if self._worn_out():
+                    return
 
     def _flush(self) -> None:
         """Run do() on everything held, report the outcome, and count it done."""
@@ -308,6 +347,7 @@ class _Loop:
         frame = self._outcome_frame(start, n, batch, results, error)
         cells[base + BUSY_NS] = 0
         cells[base + BATCHES] += 1
+        self.batches += 1
         self._send(frame, n)
 
     def _outcome_frame(self, start: int, n: int, batch: dict, results: dict | None,

@@ -168,3 +168,23 @@ def announce_then_wait(fifo, gate):
         return wait_for_file(gate)(batch)
 
     return do
+
+
+def hang_on(bad):
+    """do() that hangs when the batch holds value ``bad``, else doubles."""
+
+    def do(batch):
+        if any(bad in vs for vs in batch.values()):
+            threading.Event().wait()
+        return double(batch)
+
+    return do
+
+
+def grow_memory(batch):
+    """do() that keeps 20 MB more per batch alive in its worker (a leak), and doubles."""
+    _LEAK.append(bytearray(20 * 1024 * 1024))
+    return with_pid(batch)
+
+
+_LEAK = []

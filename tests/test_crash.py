@@ -33,14 +33,15 @@ def test_crash_fails_only_its_batch(batcher_factory, do, error, text, options):
             fut.result()
         assert text in str(info.value)
     assert [f.result() for f in good] == [2 * i for i in range(30)]
-    (letter,) = letters
-    assert letter.batch == {"bad": [0, 1, 2]} and letter.attempts == 1
+    # Every item of the batch crashes: isolation splits it until each is alone.
+    assert sorted(v for letter in letters for v in letter.batch["bad"]) == [0, 1, 2]
+    assert all(letter.attempts == 1 for letter in letters)
     s = b.stats()
     assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (33, 30, 3, 0)
 
 
 def test_worker_died_names_pid_exitcode_and_keys(batcher_factory):
-    b = batcher_factory(fns.kill_self, size=2, workers=1)
+    b = batcher_factory(fns.kill_self, size=2, workers=1, isolate_poison=False)
     fut = b.submit("user:1", 1)
     b.submit("user:2", 2)
     b.flush()
@@ -52,15 +53,19 @@ def test_worker_died_names_pid_exitcode_and_keys(batcher_factory):
     assert b.stats().worker_restarts == 1
 
 
-def test_sigkill_mid_batch_redelivers_with_attempts_left(batcher_factory, tmp_path):
+@pytest.mark.parametrize("isolate", [True, False])
+def test_sigkill_mid_batch_redelivers_with_attempts_left(batcher_factory, tmp_path, isolate):
     b = batcher_factory(fns.once_then(str(tmp_path), fns.kill_self), size=5, max_attempts=2,
-                        retry_backoff=0)
+                        retry_backoff=0, isolate_poison=isolate)
     futs = [b.submit(f"k{i % 3}", i) for i in range(50)]
     b.flush()
     assert [f.result() for f in futs] == [2 * i for i in range(50)]
     s = b.stats()
-    assert s.worker_restarts == 1 and s.retries == 5 and s.failed_attempts == 5
-    assert (s.succeeded, s.dead_lettered, s.pending) == (50, 0, 0)
+    assert (s.succeeded, s.dead_lettered, s.pending, s.worker_restarts) == (50, 0, 0, 1)
+    if isolate:  # the crashed batch's halves ran on their own and succeeded: no attempt spent
+        assert (s.splits, s.retries, s.failed_attempts) == (1, 0, 0)
+    else:  # the crashed batch spent an attempt and was retried whole
+        assert (s.splits, s.retries, s.failed_attempts) == (0, 5, 5)
 
 
 def test_external_sigkill_of_a_busy_worker(batcher_factory, tmp_path):
@@ -78,7 +83,7 @@ def test_external_sigkill_of_a_busy_worker(batcher_factory, tmp_path):
     assert [f.result() for f in futs] == [2 * i for i in range(40)]
     s = b.stats()
     assert s.worker_restarts == 1 and s.pending == 0 and s.succeeded == 40
-    assert s.failed_attempts == 10 and s.retries == 10
+    assert s.splits == 1 and s.failed_attempts == 0  # the halves of the killed batch succeeded
 
 
 def test_items_queued_in_a_dead_worker_are_resent_without_an_attempt(batcher_factory, tmp_path):
@@ -104,3 +109,42 @@ def test_init_that_always_fails_stops_the_batcher(batcher_factory):
         b.add("k", 9)
     s = b.stats()
     assert s.pending == 0 and s.dead_lettered == 3
+
+
+@pytest.mark.parametrize(("culprit_do", "options"), [
+    (fns.kill_on(13), {}),
+    (fns.hang_on(13), {"timeout": 0.5}),
+], ids=["sigkill", "timeout"])
+def test_poison_isolation_dead_letters_only_the_culprit(batcher_factory, culprit_do, options):
+    b = batcher_factory(culprit_do, size=16, workers=2, **options)
+    futs = [b.submit(f"k{i % 3}", i) for i in range(16)]  # one batch, one poison item
+    b.flush()
+    for i, fut in enumerate(futs):
+        if i == 13:
+            assert isinstance(fut.exception(), mpbatch.WorkerDied | mpbatch.BatchTimeout)
+        else:
+            assert fut.result() == 2 * i
+    (letter,) = b.dead_letters()
+    assert letter.batch == {"k1": [13]} and letter.attempts == 1
+    s = b.stats()
+    assert s.splits == 4  # 16 -> 8 -> 4 -> 2 -> 1
+    assert (s.succeeded, s.dead_lettered, s.pending, s.failed_attempts) == (15, 1, 0, 1)
+
+
+def test_poison_isolation_can_be_turned_off(batcher_factory):
+    b = batcher_factory(fns.kill_on(13), size=16, workers=2, isolate_poison=False)
+    futs = [b.submit("k", i) for i in range(16)]
+    b.flush()
+    assert all(isinstance(f.exception(), mpbatch.WorkerDied) for f in futs)
+    s = b.stats()
+    assert (s.splits, s.dead_lettered, s.failed_attempts) == (0, 16, 16)
+
+
+def test_poison_isolation_is_bounded_when_everything_crashes(batcher_factory):
+    # do() crashes on every batch: splitting cannot help; the budget stops it.
+    b = batcher_factory(fns.kill_self, size=64, workers=2)
+    b.add_many(("k", i) for i in range(64))
+    b.flush()
+    s = b.stats()
+    assert s.dead_lettered == 64 and s.pending == 0
+    assert s.splits <= (4 * 6 + 2) // 2  # budget: 4*ceil(log2(64)) + 2 do() calls
