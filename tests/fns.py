@@ -188,3 +188,63 @@ def grow_memory(batch):
 
 
 _LEAK = []
+
+
+def slow_double(batch):
+    """A little real work per batch, so a kill often lands inside do()."""
+    time.sleep(0.002)
+    return double(batch)
+
+
+def init_announce_then_wait(fifo, gate):
+    """init() that writes its pid to ``fifo``, then waits for ``gate`` to exist."""
+
+    def init():
+        fd = os.open(fifo, os.O_WRONLY)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return init_state()
+
+    return init
+
+
+def fifo_reader(path):
+    """Open a FIFO for reading that never sees EOF between two writers (O_RDWR, Linux)."""
+    return open(os.open(path, os.O_RDWR), encoding="ascii")
+
+
+def join_cgroup(path):
+    """init() that moves its worker into the memory cgroup at ``path``."""
+
+    def init():
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        return None
+
+    return init
+
+
+def limit_address_space(nbytes):
+    """init() that caps its worker's address space (RLIMIT_AS)."""
+
+    def init():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+
+    return init
+
+
+def hog_on(key):
+    """do(batch, state) that allocates without limit when ``key`` is in the batch."""
+
+    def do(batch, state):
+        if key in batch:
+            hoard = []
+            while True:
+                hoard.append(b"x" * (32 * 1024 * 1024))
+        return double(batch)
+
+    return do

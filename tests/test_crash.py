@@ -75,7 +75,7 @@ def test_external_sigkill_of_a_busy_worker(batcher_factory, tmp_path):
     b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate)), size=10, workers=2,
                         max_attempts=2, retry_backoff=0)
     futs = [b.submit(f"k{i % 4}", i) for i in range(40)]
-    with open(fifo) as started:  # blocks until a worker is inside do()
+    with fns.fifo_reader(fifo) as started:  # blocks until a worker is inside do()
         victim = int(started.readline())
         os.kill(victim, signal.SIGKILL)
         gate.touch()

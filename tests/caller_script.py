@@ -1,0 +1,45 @@
+"""A caller process for the signal and orphan tests: python caller_script.py MODE.
+
+It prints lines the test waits on (no sleeps needed on the test's side):
+  pids <worker pids>      the workers are up
+  added                   every item is accepted
+  batch <pid>             a worker entered do() (printed by the worker)
+  closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
+MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy).
+"""
+
+import os
+import sys
+import threading
+import time
+
+import mpbatch
+
+
+def do(batch):
+    print("batch", os.getpid(), flush=True)
+    time.sleep(float(os.environ.get("BATCH_SECONDS", "0.3")))  # the work itself
+    return {k: [v * 2 for v in vs] for k, vs in batch.items()}
+
+
+def main():
+    mode = sys.argv[1]
+    items = int(os.environ.get("ITEMS", "40"))
+    done = []
+    b = mpbatch.Batcher(do, size=5, workers=2, interval=0.05,
+                        on_result=lambda k, vs, rs: done.extend(rs))
+    try:
+        with b:
+            b.start()
+            print("pids", *[p.pid for p in b._pool.procs], flush=True)
+            b.add_many(("k", i) for i in range(items))
+            print("added", flush=True)
+            if mode == "exit":
+                os._exit(0)
+            threading.Event().wait()
+    finally:
+        print("closed", len(done), b.stats(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
