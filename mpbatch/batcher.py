@@ -490,6 +490,10 @@ class Batcher:
         self._flush(None)
 
     def _flush(self, deadline: float | None) -> bool:
+        if threading.current_thread() is self._collector:
+            raise RuntimeError("flush() and close() cannot run inside on_result or "
+                               "on_dead_letter: they would wait for their own callback; "
+                               "call them from the thread that adds items")
         with self._lock:
             for chunk in self._open:
                 self._seal(chunk)

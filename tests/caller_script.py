@@ -5,15 +5,26 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   added                   every item is accepted
   batch <pid>             a worker entered do() (printed by the worker)
   closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
-MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy).
+MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy), "noclose"
+(return from main without close(): atexit must flush).
 """
 
+import atexit
 import os
 import sys
 import threading
 import time
 
-import mpbatch
+REPORT = []  # filled in "noclose" mode: (done, batcher)
+
+
+@atexit.register  # before mpbatch's own hook: atexit runs last-registered first
+def _report():
+    for done, b in REPORT:
+        print("closed", len(done), b.stats(), flush=True)
+
+
+import mpbatch  # noqa: E402 - after the hook above, on purpose
 
 
 def do(batch):
@@ -28,10 +39,15 @@ def main():
     done = []
     b = mpbatch.Batcher(do, size=5, workers=2, interval=0.05,
                         on_result=lambda k, vs, rs: done.extend(rs))
+    b.start()
+    print("pids", *[p.pid for p in b._pool.procs], flush=True)
+    if mode == "noclose":
+        REPORT.append((done, b))  # printed after mpbatch's atexit hook flushed and joined
+        b.add_many(("k", i) for i in range(items))
+        print("leaving", flush=True)
+        return
     try:
         with b:
-            b.start()
-            print("pids", *[p.pid for p in b._pool.procs], flush=True)
             b.add_many(("k", i) for i in range(items))
             print("added", flush=True)
             if mode == "exit":

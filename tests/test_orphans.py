@@ -26,3 +26,14 @@ def test_caller_os_exit_takes_the_workers_along():
     workers = [int(p) for p in read_until(caller, "pids")[1:]]
     assert caller.wait(10) == 0
     assert_gone_within(workers, 1)
+
+
+@pytest.mark.timeout(60)
+def test_a_batcher_never_closed_is_flushed_and_joined_at_exit():
+    caller = start_caller("noclose", ITEMS=30, BATCH_SECONDS=0.05)
+    workers = [int(p) for p in read_until(caller, "pids")[1:]]
+    read_until(caller, "leaving")
+    closed = read_until(caller, "closed")  # printed by an atexit hook that runs after ours
+    assert caller.wait(20) == 0
+    assert closed[1] == "30" and "pending=0" in " ".join(closed)
+    assert_gone_within(workers, 1)

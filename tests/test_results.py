@@ -112,3 +112,11 @@ def test_init_state_is_passed_and_kept(batcher_factory):
     futs = [b.submit("k", i) for i in range(9)]
     b.flush()
     assert [f.result() for f in futs] == [10 * i for i in range(9)]
+
+
+def test_flush_inside_a_callback_is_refused_not_deadlocked(batcher_factory, caplog):
+    b = batcher_factory(fns.double, size=1, on_result=lambda k, vs, rs: b.flush())
+    fut = b.submit("k", 1)
+    b.flush()
+    assert fut.result() == 2
+    assert "cannot run inside on_result" in caplog.text
