@@ -13,11 +13,11 @@ import itertools
 import logging
 import os
 import random
+import selectors
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
 from . import transport as tp
@@ -75,6 +75,7 @@ class Collector(threading.Thread):
         self._init_error: dict[int, BaseException] = {}
         self._start_failures = 0
         self._waitables: dict[Any, tuple[str, int]] = {}
+        self._selector: selectors.BaseSelector = selectors.DefaultSelector()
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
         self._rebuild_waitables()
 
@@ -95,12 +96,15 @@ class Collector(threading.Thread):
                 self._step()
             except Exception:  # a bug of ours must not silently stop every outcome
                 log.exception("mpbatch collector: unexpected error; continuing")
+        self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
     def _step(self) -> None:
-        for obj in wait(list(self._waitables), self._wait_seconds()):
-            kind, i = self._waitables.get(obj, ("gone", -1))
+        for key, _ in self._selector.select(self._wait_seconds()):
+            kind, i = key.data
+            if key.fileobj not in self._waitables:
+                continue  # forgotten by an earlier event of this round
             if kind == "wake":
                 os.read(self._wake_r, 4096)
             elif kind == "results":
@@ -120,6 +124,11 @@ class Collector(threading.Thread):
                 if conn is not None and not conn.closed:
                     table[conn] = ("results", i)
         self._waitables = table
+        # One epoll set for the life of a worker set, instead of one per wait() call.
+        self._selector.close()
+        self._selector = selectors.DefaultSelector()
+        for obj, what in table.items():
+            self._selector.register(obj, selectors.EVENT_READ, what)
 
     def _wait_seconds(self) -> float | None:
         now = time.monotonic_ns()
@@ -157,7 +166,8 @@ class Collector(threading.Thread):
                     return
         except (EOFError, OSError):
             # The worker is exiting; its sentinel will fire. Stop watching this pipe.
-            self._waitables.pop(conn, None)
+            if self._waitables.pop(conn, None) is not None:
+                self._selector.unregister(conn)
 
     def _on_frame(self, i: int, frame: bytes) -> None:
         kind, start, n = tp.read_to_caller(frame)

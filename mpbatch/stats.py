@@ -19,7 +19,7 @@ class Stats:
     pending: int
     """Items accepted whose outcome is not known yet."""
     batches: int
-    """Calls of do() that finished (successfully or not)."""
+    """Batch reports: do() calls that returned or raised, and chunks that failed to unpickle."""
     retries: int
     """Items sent again after a failed attempt (one item tried 3 times counts 2)."""
     worker_restarts: int
