@@ -211,7 +211,9 @@ class Batcher:
         self._counters, self._pool, self._workers = counters, pool, workers
         self._collector = Collector(pool, counters, self._dispatcher, self._accounts, opts,
                                     self._next_seal_ns, self._seal_due)
-        self._dispatcher.reject = self._collector.dead_letter
+        collector = self._collector
+        self._dispatcher.reject = lambda segments, error: collector.dead_letter(
+            segments, error, None)
         self._collector.on_broken = self._stop_fast_path
         self._collector.start()
         self._capacity = opts.buffer * workers
@@ -282,7 +284,7 @@ class Batcher:
         """Accept one item; raises Full when there is no room (or waits, with ``block``)."""
         # The hot path, inlined: a plain key and value (nothing to check), one open chunk,
         # and room. Anything else takes _accept(), which checks and waits.
-        if self._fast and type(key) in _PLAIN and type(value) in _PLAIN:
+        if self._fast and timeout is None and type(key) in _PLAIN and type(value) in _PLAIN:
             with self._lock:
                 chunk = self._open[0]
                 pairs = chunk.pairs
@@ -309,6 +311,8 @@ class Batcher:
 
     def _accept(self, key: Hashable, value: Any, fut: Future | None, block: bool,
                 timeout: float | None) -> None:
+        if timeout is not None:
+            _check_number("timeout", timeout, positive=False)
         if self._state is not _RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         nbytes = self._check_item(key, value)
@@ -648,15 +652,27 @@ def _pair(item: Any, index: int) -> tuple[Hashable, Any]:
 
 # -- argument checks: TypeError for a wrong type, ValueError for a value out of range ---------
 
+def _show(value: Any) -> str:
+    """repr() for an error message: an int too long to print becomes its size."""
+    try:
+        return repr(value)
+    except ValueError:  # int over sys.get_int_max_str_digits()
+        return f"<int of {value.bit_length()} bits>"
+
+
 def _check_int(name: str, value: Any, low: int, optional: bool = False) -> Any:
     if value is None and optional:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
         none = " or None" if optional else ""
-        raise TypeError(f"{name} must be an int{none} (got {type(value).__name__}: {value!r})")
+        raise TypeError(f"{name} must be an int{none} (got {type(value).__name__}: "
+                        f"{_show(value)})")
     if value < low:
-        raise ValueError(f"{name} must be >= {low} (got {value!r})")
+        raise ValueError(f"{name} must be >= {low} (got {_show(value)})")
     return value
+
+
+MAX_SECONDS = 1e9  # about 31 years: past that a duration is a mistake, and ns overflow int64
 
 
 def _check_number(name: str, value: Any, positive: bool, optional: bool = False) -> Any:
@@ -665,11 +681,17 @@ def _check_number(name: str, value: Any, positive: bool, optional: bool = False)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         none = " or None" if optional else ""
         raise TypeError(f"{name} must be a number of seconds{none} "
-                        f"(got {type(value).__name__}: {value!r})")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                        f"(got {type(value).__name__}: {_show(value)})")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {bound} (got {value!r})")
-    return float(value)
+        raise ValueError(f"{name} must be finite and {bound} (got {_show(value)})")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:g} seconds (got {_show(value)})")
+    return seconds
 
 
 def _check_bool(name: str, value: Any) -> bool:

@@ -191,7 +191,7 @@ class Collector(threading.Thread):
     def _finished(self, i: int, start: int, n: int, frame: bytes) -> None:
         segments = self.dispatcher.ledgers[i].take(start, n)
         try:
-            results, batch = tp.payload_of(frame, tp.TO_CALLER_SIZE)
+            batch, grouped, items = tp.payload_of(frame, tp.TO_CALLER_SIZE)
         except Exception as exc:
             self.accounts.bump(batches=1)
             error = SerializationError(
@@ -199,16 +199,17 @@ class Collector(threading.Thread):
                 f"the caller ({type(exc).__name__}: {exc}); return plain data from do()")
             self._attempt_failed(segments, error, None)
             return
-        _resolve_futures(segments, results)
+        _resolve_futures(segments, items)
         if self.options.on_result is not None and batch is not None:
-            self._call_on_result(batch, results)
+            self._call_on_result(batch, grouped)
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True, batches=1)
 
-    def _call_on_result(self, batch: dict, results: dict | None) -> None:
+    def _call_on_result(self, batch: dict, grouped: list | None) -> None:
         on_result = self.options.on_result
-        for key, values in batch.items():
+        results = grouped if grouped is not None else itertools.repeat(None, len(batch))
+        for (key, values), got in zip(batch.items(), results, strict=True):
             try:
-                on_result(key, values, None if results is None else results[key])
+                on_result(key, values, got)
             except Exception:
                 log.exception("mpbatch: on_result raised for key %r; the item still "
                               "counts as succeeded", key)
@@ -389,21 +390,14 @@ def _set(fut: Future, result: Any = None, exception: BaseException | None = None
         pass  # the user cancelled it
 
 
-def _resolve_futures(segments: list[Segment], results: dict | None) -> None:
-    """Give each submit() future its own result: the j-th value of a key gets results[key][j]."""
+def _resolve_futures(segments: list[Segment], items: list | None) -> None:
+    """Give each submit() future its own result, by position in the batch (see transport)."""
     if all(seg.futures is None for seg in segments):
         return
-    if results is None:
-        for seg in segments:
-            for fut in seg.futures or ():
-                if fut is not None:
-                    _set(fut)
-        return
-    seen: dict[Any, int] = {}
+    pos = 0
     for seg in segments:
-        futures = seg.futures or itertools.repeat(None, len(seg.pairs))
-        for (key, _), fut in zip(seg.pairs, futures, strict=True):
-            j = seen.get(key, 0)
-            seen[key] = j + 1
-            if fut is not None:
-                _set(fut, results[key][j])
+        if seg.futures is not None:
+            for j, fut in enumerate(seg.futures):
+                if fut is not None:
+                    _set(fut, None if items is None else items[pos + j])
+        pos += len(seg)

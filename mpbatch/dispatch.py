@@ -208,13 +208,19 @@ class Dispatcher:
         if segments[0].sizes is not None:
             sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]
         deadline = min(s.deadline_ns for s in segments)
+        futures = any(s.futures is not None for s in segments)
         try:
-            return segments, chunk_frame(pairs, sizes, deadline, solo)
-        except Exception:
-            segments = self._drop_unpicklable(segments)
-            if not segments:
-                return segments, None
-            return self._frame(segments, solo)
+            return segments, chunk_frame(pairs, sizes, deadline, solo, futures)
+        except Exception as exc:
+            good = self._drop_unpicklable(segments)
+            if len(good) == len(pairs):  # each pickles alone, not together (depth): give up
+                self.reject(segments, SerializationError(
+                    f"a chunk of {len(pairs)} items cannot be pickled ({type(exc).__name__}: "
+                    f"{exc}); the items were dead-lettered"))
+                return [], None
+            if not good:
+                return good, None
+            return self._frame(good, solo)
 
     def _drop_unpicklable(self, segments: list[Segment]) -> list[Segment]:
         """The slow path: an item that passed add() no longer pickles (mutated since)."""

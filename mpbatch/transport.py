@@ -10,9 +10,14 @@ caller -> worker (item pipe i)
     STOP   -                                                run what you hold, then exit
 worker -> caller (result pipe i)
     READY        pid                                        init() done, taking items
-    FINISHED     start, n | pickle((results, batch))        stream items [start, start+n) done
+    FINISHED     start, n | pickle((batch, grouped, items))  stream items [start, start+n) done
     FAILED       start, n | pickle(error)                   that attempt failed
     INIT_FAILED  pid      | pickle(error)                   init() raised; the worker exits
+
+FINISHED carries ``batch`` and ``grouped`` (a list of result lists, in the order of batch's
+keys) when on_result needs them, and ``items`` (one result per item, in stream order) when a
+chunk asked for ITEM_RESULTS. The caller matches results by position, never by looking a
+key up: a key that is not equal to itself (nan) would not be found again after pickling.
 
 ``start`` is a position in the worker's item stream: the items of its chunks, in the order
 they were sent. A batch is always a contiguous run of that stream, so two integers name
@@ -31,6 +36,7 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 # caller -> worker
 CHUNK, FLUSH, STOP = 1, 2, 3
 SOLO = 1  # flag: run this chunk as a batch of its own (a retry), not merged with others
+ITEM_RESULTS = 2  # flag: some item has a Future: report results item by item, in order
 _TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
 
 # worker -> caller
@@ -43,9 +49,11 @@ FLUSH_FRAME = _TO_WORKER.pack(FLUSH, 0, 0, 0)
 STOP_FRAME = _TO_WORKER.pack(STOP, 0, 0, 0)
 
 
-def chunk_frame(pairs: list, sizes: list | None, deadline_ns: int, solo: bool = False) -> bytes:
+def chunk_frame(pairs: list, sizes: list | None, deadline_ns: int, solo: bool = False,
+                item_results: bool = False) -> bytes:
     """A CHUNK frame for ``pairs``; raises if an item does not pickle."""
-    head = _TO_WORKER.pack(CHUNK, SOLO if solo else 0, len(pairs), deadline_ns)
+    flags = (SOLO if solo else 0) | (ITEM_RESULTS if item_results else 0)
+    head = _TO_WORKER.pack(CHUNK, flags, len(pairs), deadline_ns)
     return _dumps_after(head, (pairs, sizes))
 
 

@@ -12,6 +12,7 @@ import os
 import queue
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -106,12 +107,51 @@ def _exit_with_caller(caller_pid: int) -> None:
 
 
 def _read_items(conn: Connection, inbox: queue.SimpleQueue) -> None:
-    """Reader thread: move frames from the item pipe to the inbox; None on EOF."""
-    try:
-        while True:
-            inbox.put(conn.recv_bytes())
-    except (EOFError, OSError):
-        inbox.put(None)
+    """Reader thread: move frames from the item pipe to the inbox; None on EOF.
+
+    It needs the GIL for each hand-over, and while the main thread runs Python it gets the
+    GIL only every switch interval (5 ms). One frame per hand-over capped a worker at
+    ~200 frames/s and left the caller blocked on a full pipe; so each hand-over takes all
+    that is in the pipe (up to 1 MiB) and splits it into frames here.
+    """
+    fd = conn.fileno()
+    pending = bytearray()
+    while True:
+        try:
+            data = os.read(fd, 1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            inbox.put(None)
+            return
+        pending += data
+        for frame in _split_frames(pending):
+            inbox.put(frame)
+
+
+def _split_frames(pending: bytearray) -> list[bytes]:
+    """Complete frames at the head of ``pending`` (removed from it), as Connection.send_bytes
+    frames them: a big-endian int32 length, or -1 and a uint64 length for 2 GiB and over."""
+    frames = []
+    pos, size = 0, len(pending)
+    while size - pos >= 4:
+        (n,) = _INT32.unpack_from(pending, pos)
+        head = 4
+        if n == -1:
+            if size - pos < 12:
+                break
+            (n,) = _UINT64.unpack_from(pending, pos + 4)
+            head = 12
+        if size - pos - head < n:
+            break
+        frames.append(bytes(pending[pos + head:pos + head + n]))
+        pos += head + n
+    del pending[:pos]
+    return frames
+
+
+_INT32 = struct.Struct("!i")
+_UINT64 = struct.Struct("!Q")
 
 
 def _qualname(exc: BaseException) -> str:
@@ -166,11 +206,26 @@ def _results_of(batch: dict, result: Any) -> tuple[dict | None, BatchFailed | No
     return out, None
 
 
-def _unpicklable(payload: tuple) -> str:
+def _in_stream_order(parts: list, results: dict) -> list:
+    """One result per item, in the order the items arrived.
+
+    Looks each item's own key object up, the object _hold grouped it by: a dict finds an
+    object by identity first, so even a nan key (never equal to itself) finds its group.
+    """
+    taken: dict = {}
+    out = []
+    for pairs, lo, hi in parts:
+        for key, _ in islice(pairs, lo, hi):
+            j = taken.get(key, 0)
+            taken[key] = j + 1
+            out.append(results[key][j])
+    return out
+
+
+def _unpicklable(results: dict | None, batch: dict) -> str:
     """Name the key whose result (or value) will not pickle; the slow path after a failure."""
-    results, batch = payload
-    for part in (results, batch):
-        for key, values in (part or {}).items():
+    for part in (results or {}, batch):
+        for key, values in part.items():
             for value in values:
                 try:
                     tp.pickle.dumps(value, tp.PROTOCOL)
@@ -210,6 +265,8 @@ class _Loop:
         self.held_n = 0
         self.held_bytes = 0
         self.held_start = 0  # stream position of the first held item
+        self.held_parts: list[tuple[list, int, int]] = []  # (pairs, lo, hi) in stream order
+        self.held_want = False  # some held chunk asked for ITEM_RESULTS
         self.pos = 0  # stream position of the next item to arrive
         self.deadline = 0  # monotonic_ns by which the held items must run
 
@@ -273,14 +330,15 @@ class _Loop:
             self.pos += n
             self.held_start = self.pos
             return
+        want = bool(flags & tp.ITEM_RESULTS)
         if flags & tp.SOLO:
             self._flush()
-            self._hold(pairs, deadline)
+            self._hold(pairs, 0, len(pairs), deadline, want)
             self._flush()
         elif sizes is None:
-            self._hold_by_count(pairs, deadline)
+            self._hold_by_count(pairs, deadline, want)
         else:
-            self._hold_by_bytes(pairs, sizes, deadline)
+            self._hold_by_bytes(pairs, sizes, deadline, want)
 
     def _start_holding(self, deadline: int) -> None:
         if not self.held_n:
@@ -289,38 +347,38 @@ class _Loop:
         elif deadline < self.deadline:
             self.deadline = deadline
 
-    def _hold(self, pairs: Any, deadline: int) -> None:
-        """Group ``pairs`` by key into the held batch, no size check."""
+    def _hold(self, pairs: list, lo: int, hi: int, deadline: int, want: bool) -> None:
+        """Group ``pairs[lo:hi]`` by key into the held batch, no size check."""
         self._start_holding(deadline)
+        self.held_parts.append((pairs, lo, hi))
+        self.held_want = self.held_want or want
         held = self.held
-        count = 0
-        for key, value in pairs:
+        for key, value in pairs if lo == 0 and hi == len(pairs) else islice(pairs, lo, hi):
             values = held.get(key)
             if values is None:
                 held[key] = [value]
             else:
                 values.append(value)
-            count += 1
-        self.held_n += count
-        self.pos += count
+        self.held_n += hi - lo
+        self.pos += hi - lo
 
-    def _hold_by_count(self, pairs: list, deadline: int) -> None:
+    def _hold_by_count(self, pairs: list, deadline: int, want: bool) -> None:
         i, n = 0, len(pairs)
         while i < n:
             take = min(n - i, self.size - self.held_n)
-            self._hold(pairs if take == n else islice(pairs, i, i + take), deadline)
+            self._hold(pairs, i, i + take, deadline, want)
             i += take
             if self.held_n >= self.size:
                 self._flush()
                 if self._worn_out():
                     return  # the rest of the chunk is never reported: the caller re-sends it
 
-    def _hold_by_bytes(self, pairs: list, sizes: list, deadline: int) -> None:
+    def _hold_by_bytes(self, pairs: list, sizes: list, deadline: int, want: bool) -> None:
         limit = self.max_bytes
-        for pair, nbytes in zip(pairs, sizes, strict=True):
+        for j, nbytes in enumerate(sizes):
             if self.held_n and self.held_bytes + nbytes > limit:
                 self._flush()
-            self._hold((pair,), deadline)
+            self._hold(pairs, j, j + 1, deadline, want)
             self.held_bytes += nbytes
             if self.held_n >= self.size or self.held_bytes >= limit:
                 self._flush()
@@ -332,8 +390,9 @@ class _Loop:
         n = self.held_n
         if not n:
             return
-        batch, start = self.held, self.held_start
+        batch, start, parts, want = self.held, self.held_start, self.held_parts, self.held_want
         self.held, self.held_n, self.held_bytes, self.held_start = {}, 0, 0, self.pos
+        self.held_parts, self.held_want = [], False
         cells, base = self.cells, self.base
         # The caller reads these after a death or on a timeout: which items were inside do().
         cells[base + B_START] = start
@@ -344,21 +403,25 @@ class _Loop:
             results, error = _results_of(batch, result)
         except BaseException as exc:  # SystemExit too: do() ending the worker is a failure
             results, error = None, _failure(exc)
-        frame = self._outcome_frame(start, n, batch, results, error)
+        frame = self._outcome_frame(start, n, batch, results, error, parts if want else None)
         cells[base + BUSY_NS] = 0
         cells[base + BATCHES] += 1
         self.batches += 1
         self._send(frame, n)
 
     def _outcome_frame(self, start: int, n: int, batch: dict, results: dict | None,
-                       error: BaseException | None) -> bytes:
+                       error: BaseException | None, parts: list | None) -> bytes:
         if error is None:
-            payload = (results, batch if self.want_values else None)
+            grouped = items = None
+            if results is not None:
+                grouped = list(results.values()) if self.want_values else None
+                items = _in_stream_order(parts, results) if parts is not None else None
+            payload = (batch if self.want_values else None, grouped, items)
             try:
                 return tp.caller_frame(tp.FINISHED, start, n, payload)
             except BaseException as exc:
                 error = SerializationError(
-                    f"a result of do() cannot be pickled, {_unpicklable(payload)}; return "
+                    f"a result of do() cannot be pickled, {_unpicklable(results, batch)}; return "
                     f"picklable results (plain data), or None")
                 error.__cause__ = exc
         return tp.caller_frame(tp.FAILED, start, n, error)

@@ -189,6 +189,11 @@ def test_crash_without_futures_is_still_accounted(batcher_factory, row_id):
     for key, value in pairs:
         b.add(key, value)
     flush_within(b)
+    if row_id in CALLER_SIDE:
+        # No future and no on_result: nobody receives results, so none cross the pipe and
+        # one that could not be unpickled in the caller harms nothing.
+        assert letters == [] and b.stats().succeeded == 20
+        return
     assert letters == b.dead_letters()
     assert any(bad in letter.batch.get("bad", []) for letter in letters)
     for letter in letters:

@@ -1,0 +1,45 @@
+"""The worker's frame splitter reads exactly what Connection.send_bytes writes."""
+
+import random
+import struct
+import threading
+from multiprocessing import Pipe
+
+from mpbatch.worker import _split_frames
+
+
+def wire_of(frames):
+    """The bytes a Connection writes for ``frames``, read back from a real pipe."""
+    r, w = Pipe(duplex=False)
+    writer = threading.Thread(target=lambda: [w.send_bytes(f) for f in frames] and w.close())
+    writer.start()
+    wire = bytearray()
+    with open(r.fileno(), "rb", closefd=False) as raw:
+        for _ in frames:  # a thread writes: a 64 KiB pipe must not block the test
+            head = raw.read(4)
+            (n,) = struct.unpack("!i", head)
+            wire += head + raw.read(n)
+    writer.join()
+    return wire
+
+
+def test_frames_split_at_any_read_boundary():
+    rng = random.Random(3)
+    sent = [rng.randbytes(rng.choice([0, 1, 5, 300, 20_000, 70_000])) for _ in range(40)]
+    wire = wire_of(sent)
+    got, pending, pos = [], bytearray(), 0
+    while pos < len(wire):  # feed it in reads of random sizes, as os.read returns them
+        step = rng.randint(1, 50_000)
+        pending += wire[pos:pos + step]
+        pos += step
+        got += _split_frames(pending)
+    assert got == sent
+    assert not pending
+
+
+def test_the_64_bit_length_form():
+    payload = b"x" * 10
+    wire = bytearray(struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload)
+    assert _split_frames(bytearray(wire[:8])) == []
+    assert _split_frames(wire) == [payload]
+    assert not wire
