@@ -261,6 +261,7 @@ class Batcher:
         self._pool.stop(0 if error is not None else STOP_GRACE)
         collector.exit()
         collector.join()
+        self._pool.close_pipes()
         with self._lock:
             leftovers = [seg for chunk in self._open for seg in [self._take(chunk)] if seg]
         abandon = error or Closed("the Batcher closed before these items finished")

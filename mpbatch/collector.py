@@ -167,7 +167,8 @@ class Collector(threading.Thread):
         except (EOFError, OSError):
             # The worker is exiting; its sentinel will fire. Stop watching this pipe.
             if self._waitables.pop(conn, None) is not None:
-                self._selector.unregister(conn)
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._selector.unregister(conn)
 
     def _on_frame(self, i: int, frame: bytes) -> None:
         kind, start, n = tp.read_to_caller(frame)

@@ -166,6 +166,9 @@ class Pool:
         for proc in self.procs:
             if proc is not None:
                 self.reap(proc)
+
+    def close_pipes(self) -> None:
+        """Close our ends of every pipe; only once the collector thread has stopped."""
         for conn in self.items + self.results:
             if conn is not None:
                 conn.close()
