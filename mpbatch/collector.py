@@ -77,6 +77,7 @@ class Collector(threading.Thread):
         self._waitables: dict[Any, tuple[str, int]] = {}
         self._selector: selectors.BaseSelector = selectors.DefaultSelector()
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
+        self._partial: dict[Any, bytearray] = {}  # result pipe -> bytes of a partial frame
         self._rebuild_waitables()
 
     # -- the loop -------------------------------------------------------------------------
@@ -156,19 +157,28 @@ class Collector(threading.Thread):
     # -- reports --------------------------------------------------------------------------
 
     def _drain(self, i: int) -> None:
+        """Read every report worker i has written so far: one read per 1 MiB, no blocking."""
         conn = self.pool.results[i]
         if conn is None:
             return
-        try:
-            while True:
-                self._on_frame(i, conn.recv_bytes())
-                if not conn.poll():
-                    return
-        except (EOFError, OSError):
-            # The worker is exiting; its sentinel will fire. Stop watching this pipe.
-            if self._waitables.pop(conn, None) is not None:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self._selector.unregister(conn)
+        pending = self._partial.setdefault(conn, bytearray())
+        while True:
+            try:
+                data = os.read(conn.fileno(), 1 << 20)
+            except BlockingIOError:
+                return  # all read; a partial frame waits in ``pending``
+            except OSError:
+                data = b""
+            if not data:  # EOF: the worker is exiting; its sentinel will fire
+                if self._waitables.pop(conn, None) is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._selector.unregister(conn)
+                return
+            pending += data
+            for frame in tp.split_frames(pending):
+                self._on_frame(i, frame)
+            if len(data) < 1 << 20:
+                return
 
     def _on_frame(self, i: int, frame: bytes) -> None:
         kind, start, n = tp.read_to_caller(frame)
@@ -305,6 +315,7 @@ class Collector(threading.Thread):
             self.counters.reset(i)
             started = self.pool.ready[i]
             restart = self._note_start(i, started, proc.exitcode)
+            self._partial.pop(self.pool.results[i], None)  # a cut-off report is no report
             if restart:
                 self.pool.start(i)
             else:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .errors import SerializationError
 from .ledger import Segment, WorkerLedger
-from .transport import FLUSH_FRAME, PROTOCOL, chunk_frame
+from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame
 
 if TYPE_CHECKING:
     from .lifecycle import Pool
@@ -199,7 +199,7 @@ class Dispatcher:
     def flush(self, i: int) -> None:
         """Ask worker i to run what it holds now."""
         with self.pool.send_locks[i]:
-            self.pool.send(i, FLUSH_FRAME)
+            self.pool.send(i, FLUSH_WIRE)
 
     def _frame(self, segments: list[Segment], solo: bool) -> tuple[list[Segment], bytes | None]:
         """The CHUNK frame; items that no longer pickle are split off and rejected."""

@@ -9,7 +9,6 @@ a per-item id crossing the pipe.
 from __future__ import annotations
 
 import math
-import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -106,13 +105,18 @@ def merged_batch(segments: list[Segment]) -> dict[Any, list[Any]]:
 
 
 class WorkerLedger:
-    """Segments sent to one worker process (one incarnation) and not yet reported."""
+    """Segments sent to one worker process (one incarnation) and not yet reported.
+
+    No lock: the caller appends on the right (under the worker's send lock), the collector
+    takes from the left, and each end of a deque is atomic under the GIL. A lock here cost
+    more than the work: whenever the collector found it held, it gave up the GIL and could
+    wait a whole switch interval to get it back. take_all() runs under the send lock.
+    """
 
     def __init__(self) -> None:
         self._entries: deque[tuple[int, Segment]] = deque()  # (stream start, segment)
-        self.sent = 0  # stream position of the next item sent
-        self.reported = 0  # every item before this position has an outcome
-        self._lock = threading.Lock()
+        self.sent = 0  # stream position of the next item sent; writer: the sender
+        self.reported = 0  # every item before this position has an outcome; writer: collector
 
     @property
     def held(self) -> int:
@@ -121,9 +125,8 @@ class WorkerLedger:
 
     def append(self, segment: Segment) -> None:
         """Record a segment about to be written to the worker's pipe (under its send lock)."""
-        with self._lock:
-            self._entries.append((self.sent, segment))
-            self.sent += len(segment)
+        self._entries.append((self.sent, segment))
+        self.sent += len(segment)
 
     def take(self, start: int, n: int) -> list[Segment]:
         """Remove and return the items of stream positions [start, start + n).
@@ -132,29 +135,27 @@ class WorkerLedger:
         """
         end = start + n
         out: list[Segment] = []
-        with self._lock:
-            entries = self._entries
-            pos = max(start, self.reported)
-            while entries and pos < end:
-                first, seg = entries[0]
-                seg_end = first + len(seg)
-                out.append(seg.part(pos - first, min(end, seg_end) - first))
-                if seg_end <= end:
-                    entries.popleft()
-                pos = min(end, seg_end)
-            self.reported = max(self.reported, end)
+        entries = self._entries
+        pos = max(start, self.reported)
+        while entries and pos < end:
+            first, seg = entries[0]
+            seg_end = first + len(seg)
+            out.append(seg.part(pos - first, min(end, seg_end) - first))
+            if seg_end <= end:
+                entries.popleft()
+            pos = min(end, seg_end)
+        self.reported = max(self.reported, end)
         return out
 
     def take_all(self) -> list[tuple[int, Segment]]:
         """Remove every unreported item, as (stream position, segment): the worker is gone."""
-        with self._lock:
-            out = []
-            for first, seg in self._entries:
-                lo = max(0, self.reported - first)
-                if lo < len(seg):
-                    out.append((first + lo, seg.part(lo, len(seg))))
-            self._entries.clear()
-            self.reported = self.sent
+        out = []
+        for first, seg in self._entries:
+            lo = max(0, self.reported - first)
+            if lo < len(seg):
+                out.append((first + lo, seg.part(lo, len(seg))))
+        self._entries.clear()
+        self.reported = self.sent
         return out
 
 

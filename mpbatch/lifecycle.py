@@ -117,6 +117,9 @@ class Pool:
                   self.config_blob, self.caller_pid))
         for conn in (items_w, results_r):
             _widen(conn)
+        # The collector reads what is there and never blocks: with fork, a sibling holding a
+        # copy of the write end would keep a dead worker's pipe from ever reaching EOF.
+        os.set_blocking(results_r.fileno(), False)
         proc.start()
         # Close our copies of the child's ends: a dead worker must mean EPIPE on send.
         items_r.close()
@@ -129,13 +132,14 @@ class Pool:
                 conn.close()
 
     def send(self, i: int, frame: bytes) -> bool:
-        """Write one frame to worker i; False if it is gone (its death is handled elsewhere)."""
+        """Write one wire frame to worker i (hold send_locks[i]); False if it is gone (its
+        death is handled elsewhere)."""
         conn = self.items[i]
         if conn is None:
             return False
         try:
-            conn.send_bytes(frame)
-        except (OSError, ValueError):  # EPIPE from a dead worker; ValueError: closed here
+            tp.write_all(conn.fileno(), frame)
+        except (OSError, ValueError):  # EPIPE from a dead worker; OSError: closed here
             return False
         return True
 
@@ -156,7 +160,7 @@ class Pool:
         """Ask every worker to finish and exit; kill those still alive after ``timeout``."""
         for i in range(self.workers):
             with self.send_locks[i]:
-                self.send(i, tp.STOP_FRAME)
+                self.send(i, tp.STOP_WIRE)
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             if proc is not None:

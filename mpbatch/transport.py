@@ -1,6 +1,10 @@
 """What crosses the pipes between the caller and a worker, and how it is framed.
 
-Every message is one ``send_bytes`` frame: a fixed struct header, then a pickle. The
+Every message is one frame: a fixed struct header, then a pickle, framed on the wire as
+``Connection.send_bytes`` frames it (a big-endian int32 length) but written with a single
+``os.write`` and read in bulk (``split_frames``): each syscall releases the GIL, and in a
+process whose other thread runs Python, taking it back can cost a whole switch interval
+(5 ms). One syscall per hand-over, not two or three, is what keeps the pipes full. The
 header travels unpickled so that a payload which fails to unpickle still says which
 items it was about.
 
@@ -27,6 +31,7 @@ every item of it, and the caller maps them back to its ledger.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 from typing import Any
@@ -48,30 +53,78 @@ TO_CALLER_SIZE = _TO_CALLER.size
 FLUSH_FRAME = _TO_WORKER.pack(FLUSH, 0, 0, 0)
 STOP_FRAME = _TO_WORKER.pack(STOP, 0, 0, 0)
 
+_LENGTH = struct.Struct("!i")
+_LENGTH64 = struct.Struct("!Q")  # after a length of -1, for frames of 2 GiB and over
+
+
+def wire(frame: bytes | bytearray) -> bytes:
+    """``frame`` as it crosses a pipe, length first."""
+    n = len(frame)
+    if n > 0x7FFFFFFF:
+        return _LENGTH.pack(-1) + _LENGTH64.pack(n) + bytes(frame)
+    return _LENGTH.pack(n) + bytes(frame)
+
+
+FLUSH_WIRE = wire(FLUSH_FRAME)
+STOP_WIRE = wire(STOP_FRAME)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write a whole wire frame (raises OSError, e.g. EPIPE once the reader is gone)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def split_frames(pending: bytearray) -> list[bytes]:
+    """The complete frames at the head of ``pending``, removed from it; a partial one stays."""
+    frames = []
+    pos, size = 0, len(pending)
+    while size - pos >= 4:
+        (n,) = _LENGTH.unpack_from(pending, pos)
+        head = 4
+        if n == -1:
+            if size - pos < 12:
+                break
+            (n,) = _LENGTH64.unpack_from(pending, pos + 4)
+            head = 12
+        if size - pos - head < n:
+            break
+        frames.append(bytes(pending[pos + head:pos + head + n]))
+        pos += head + n
+    del pending[:pos]
+    return frames
+
 
 def chunk_frame(pairs: list, sizes: list | None, deadline_ns: int, solo: bool = False,
                 item_results: bool = False) -> bytes:
-    """A CHUNK frame for ``pairs``; raises if an item does not pickle."""
+    """A CHUNK frame for ``pairs``, on the wire; raises if an item does not pickle."""
     flags = (SOLO if solo else 0) | (ITEM_RESULTS if item_results else 0)
     head = _TO_WORKER.pack(CHUNK, flags, len(pairs), deadline_ns)
     return _dumps_after(head, (pairs, sizes))
 
 
 def _dumps_after(head: bytes, obj: Any) -> bytes:
-    """``head + pickle.dumps(obj)`` in one buffer, without the pickler's memo when it can.
+    """``wire(head + pickle.dumps(obj))`` in one buffer, without the pickler's memo if it can.
 
     Items are independent values, so the memo (which makes every tuple cost a dict
     insert) buys nothing here: without it a chunk pickles about 2.5x faster. Fast mode
     cannot handle a self-referencing value; such a chunk takes the ordinary path.
     """
     buf = io.BytesIO()
+    buf.write(b"\0\0\0\0")  # the length, filled in below
     buf.write(head)
     pickler = pickle.Pickler(buf, PROTOCOL)
     pickler.fast = True
     try:
         pickler.dump(obj)
     except (RecursionError, ValueError):
-        return head + pickle.dumps(obj, PROTOCOL)
+        return wire(head + pickle.dumps(obj, PROTOCOL))
+    n = buf.tell() - 4
+    if n > 0x7FFFFFFF:
+        return wire(buf.getvalue()[4:])
+    with buf.getbuffer() as view:
+        _LENGTH.pack_into(view, 0, n)
     return buf.getvalue()
 
 
@@ -81,10 +134,10 @@ def read_to_worker(frame: bytes) -> tuple[int, int, int, int]:
 
 
 def caller_frame(kind: int, start: int, n: int, payload: Any = None) -> bytes:
-    """A worker -> caller frame; ``payload`` is pickled (may raise: the worker handles it)."""
+    """A worker -> caller frame, on the wire; pickling ``payload`` may raise."""
     head = _TO_CALLER.pack(kind, start, n)
     if payload is None:
-        return head
+        return wire(head)
     return _dumps_after(head, payload)
 
 

@@ -12,7 +12,6 @@ import os
 import queue
 import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -63,9 +62,9 @@ def main(index: int, items: Connection, results: Connection, counters_name: str,
             state = config.init()
         except BaseException as exc:
             error = _failure(exc, "init()")
-            results.send_bytes(tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, error))
+            tp.write_all(results.fileno(), tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, error))
             os._exit(EXIT_INIT_FAILED)
-    results.send_bytes(tp.caller_frame(tp.READY, os.getpid(), 0))
+    tp.write_all(results.fileno(), tp.caller_frame(tp.READY, os.getpid(), 0))
     try:
         recycle = _Loop(index, items, results, counters, config, state).run()
     finally:
@@ -125,33 +124,11 @@ def _read_items(conn: Connection, inbox: queue.SimpleQueue) -> None:
             inbox.put(None)
             return
         pending += data
-        for frame in _split_frames(pending):
+        for frame in tp.split_frames(pending):
             inbox.put(frame)
 
 
-def _split_frames(pending: bytearray) -> list[bytes]:
-    """Complete frames at the head of ``pending`` (removed from it), as Connection.send_bytes
-    frames them: a big-endian int32 length, or -1 and a uint64 length for 2 GiB and over."""
-    frames = []
-    pos, size = 0, len(pending)
-    while size - pos >= 4:
-        (n,) = _INT32.unpack_from(pending, pos)
-        head = 4
-        if n == -1:
-            if size - pos < 12:
-                break
-            (n,) = _UINT64.unpack_from(pending, pos + 4)
-            head = 12
-        if size - pos - head < n:
-            break
-        frames.append(bytes(pending[pos + head:pos + head + n]))
-        pos += head + n
-    del pending[:pos]
-    return frames
 
-
-_INT32 = struct.Struct("!i")
-_UINT64 = struct.Struct("!Q")
 
 
 def _qualname(exc: BaseException) -> str:
@@ -432,6 +409,6 @@ class _Loop:
         # items safe should we die in between.
         self.cells[self.base + DONE] += n
         try:
-            self.results.send_bytes(frame)
+            tp.write_all(self.results.fileno(), frame)
         except OSError:  # the caller is gone; the watchdog ends us
             os._exit(EXIT_ORPHANED)

@@ -5,7 +5,8 @@ import struct
 import threading
 from multiprocessing import Pipe
 
-from mpbatch.worker import _split_frames
+from mpbatch.transport import split_frames as _split_frames
+from mpbatch.transport import wire
 
 
 def wire_of(frames):
@@ -43,3 +44,8 @@ def test_the_64_bit_length_form():
     assert _split_frames(bytearray(wire[:8])) == []
     assert _split_frames(wire) == [payload]
     assert not wire
+
+
+def test_wire_is_what_connection_send_bytes_writes():
+    frames = [b"", b"abc", bytes(range(256)) * 100]
+    assert wire_of(frames) == b"".join(wire(f) for f in frames)
