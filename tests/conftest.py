@@ -70,3 +70,22 @@ def no_collector_errors(caplog):
     yield
     bugs = [r for r in caplog.records if "unexpected error" in r.getMessage()]
     assert not bugs, f"the collector hit an unexpected error: {bugs[0].exc_text or bugs[0]}"
+
+
+@pytest.fixture
+def gated(batcher_factory, tmp_path):
+    """make(**options) -> (Batcher, pids): each batch writes its worker's pid to ``pids``
+    (a FIFO, read with readline) when it starts, then waits until ``gate()`` is called."""
+    from tests import fns
+
+    fifo, gate = tmp_path / "started", tmp_path / "gate"
+    os.mkfifo(fifo)
+    reader = fns.fifo_reader(fifo)
+
+    def make(**options):
+        b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate)), **options)
+        return b, reader
+
+    make.gate = gate.touch
+    yield make
+    reader.close()

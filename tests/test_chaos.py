@@ -56,36 +56,28 @@ def test_chaos_random_sigkill_every_50ms(batcher_factory):
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
-def test_several_workers_killed_at_once(batcher_factory, tmp_path):
-    fifo, gate = tmp_path / "started", tmp_path / "gate"
-    os.mkfifo(fifo)
-    b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate)), size=5, workers=4,
-                        max_attempts=3, retry_backoff=0)
+def test_several_workers_killed_at_once(gated):
+    b, started = gated(size=5, workers=4, max_attempts=3, retry_backoff=0)
     futs = [b.submit(f"k{i % 7}", i) for i in range(100)]
-    with fns.fifo_reader(fifo) as started:
-        busy = {int(started.readline()) for _ in range(4)}  # all four inside do()
-        for pid in list(busy)[:3]:
-            os.kill(pid, signal.SIGKILL)
-        gate.touch()
-        b.flush()
+    busy = {int(started.readline()) for _ in range(4)}  # all four inside do()
+    for pid in list(busy)[:3]:
+        os.kill(pid, signal.SIGKILL)
+    gated.gate()
+    b.flush()
     s = assert_all_delivered(b, futs, [2 * i for i in range(100)])
     assert s.worker_restarts == 3 and s.succeeded == 100
 
 
 @pytest.mark.parametrize("during", ["flush", "close"])
-def test_kill_while_flush_or_close_waits(batcher_factory, tmp_path, during):
-    fifo, gate = tmp_path / "started", tmp_path / "gate"
-    os.mkfifo(fifo)
-    b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate)), size=10, workers=2,
-                        max_attempts=2, retry_backoff=0)
+def test_kill_while_flush_or_close_waits(gated, during):
+    b, started = gated(size=10, workers=2, max_attempts=2, retry_backoff=0)
     futs = [b.submit(f"k{i % 3}", i) for i in range(60)]
     waiter = threading.Thread(target=b.flush if during == "flush" else b.close)
-    with fns.fifo_reader(fifo) as started:
-        victim = int(started.readline())
-        waiter.start()  # flush()/close() now waits on the held batches
-        os.kill(victim, signal.SIGKILL)
-        gate.touch()
-        waiter.join(60)
+    victim = int(started.readline())
+    waiter.start()  # flush()/close() now waits on the held batches
+    os.kill(victim, signal.SIGKILL)
+    gated.gate()
+    waiter.join(60)
     assert not waiter.is_alive()
     s = assert_all_delivered(b, futs, [2 * i for i in range(60)])
     assert s.worker_restarts == 1 and s.succeeded == 60

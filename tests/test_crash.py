@@ -68,18 +68,14 @@ def test_sigkill_mid_batch_redelivers_with_attempts_left(batcher_factory, tmp_pa
         assert (s.splits, s.retries, s.failed_attempts) == (0, 5, 5)
 
 
-def test_external_sigkill_of_a_busy_worker(batcher_factory, tmp_path):
+def test_external_sigkill_of_a_busy_worker(gated):
     """A real kill from outside, of a worker inside do(): its items come back."""
-    fifo, gate = tmp_path / "started", tmp_path / "gate"
-    os.mkfifo(fifo)
-    b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate)), size=10, workers=2,
-                        max_attempts=2, retry_backoff=0)
+    b, started = gated(size=10, workers=2, max_attempts=2, retry_backoff=0)
     futs = [b.submit(f"k{i % 4}", i) for i in range(40)]
-    with fns.fifo_reader(fifo) as started:  # blocks until a worker is inside do()
-        victim = int(started.readline())
-        os.kill(victim, signal.SIGKILL)
-        gate.touch()
-        b.flush()
+    victim = int(started.readline())  # blocks until a worker is inside do()
+    os.kill(victim, signal.SIGKILL)
+    gated.gate()
+    b.flush()
     assert [f.result() for f in futs] == [2 * i for i in range(40)]
     s = b.stats()
     assert s.worker_restarts == 1 and s.pending == 0 and s.succeeded == 40
