@@ -58,6 +58,7 @@ from .worker import WorkerConfig
 CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to BLOCK_ITEMS
 CHUNK_BYTES = 1 << 20  # seal an add() chunk at about this many bytes of values
 BLOCK_ITEMS = 4096
+PULL_BUDGET = 0.002  # seconds add_many() may spend pulling one block from the iterator
 STOP_GRACE = 5.0  # seconds close() gives idle workers to exit before killing them
 _PLAIN = frozenset({int, str, bytes, float, bool, type(None)})  # always pickle, always hash
 
@@ -574,11 +575,14 @@ class _Bulk:
         self.items = items
         self.deadline = deadline
         self.accepted = 0
-        self.block = 256  # adapts: a slow iterator must not hold items past interval
+        # Adapts: a block grows while pulling it from the iterator is quick, and shrinks when
+        # it is not, since the first item of a block waits for the last (a slow iterator,
+        # e.g. items arriving at 1,000/s, must not hold an item back for a whole block).
+        self.block = 1
 
     def run(self) -> int:
         b = self.b
-        budget = b._options.interval / 4
+        budget = min(b._options.interval / 4, PULL_BUDGET)
         while True:
             room = self._room()
             started = time.monotonic()

@@ -78,3 +78,31 @@ def test_flush_before_start_is_a_no_op():
     b.flush()
     assert b.stats().workers == 0
     b.close()
+
+
+def test_add_many_from_a_slow_iterator_does_not_hold_items_back(batcher_factory):
+    """Items that trickle in (here one per 20 ms) go out as they come, not a block later."""
+    import threading
+
+    got = {}
+    done = threading.Event()
+
+    def on_result(key, values, results):
+        for v in values:
+            got[v] = time.monotonic()
+        if len(got) == 20:
+            done.set()
+
+    b = batcher_factory(fns.double, size=1, interval=1.0, on_result=on_result)
+    offered = {}
+
+    def trickle():
+        for i in range(20):
+            offered[i] = time.monotonic()
+            yield ("k", i)
+            threading.Event().wait(0.02)  # the producer's pace, not a synchronisation
+
+    b.add_many(trickle())
+    assert done.wait(20)
+    lags = sorted(got[i] - offered[i] for i in range(20))
+    assert lags[-2] < 0.15, lags  # ~ a block's pull budget plus a round trip, not 20 x 20 ms
