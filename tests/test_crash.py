@@ -137,8 +137,9 @@ def test_poison_isolation_can_be_turned_off(batcher_factory):
 
 
 def test_poison_isolation_is_bounded_when_everything_crashes(batcher_factory):
-    # do() crashes on every batch: splitting cannot help; the budget stops it.
-    b = batcher_factory(fns.kill_self, size=64, workers=2)
+    # do() crashes on every batch: splitting cannot help; the budget stops it. One worker,
+    # so the 64 items form one batch with one budget.
+    b = batcher_factory(fns.kill_self, size=64, workers=1)
     b.add_many(("k", i) for i in range(64))
     b.flush()
     s = b.stats()
