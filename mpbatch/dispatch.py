@@ -15,6 +15,8 @@ from collections.abc import Callable, Hashable
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING
 
+import psutil
+
 from .errors import SerializationError
 from .ledger import Segment, WorkerLedger
 from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame
@@ -47,6 +49,8 @@ class LoadCounters:
     def __init__(self, workers: int, name: str | None = None) -> None:
         self.workers = workers
         create = name is None
+        if create:
+            sweep_orphaned_segments()
         self.shm = shared_memory.SharedMemory(
             name=name or f"mpbatch_{os.getpid()}_{secrets.token_hex(4)}", create=create,
             size=64 * workers
@@ -89,6 +93,37 @@ class LoadCounters:
         """Close and remove the segment from /dev/shm; the caller's job, once."""
         self.close()
         self.shm.unlink()
+
+
+SHM_DIR = "/dev/shm"
+
+
+def sweep_orphaned_segments() -> list[str]:
+    """Remove counters left by callers that no longer exist; returns the names removed.
+
+    close() unlinks its segment, and if the caller dies, multiprocessing's resource tracker
+    does. Only a SIGKILL of the whole process group (a harness timeout, an OOM kill of the
+    group) takes the tracker along, and then nobody is left to do it. The pid in the name
+    says whose a segment is; a segment whose creator is gone is garbage.
+    """
+    removed = []
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith("mpbatch_")]
+    except OSError:
+        return removed  # no /dev/shm here (not Linux)
+    for name in names:
+        try:
+            pid = int(name.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or psutil.pid_exists(pid):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+        except OSError:
+            pass  # another caller swept it first, or not ours to remove
+    return removed
 
 
 def key_hash(key: Hashable) -> int:

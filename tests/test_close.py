@@ -86,3 +86,22 @@ def test_close_from_another_thread_while_adding(batcher_factory):
     t.join(10)
     s = b.stats()
     assert s.pending == 0 and s.accepted == s.succeeded == len(accepted)
+
+
+def test_segments_of_dead_callers_are_swept_at_start(batcher_factory):
+    """A caller SIGKILLed with its whole process group (resource tracker too) leaves its
+    counters behind; the next Batcher on the machine removes them."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, mpbatch\n"
+            "b = mpbatch.Batcher(lambda batch: None, workers=1).start()\n"
+            "print(b._counters.name, flush=True)\n"
+            "os.killpg(0, signal.SIGKILL)\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           start_new_session=True, check=False)
+    name = child.stdout.strip()
+    assert child.returncode == -9 and name.startswith("mpbatch_")
+    assert os.path.exists(f"/dev/shm/{name}")  # nobody was left to unlink it
+    batcher_factory(fns.double, workers=1).start()
+    assert not os.path.exists(f"/dev/shm/{name}")
