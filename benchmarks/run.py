@@ -14,11 +14,13 @@ whole process tree every 20 ms, checks count and checksum, and writes the result
 import argparse
 import contextlib
 import datetime
+import hashlib
 import importlib
 import importlib.metadata
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,8 @@ RESULTS = HERE / "results"
 SAMPLE_PERIOD = 0.02  # s between PSS samples of the measured process tree
 RESULT_TAG = "RESULT "  # prefixes the child's one line of JSON on stdout
 MB = 2**20
+BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of the run,
+BUSY_SECONDS = 0.3  # and that work took this many CPU seconds
 
 # MEM measures the bulk path: mpbatch through add_many, and each peer fed the same generator.
 MEM_CONTENDERS = ("serial", "pool", "ppe", "joblib", "mpire", "mpbatch-add_many")
@@ -59,7 +63,6 @@ SCORES = {
 
 def child_main(spec):
     """Run one contender once and print its outcome as one line of JSON."""
-    sys.path.insert(0, str(ROOT))  # mpbatch from this checkout, whether installed or not
     w = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]]
     job = contenders.Job(w, spec["n"], spec["chunk"], spec["rounds"], spec["workers"],
                          spec["start_method"])
@@ -89,6 +92,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
         self.seen = {}  # pid -> psutil.Process: every process seen in the tree
+        self.cpu = {}  # pid -> its user + system CPU s when last sampled
         self.peak = 0
         self.most_procs = 0
         self.halt = threading.Event()
@@ -109,10 +113,15 @@ class TreeSampler(threading.Thread):
             try:
                 total += p.memory_full_info().pss
                 self.seen.setdefault(p.pid, p)
+                self.cpu[p.pid] = sum(p.cpu_times()[:2])
             except psutil.Error:
                 pass  # exited between the listing and the read
         self.peak = max(self.peak, total)
         self.most_procs = max(self.most_procs, len(procs))
+
+    def cpu_seconds(self):
+        """CPU used by the tree, up to each process's last sample (at most 20 ms short)."""
+        return sum(self.cpu.values())
 
     def stop(self):
         self.halt.set()
@@ -157,10 +166,49 @@ def kill_tree(pid):
             p.kill()
 
 
+def _cpu_now():
+    """(wall, busy CPU s of the machine, CPU s of this process, of its waited children).
+
+    Busy includes steal (time the hypervisor gave to other guests): both slow a run down.
+    """
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    own, kids = (sum(resource.getrusage(who)[:2])
+                 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return time.monotonic(), busy, own, kids
+
+
+def foreign_cpu(before, after, sampled):
+    """(share of the machine's CPUs, CPU s) spent on work not of this run: other jobs, steal.
+
+    The run's own CPU is this process's (the sampler) plus its tree's, counted two ways that
+    each fall short: RUSAGE_CHILDREN misses processes nobody here waits for (a forkserver and
+    the workers it forks), the 20 ms samples miss each process's last moments. The larger is
+    taken, so a short run still reads a few % of foreign work it did not have.
+    """
+    wall = after[0] - before[0]
+    ours = (after[2] - before[2]) + max(after[3] - before[3], sampled)
+    foreign = max(0.0, (after[1] - before[1]) - ours)
+    return (foreign / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0), foreign
+
+
+def busy(rec):
+    """Whether other work took enough of the machine, in share and in seconds, to matter."""
+    return rec["foreign_cpu"] > BUSY and rec["foreign_cpu_s"] > BUSY_SECONDS
+
+
 def measure(spec, timeout):
     """One run in a fresh child process: its outcome, wall time, peak tree PSS and leftovers."""
+    before = _cpu_now()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # mpbatch comes from this checkout (or --mpbatch) whether installed or not, in the caller
+    # and in its workers alike. A 3.11 forkserver ignores the sys.path it is sent (its main()
+    # drops the sys_path argument) and preloads mpbatch from its own: the current directory
+    # first (it runs `python -c`), then PYTHONPATH, then an installed copy. So both are set.
+    here = spec["mpbatch_from"]
+    path = os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH")) if x)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=here, env=os.environ | {"PYTHONPATH": path})
     sampler = TreeSampler(proc.pid)
     sampler.start()
     try:
@@ -170,12 +218,14 @@ def measure(spec, timeout):
         stdout, stderr = proc.communicate()
         stdout += RESULT_TAG + json.dumps({"error": f"timeout after {timeout} s"}) + "\n"
     sampler.stop()
+    foreign, foreign_s = foreign_cpu(before, _cpu_now(), sampler.cpu_seconds())
     lines = [x for x in stdout.splitlines() if x.startswith(RESULT_TAG)]
     out = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {
         "error": f"child exited {proc.returncode} with no result"}
     if "error" in out:
         out["stderr_tail"] = stderr[-2000:]
-    out |= {"peak_pss": sampler.peak, "most_procs": sampler.most_procs,
+    out |= {"peak_pss": sampler.peak, "most_procs": sampler.most_procs, "foreign_cpu": foreign,
+            "foreign_cpu_s": foreign_s,
             "leftovers": sampler.leftovers()}
     count, checksum = workloads.expected(spec["n"])
     out["ok"] = out.get("count") == count and out.get("checksum") == checksum
@@ -185,10 +235,34 @@ def measure(spec, timeout):
     return out
 
 
+def measure_quietly(args, spec):
+    """measure(), retried up to --retry-busy times when other work shared the machine.
+
+    This machine may be shared (a test suite running next to the benchmark); a run that had
+    to share the CPUs is measured again once the machine looks idle. The busy attempts are
+    kept in the record, so nothing is hidden.
+    """
+    discarded = []
+    while True:
+        rec = measure(spec, args.timeout)
+        if not busy(rec) or len(discarded) >= args.retry_busy:
+            return rec | {"discarded_busy": discarded}
+        discarded.append({k: rec.get(k) for k in ("wall", "peak_pss", "foreign_cpu", "ok")})
+        wait_until_idle(args.idle_wait)
+
+
+def wait_until_idle(limit):
+    """Wait up to `limit` s for a 0.5 s window with the machine's CPUs under BUSY use."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if psutil.cpu_percent(interval=0.5) < BUSY * 100:
+            return
+
+
 def make_spec(args, w, name, n, chunk, rounds):
     return {"workload": w.name, "contender": name, "n": n, "chunk": chunk, "rounds": rounds,
             "workers": args.workers, "start_method": args.start_method, "smoke": args.smoke,
-            "big": args.big}
+            "big": args.big, "mpbatch_from": str(args.mpbatch)}
 
 
 def candidates(args, w, name):
@@ -224,7 +298,7 @@ def sweep(args, w, names, rounds, log, cache):
             continue
         walls = {}
         for chunk in options:
-            rec = measure(make_spec(args, w, name, w.sweep_n, chunk, rounds), args.timeout)
+            rec = measure_quietly(args, make_spec(args, w, name, w.sweep_n, chunk, rounds))
             walls[chunk] = rec["wall"] if rec["ok"] else float("inf")
             log(f"  sweep {w.name} {name:17} chunk={chunk!s:>6}: {fmt_run(rec, w.sweep_n)}")
         chosen[name] = known[name] = min(walls, key=walls.get)
@@ -240,6 +314,10 @@ def fmt_run(rec, n):
     extra = rec.get("extra", {})
     if "p99_ms" in extra:
         text += f"  p50 {extra['p50_ms']:.2f} ms  p99 {extra['p99_ms']:.2f} ms"
+    if busy(rec):
+        text += f"  BUSY: {rec['foreign_cpu']:.0%} of the CPUs ran other work"
+    if rec.get("discarded_busy"):
+        text += f"  ({len(rec['discarded_busy'])} busy attempts discarded)"
     if rec["leftovers"]:
         text += f"  LEFTOVER {rec['leftovers']}"
     return text
@@ -251,7 +329,7 @@ def run_workload(args, w, names, rounds, log, cache):
     records = []
     for rep in range(args.repeats):
         for name in names:
-            rec = measure(make_spec(args, w, name, w.n, chosen[name], rounds), args.timeout)
+            rec = measure_quietly(args, make_spec(args, w, name, w.n, chosen[name], rounds))
             rec |= {"contender": name, "repeat": rep, "chunk": chosen[name]}
             records.append(rec)
             log(f"{w.name} {rep + 1}/{args.repeats} {name:17} chunk={chosen[name]!s:>6}: "
@@ -269,7 +347,7 @@ def summarize(args, w, names, records):
         runs = [r for r in records if r["contender"] == name]
         ok = [r for r in runs if r["ok"]]
         row = {"kind": contenders.kind(name), "chunk": runs[0]["chunk"], "runs": len(runs),
-               "runs_ok": len(ok)}
+               "runs_ok": len(ok), "runs_busy": sum(busy(r) for r in runs)}
         if not ok:
             rows[name] = row | {"error": runs[0].get("error")}
             continue
@@ -323,10 +401,10 @@ def workload_table(w, summary):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary["rows"].items():
         if "wall_s" not in row:
-            cells = [name, str(row["chunk"]), f"failed: {row.get('error')}"]
+            cells = [name, str(row["chunk"] or "-"), f"failed: {row.get('error')}"]
             lines.append("| " + " | ".join(cells + [""] * (len(head) - 3)) + " |")
             continue
-        cells = [name, str(row["chunk"]), f"{row['wall_s']:.2f}"]
+        cells = [name, str(row["chunk"] or "-"), f"{row['wall_s']:.2f}"]
         for metric, _, _ in metrics:
             cells.append(fmt_value(metric, row[metric]) if metric in row else "-")
             ratio = row.get(metric + "_ratio")
@@ -366,10 +444,31 @@ def environment(args, rounds):
         except importlib.metadata.PackageNotFoundError:  # mpbatch run from the checkout
             versions[module] = "checkout" if module == "mpbatch" else "not installed"
     return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "commit": _git("rev-parse", "--short", "HEAD"),
+            "mpbatch_dirty": bool(_git("status", "--porcelain", "--", "mpbatch")),
+            "mpbatch_from": str(args.mpbatch), "mpbatch_digest": mpbatch_digest(args),
             "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
             "versions": versions, "rounds_per_unit": rounds,
             "unit_seconds": workloads.UNIT_SECONDS, "argv": sys.argv[1:],
             "start_method": args.start_method, "workers": args.workers}
+
+
+def mpbatch_digest(args):
+    """A hash of mpbatch's sources: a run that straddles an edit of the library shows it."""
+    digest = hashlib.sha256()
+    for path in sorted((args.mpbatch / "mpbatch").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _git(*argv):
+    """Read-only git facts for the record (the commit measured); '' outside a checkout."""
+    try:
+        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=False)
+    except OSError:
+        return ""
+    return done.stdout.strip()
 
 
 def stem(args):
@@ -416,7 +515,9 @@ def chart(args, done):
     fig.suptitle(f"mpbatch benchmarks, {args.workers} workers, {stem(args)} (medians)",
                  fontsize=10)
     fig.tight_layout()
-    path = RESULTS / f"{stem(args)}.png"
+    names = [w.name for w, _ in done]
+    partial = "" if names == ["W1", "W2", "W3", "W4", "MEM"] else "-" + "-".join(names)
+    path = RESULTS / f"{stem(args)}{partial}.png"  # a partial run keeps the full run's chart
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -439,15 +540,27 @@ def parse_args(argv):
     p.add_argument("--start-method", choices=["fork", "spawn", "forkserver"],
                    help="for Pool, ProcessPoolExecutor, mpire and mpbatch (joblib: loky)")
     p.add_argument("--timeout", type=float, help="s per run before it is killed")
+    p.add_argument("--retry-busy", type=int, metavar="N",
+                   help="measure a run again, up to N times, when other work shared the CPUs"
+                        " (default 2; 0 with --smoke)")
+    p.add_argument("--idle-wait", type=float, default=60, metavar="S",
+                   help="before such a retry, wait up to S s for the machine to go idle")
+    p.add_argument("--rounds", type=int,
+                   help="sha256 rounds per ~100 us unit, instead of calibrating (to repeat a run)")
+    p.add_argument("--mpbatch", type=Path, default=ROOT, metavar="DIR",
+                   help="import mpbatch from DIR/mpbatch (default: this checkout), e.g. a"
+                        " snapshot of one commit while the checkout is being edited")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.timeout = args.timeout or (60 if args.smoke else 1200)
+    if args.retry_busy is None:
+        args.retry_busy = 0 if args.smoke else 2
     return args
 
 
-def mpbatch_importable():
-    sys.path.insert(0, str(ROOT))
+def mpbatch_importable(args):
+    sys.path.insert(0, str(args.mpbatch))
     try:
         importlib.import_module("mpbatch").Batcher  # noqa: B018 - the check is the lookup
     except Exception as exc:  # any failure means: not ready yet
@@ -463,15 +576,18 @@ def plan(args, table, log):
         sys.exit(f"unknown workload(s) {unknown}; known: {list(table)}")
     if args.big and "MEM10M" not in chosen:
         chosen.append("MEM10M")
+    strangers = [n for n in args.only or () if n not in contenders.CONTENDERS]
+    if strangers:
+        sys.exit(f"unknown contender(s) {strangers}; known: {list(contenders.CONTENDERS)}")
     defaults = {"MEM": MEM_CONTENDERS, "MEM10M": MEM10M_CONTENDERS}
-    broken = mpbatch_importable()
+    broken = mpbatch_importable(args)
     if broken and not args.only:
         log(f"mpbatch is not importable ({broken}); running without it")
     out = []
     for name in chosen:
         names = args.only or [n for n in defaults.get(name, contenders.CONTENDERS)
                               if not (broken and contenders.kind(n) == "mpbatch")]
-        out.append((table[name], [n for n in names if n in contenders.CONTENDERS]))
+        out.append((table[name], list(names)))
     return out
 
 
@@ -486,7 +602,7 @@ def main(argv=None):
 
     table = workloads.workloads(args.smoke, args.big)
     todo = plan(args, table, log)
-    rounds = workloads.calibrate()
+    rounds = args.rounds or workloads.calibrate()
     env = environment(args, rounds)
     log(f"{rounds} sha256 rounds = {workloads.UNIT_SECONDS * 1e6:.0f} us; "
         f"versions {env['versions']}")
@@ -499,6 +615,12 @@ def main(argv=None):
         done.append((w, summary))
         print(f"\n{w.name}: {w.title}\n{workload_table(w, summary)}\n(wrote {path})\n")
     print("Overview: headline score (ratio to the best peer)\n" + overview_table(done))
+    crowded = sum(r["runs_busy"] for _, s in done for r in s["rows"].values())
+    if crowded:
+        log(f"WARNING: {crowded} runs shared the machine with other work (BUSY above); rerun "
+            "on a quiet machine before trusting small differences")
+    if mpbatch_digest(args) != env["mpbatch_digest"]:
+        log("WARNING: mpbatch's sources changed during this run; its numbers mix two versions")
     log(f"chart: {chart(args, done)}")
     return 0
 

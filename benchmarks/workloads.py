@@ -107,15 +107,16 @@ def expected(n):
 # --- calibration --------------------------------------------------------------------------------
 
 
-def calibrate(target=UNIT_SECONDS, trials=15):
+def calibrate(target=UNIT_SECONDS, duration=1.0):
     """Hash rounds that take about `target` seconds here; run once, in the parent.
 
-    The median of several short trials: this machine's speed wanders by up to 2x from one
-    second to the next (a shared VM), and the median is the speed a run most often sees.
+    The median of short trials spread over `duration` seconds: this VM's CPU flips between
+    two speeds, 2x apart, in phases of 0.3-1 s, so a burst of trials would catch one phase.
     """
     probe = 5000
     times = []
-    for _ in range(trials):
+    end = time.perf_counter() + duration
+    while time.perf_counter() < end:
         start = time.perf_counter()
         spin((1, probe))
         times.append(time.perf_counter() - start)
