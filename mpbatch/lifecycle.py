@@ -114,7 +114,7 @@ class Pool:
         proc = self.ctx.Process(
             target=worker.main, name=f"mpbatch-worker-{i}",
             args=(i, items_r, results_w, self.counters_name, self.workers,
-                  self.config_blob, self.caller_pid))
+                  self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
         for conn in (items_w, results_r):
             _widen(conn)
         # The collector reads what is there and never blocks: with fork, a sibling holding a

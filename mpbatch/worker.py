@@ -47,13 +47,25 @@ class WorkerConfig:
     max_rss: int | None = None  # recycle, between batches, above this resident size (bytes)
 
 
+PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
+
+
 def main(index: int, items: Connection, results: Connection, counters_name: str,
-         workers: int, config_blob: bytes, caller_pid: int) -> None:
+         workers: int, config_blob: bytes, caller_pid: int, caller_package: str) -> None:
     """Entry point of worker ``index`` (the Process target)."""
     # Ctrl-C goes to the whole foreground process group; it is the caller's to handle, and
     # the caller's close() still needs this worker to finish what it holds.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_caller(caller_pid)
+    if caller_package != PACKAGE_DIR:
+        # Python 3.11's fork server imports from its own working directory: a checkout of
+        # mpbatch there wins over the caller's, and the two then misread each other's frames.
+        error = BatchFailed(
+            f"the worker imported mpbatch from {PACKAGE_DIR}, the caller from "
+            f"{caller_package}; start the program from another directory, or use one copy "
+            f"of mpbatch", "ImportError")
+        tp.write_all(results.fileno(), tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, error))
+        os._exit(EXIT_INIT_FAILED)
     config: WorkerConfig = cloudpickle.loads(config_blob)
     counters = LoadCounters.attach(counters_name, workers)
     state = None

@@ -145,3 +145,31 @@ def test_poison_isolation_is_bounded_when_everything_crashes(batcher_factory):
     s = b.stats()
     assert s.dead_lettered == 64 and s.pending == 0
     assert s.splits <= (4 * 6 + 2) // 2  # budget: 4*ceil(log2(64)) + 2 do() calls
+
+
+def test_a_worker_running_another_copy_of_mpbatch_is_refused_clearly(tmp_path):
+    """Python 3.11's fork server imports from its working directory: a second copy of
+    mpbatch there must end in a clear error, not in frames the two copies misread."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "mpbatch"), tmp_path / "mpbatch")
+    code = ("import mpbatch, sys\n"
+            "b = mpbatch.Batcher(lambda batch: None, workers=1)\n"
+            "f = b.submit('k', 1)\n"
+            "print(type(f.exception(timeout=60)).__name__, f.exception(), flush=True)\n"
+            "b.close()\n")
+    # The caller imports the checkout (its script lives elsewhere, PYTHONPATH names the
+    # checkout); the fork server, started in tmp_path, imports the copy.
+    script = tmp_path / "scripts" / "caller.py"
+    script.parent.mkdir()
+    script.write_text("if __name__ == '__main__':\n" + "".join(
+        f"    {line}\n" for line in code.splitlines()))
+    env = dict(os.environ, PYTHONPATH=root)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, timeout=90,
+                         capture_output=True, text=True, check=False)
+    assert "WorkerDied" in run.stdout, run.stdout + run.stderr
+    assert "the worker imported mpbatch from" in run.stdout
+    assert "use one copy of mpbatch" in run.stdout
