@@ -14,10 +14,12 @@
                                                               max_bytes, deadline or FLUSH;
                                                               do(batch[, state]); check shape
  collector thread <== FINISHED/FAILED(start, n, payload) ===  result pipe i; done[i] += n
-   one wait() on all result pipes, all worker sentinels and a wakeup pipe:
+   one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe:
    FINISHED -> futures, on_result, succeeded        FAILED -> retry after backoff (solo
-   chunk) or DeadLetter, on_dead_letter             sentinel -> items inside do() spend an
-   attempt (WorkerDied / BatchTimeout), items only queued are re-sent; a replacement starts
+   chunk) or DeadLetter, on_dead_letter             sentinel -> a replacement starts; the
+   items that were inside do() are split in halves re-run on their own (poison isolation,
+   within a budget), or spend an attempt (WorkerDied / BatchTimeout); items only queued
+   are re-sent with no attempt spent
    timer -> seal overdue open chunks, send due retries, kill a do() past timeout=
  close(): add() raises Closed; flush everything; wait for pending == 0; STOP workers,
    join them; stop the collector; unlink the shared memory.

@@ -45,13 +45,6 @@ class Segment:
                        None if self.futures is None else self.futures[lo:hi],
                        self.attempts, self.epoch, self.deadline_ns, self.isolation)
 
-    def batch(self) -> dict[Any, list[Any]]:
-        """key -> values, as do() would receive these items."""
-        grouped: dict[Any, list[Any]] = {}
-        for key, value in self.pairs:
-            grouped.setdefault(key, []).append(value)
-        return grouped
-
 
 class Isolation:
     """The split budget of one batch that crashed its worker or timed out.
@@ -97,6 +90,7 @@ def halves(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
 
 
 def merged_batch(segments: list[Segment]) -> dict[Any, list[Any]]:
+    """key -> values of all these items, as do() would receive them (for a DeadLetter)."""
     grouped: dict[Any, list[Any]] = {}
     for seg in segments:
         for key, value in seg.pairs:

@@ -62,10 +62,6 @@ class Accounts:
         self.waiters = 0  # threads inside changed.wait(); skip notify when none
         self.flushing_through = -1  # a flush() waits for the epochs up to this one
 
-    @property
-    def resolved(self) -> int:
-        return self.succeeded + self.dead_lettered
-
     def seal(self, n: int, epoch: int) -> None:
         """n items of ``epoch`` left an open chunk (hold ``lock``)."""
         self.sealed += n
