@@ -81,7 +81,8 @@ def test_flush_before_start_is_a_no_op():
 
 
 def test_add_many_from_a_slow_iterator_does_not_hold_items_back(batcher_factory):
-    """Items that trickle in (here one per 20 ms) go out as they come, not a block later."""
+    """Items that trickle in (one per 20 ms) are not held back past interval waiting for
+    a block to fill (a 256-item first block once held them for 5 s)."""
     import threading
 
     got = {}
@@ -93,7 +94,7 @@ def test_add_many_from_a_slow_iterator_does_not_hold_items_back(batcher_factory)
         if len(got) == 20:
             done.set()
 
-    b = batcher_factory(fns.double, size=1, interval=1.0, on_result=on_result)
+    b = batcher_factory(fns.double, size=1, interval=0.2, on_result=on_result)
     offered = {}
 
     def trickle():
@@ -105,4 +106,4 @@ def test_add_many_from_a_slow_iterator_does_not_hold_items_back(batcher_factory)
     b.add_many(trickle())
     assert done.wait(20)
     lags = sorted(got[i] - offered[i] for i in range(20))
-    assert lags[-2] < 0.15, lags  # ~ a block's pull budget plus a round trip, not 20 x 20 ms
+    assert lags[-1] < 0.2 + 0.15, lags  # interval, plus slack for a loaded machine
