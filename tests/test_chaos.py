@@ -1,6 +1,7 @@
 """Kill storms and chaos: workers SIGKILLed from outside while work flows; nothing is lost."""
 
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -39,15 +40,28 @@ def test_chaos_random_sigkill_every_50ms(batcher_factory):
             kill(proc)
             kills.append(proc.pid)
 
+    samples = []
+
+    def watch():  # guarantee 1 "at every moment": sample the accounts during the storm
+        while not stop.wait(0.002):  # a sampling pace, not a synchronisation
+            samples.append(b.stats())
+
     futs = [b.submit(f"k{i % 50}", i) for i in range(200)]  # started before the storm
-    storm = threading.Thread(target=chaos)
+    storm, watcher = threading.Thread(target=chaos), threading.Thread(target=watch)
     storm.start()
+    watcher.start()
     try:
         futs += [b.submit(f"k{i % 50}", i) for i in range(200, 10_000)]
         b.flush()
     finally:
         stop.set()
         storm.join()
+        watcher.join()
+    assert len(samples) > 10
+    for before, after in itertools.pairwise(samples):
+        assert after.pending >= 0 and after.accepted == (
+            after.succeeded + after.dead_lettered + after.pending)
+        assert after.succeeded >= before.succeeded and after.accepted >= before.accepted
     s = assert_all_delivered(b, futs, [2 * i for i in range(10_000)])
     assert s.succeeded == 10_000 and s.dead_lettered == 0
     assert s.worker_restarts >= len(kills) // 2 > 0
