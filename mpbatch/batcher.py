@@ -587,6 +587,9 @@ class _Bulk:
         # for the last, and must not wait past interval. (A tighter cap, 2 ms, kept halving
         # blocks whenever the collector took the GIL mid-pull, and cost W1 40 %.)
         budget = b._options.interval / 4
+        # A block goes to one worker: a few batches' worth at most, so that a run of costly
+        # items (hot keys) cannot pin seconds of work to one worker while another idles.
+        limit = min(BLOCK_ITEMS, max(4 * b._options.size, 64))
         while True:
             room = self._room()
             started = time.monotonic()
@@ -595,7 +598,7 @@ class _Bulk:
                 return self.accepted
             took = time.monotonic() - started
             grow = took <= budget
-            self.block = min(BLOCK_ITEMS, self.block * 2) if grow else max(1, self.block // 2)
+            self.block = min(limit, self.block * 2) if grow else max(1, self.block // 2)
             self._send(block, int(started * 1e9) + b._interval_ns)
 
     def _room(self) -> int:
