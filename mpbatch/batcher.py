@@ -245,10 +245,10 @@ class Batcher:
                 error = self._collector.broken or Closed(  # type: ignore[union-attr]
                     f"close(timeout={timeout:g}) ran out before these items finished")
         except BaseException:
+            left = self.stats().pending
             self._shutdown(Closed("close() was interrupted before these items finished"))
-            left = self.stats().dead_lettered
-            print(f"mpbatch: interrupted during close(); unfinished items were dead-lettered "
-                  f"({left} dead letters in all)", file=sys.stderr)
+            print(f"mpbatch: interrupted during close(); {left} unfinished items were "
+                  f"dead-lettered (see dead_letters())", file=sys.stderr)
             raise
         self._shutdown(error)
 
@@ -465,13 +465,7 @@ class Batcher:
         if broken is not None:
             self._collector.dead_letter([seg], broken, None)  # type: ignore[union-attr]
             return
-        routing = self._options.routing
-        if routing == "key":
-            i = chunk.worker
-        elif routing == "round-robin":
-            i = self._router.round_robin()
-        else:
-            i = self._router.least_loaded()
+        i = chunk.worker if self._options.routing == "key" else self._router.for_chunk()
         self._dispatcher.send(i, [seg])
 
     def _next_seal_ns(self) -> int | None:
@@ -629,8 +623,7 @@ class _Bulk:
                 b._ensure_running()  # close() began: raise Closed, nothing of this block taken
             seg = Segment(block, None, None, 0, b._epoch, deadline_ns)
             b._accounts.seal(len(block), b._epoch)
-            i = b._router.round_robin() if b._options.routing == "round-robin" else \
-                b._router.least_loaded()
+            i = b._router.for_chunk()
             b._dispatcher.send(i, [seg], frame=frame)
         self.accepted += len(block)
 

@@ -169,6 +169,11 @@ class Router:
         self._next = (i + 1) % self.workers
         return i
 
+    def for_chunk(self) -> int:
+        """The worker for a chunk under "least-loaded" or "round-robin" ("key" routes by
+        key before items form a chunk)."""
+        return self.round_robin() if self.routing == "round-robin" else self.least_loaded()
+
     def for_key(self, key: Hashable) -> int:
         """The worker that owns ``key``: one key always goes to one worker."""
         i = self._key_cache.get(key)

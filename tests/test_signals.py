@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,12 +49,16 @@ def assert_gone_within(pids, seconds):
 
 
 @pytest.mark.timeout(60)
-def test_ctrl_c_to_the_process_group_still_flushes_every_item():
+@pytest.mark.parametrize("to", ["process-group", "caller-alone"])
+def test_ctrl_c_still_flushes_every_item(to):
     caller = start_caller("wait", ITEMS=40, BATCH_SECONDS=0.2)
     workers = [int(p) for p in read_until(caller, "pids")[1:]]
     read_until(caller, "added")
     read_until(caller, "batch")  # a worker is inside do()
-    os.killpg(caller.pid, signal.SIGINT)  # what a terminal sends: caller, workers, helpers
+    if to == "process-group":
+        os.killpg(caller.pid, signal.SIGINT)  # what a terminal sends: caller, workers, helpers
+    else:
+        caller.send_signal(signal.SIGINT)  # e.g. kill -INT <pid>
     closed = read_until(caller, "closed")
     caller.wait(20)
     assert closed[1] == "40", closed  # every item finished: no worker died mid-batch
@@ -79,6 +84,9 @@ def test_second_ctrl_c_terminates_fast_and_says_what_was_left():
     assert "interrupted during close()" in stderr and "dead-lettered" in stderr
     stats = " ".join(closed)
     assert "pending=0" in stats and "dead_lettered=0" not in stats
+    # It says how many were left: here every dead letter is one of them.
+    left = re.search(r"(\d+) unfinished items were dead-lettered", stderr)
+    assert left and f"dead_lettered={left.group(1)}," in stats, (stderr, stats)
     assert_gone_within(workers, 1)
 
 
