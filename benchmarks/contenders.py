@@ -381,8 +381,29 @@ CONTENDERS = {
 }
 
 
+# What each contender imports. The child imports it before starting the clock: a program
+# imports a library once, while pool start-up and teardown belong to every run (and are timed).
+LIBRARIES = {
+    "pool": ("multiprocessing.pool",),
+    "ppe": ("concurrent.futures.process",),
+    "joblib": ("joblib", "joblib.externals.loky"),
+    "mpire": ("mpire",),
+    "mpbatch-add": ("mpbatch",),
+    "mpbatch-add_many": ("mpbatch",),
+    "mpbatch-submit": ("mpbatch",),
+}
+
+
 def kind(name):
     return CONTENDERS[name][0]
+
+
+def preload(name):
+    """Import contender `name`'s library (outside the timed region)."""
+    import importlib
+
+    for module in LIBRARIES.get(name, ()):
+        importlib.import_module(module)
 
 
 def run(name, job):

@@ -12,6 +12,7 @@ whole process tree every 20 ms, checks count and checksum, and writes the result
 """
 
 import argparse
+import compileall
 import contextlib
 import datetime
 import hashlib
@@ -67,6 +68,7 @@ def child_main(spec):
     job = contenders.Job(w, spec["n"], spec["chunk"], spec["rounds"], spec["workers"],
                          spec["start_method"])
     out = {}
+    contenders.preload(spec["contender"])
     start = time.perf_counter()
     try:
         count, checksum, extra = contenders.run(spec["contender"], job)
@@ -560,6 +562,10 @@ def parse_args(argv):
 
 
 def mpbatch_importable(args):
+    # Bytecode, as an installed package has it: where PYTHONDONTWRITEBYTECODE is set, every
+    # run (its caller, a fork server, each spawned worker) would otherwise compile mpbatch
+    # from source, ~0.1 s apiece, while the peers load their bytecode.
+    compileall.compile_dir(str(Path(args.mpbatch) / "mpbatch"), quiet=1)
     sys.path.insert(0, str(args.mpbatch))
     try:
         importlib.import_module("mpbatch").Batcher  # noqa: B018 - the check is the lookup

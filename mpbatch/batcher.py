@@ -54,7 +54,7 @@ from .errors import Closed, Full, ItemTooLarge, SerializationError
 from .ledger import Segment
 from .lifecycle import START_METHODS, Pool, default_start_method, default_workers
 from .stats import Accounts, Stats
-from .transport import PROTOCOL, chunk_frame
+from .transport import PROTOCOL, chunk_frame, columns
 from .worker import WorkerConfig
 
 CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to BLOCK_ITEMS
@@ -612,8 +612,10 @@ class _Bulk:
 
     def _send(self, block: list, deadline_ns: int) -> None:
         try:
-            dict(block)  # C speed: every element a pair, every key hashable
-            frame = chunk_frame(block, None, deadline_ns)
+            keys, values = columns(block)  # every element a pair
+            if not _PLAIN.issuperset(map(type, keys)):
+                dict.fromkeys(keys)  # every key hashable
+            frame = chunk_frame(keys, values, None, deadline_ns)
         except Exception:
             self._send_good_prefix(block, deadline_ns)
             return

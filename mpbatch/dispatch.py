@@ -19,7 +19,7 @@ import psutil
 
 from .errors import SerializationError
 from .ledger import Segment, WorkerLedger
-from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame
+from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame, columns
 
 if TYPE_CHECKING:
     from .lifecycle import Pool
@@ -250,7 +250,8 @@ class Dispatcher:
         deadline = min(s.deadline_ns for s in segments)
         futures = any(s.futures is not None for s in segments)
         try:
-            return segments, chunk_frame(pairs, sizes, deadline, solo, futures)
+            keys, values = columns(pairs)
+            return segments, chunk_frame(keys, values, sizes, deadline, solo, futures)
         except Exception as exc:
             good = self._drop_unpicklable(segments)
             if len(good) == len(pairs):  # each pickles alone, not together (depth): give up

@@ -9,7 +9,8 @@ header travels unpickled so that a payload which fails to unpickle still says wh
 items it was about.
 
 caller -> worker (item pipe i)
-    CHUNK  flags, n, deadline_ns | pickle((pairs, sizes))  n items; sizes None unless max_bytes
+    CHUNK  flags, n, deadline_ns | pickle((keys, values, sizes))  n items, as columns;
+                                                            sizes None unless max_bytes
     FLUSH  -                                                run what you hold now
     STOP   -                                                run what you hold, then exit
 worker -> caller (result pipe i)
@@ -96,12 +97,27 @@ def split_frames(pending: bytearray) -> list[bytes]:
     return frames
 
 
-def chunk_frame(pairs: list, sizes: list | None, deadline_ns: int, solo: bool = False,
-                item_results: bool = False) -> bytes:
-    """A CHUNK frame for ``pairs``, on the wire; raises if an item does not pickle."""
+def columns(pairs: list) -> tuple[list, list]:
+    """(keys, values) of (key, value) pairs; raises TypeError/ValueError for a non-pair.
+
+    Chunks cross as two columns, not as a list of pairs: the worker then unpickles two
+    lists instead of a tuple per item (3x faster, and no tuple for its cyclic GC to track),
+    for about the price of this loop in the caller.
+    """
+    keys: list = []
+    values: list = []
+    for key, value in pairs:
+        keys.append(key)
+        values.append(value)
+    return keys, values
+
+
+def chunk_frame(keys: list, values: list, sizes: list | None, deadline_ns: int,
+                solo: bool = False, item_results: bool = False) -> bytes:
+    """A CHUNK frame for items given as columns, on the wire; raises if one does not pickle."""
     flags = (SOLO if solo else 0) | (ITEM_RESULTS if item_results else 0)
-    head = _TO_WORKER.pack(CHUNK, flags, len(pairs), deadline_ns)
-    return _dumps_after(head, (pairs, sizes))
+    head = _TO_WORKER.pack(CHUNK, flags, len(keys), deadline_ns)
+    return _dumps_after(head, (keys, values, sizes))
 
 
 def _dumps_after(head: bytes, obj: Any) -> bytes:

@@ -203,8 +203,8 @@ def _in_stream_order(parts: list, results: dict) -> list:
     """
     taken: dict = {}
     out = []
-    for pairs, lo, hi in parts:
-        for key, _ in islice(pairs, lo, hi):
+    for keys, lo, hi in parts:
+        for key in islice(keys, lo, hi):
             j = taken.get(key, 0)
             taken[key] = j + 1
             out.append(results[key][j])
@@ -254,7 +254,7 @@ class _Loop:
         self.held_n = 0
         self.held_bytes = 0
         self.held_start = 0  # stream position of the first held item
-        self.held_parts: list[tuple[list, int, int]] = []  # (pairs, lo, hi) in stream order
+        self.held_parts: list[tuple[list, int, int]] = []  # (keys, lo, hi) in stream order
         self.held_want = False  # some held chunk asked for ITEM_RESULTS
         self.pos = 0  # stream position of the next item to arrive
         self.deadline = 0  # monotonic_ns by which the held items must run
@@ -309,7 +309,7 @@ class _Loop:
         cells[base + B_START] = self.pos
         cells[base + B_END] = self.pos + n
         try:
-            pairs, sizes = tp.payload_of(frame, tp.TO_WORKER_SIZE)
+            keys, values, sizes = tp.payload_of(frame, tp.TO_WORKER_SIZE)
             cells[base + B_END] = self.pos  # in hand, not in do(): a death re-sends them
         except BaseException as exc:
             # The items exist only as bytes we cannot read: fail exactly this chunk.
@@ -322,12 +322,12 @@ class _Loop:
         want = bool(flags & tp.ITEM_RESULTS)
         if flags & tp.SOLO:
             self._flush()
-            self._hold(pairs, 0, len(pairs), deadline, want)
+            self._hold(keys, values, 0, len(keys), deadline, want)
             self._flush()
         elif sizes is None:
-            self._hold_by_count(pairs, deadline, want)
+            self._hold_by_count(keys, values, deadline, want)
         else:
-            self._hold_by_bytes(pairs, sizes, deadline, want)
+            self._hold_by_bytes(keys, values, sizes, deadline, want)
 
     def _start_holding(self, deadline: int) -> None:
         if not self.held_n:
@@ -336,38 +336,42 @@ class _Loop:
         elif deadline < self.deadline:
             self.deadline = deadline
 
-    def _hold(self, pairs: list, lo: int, hi: int, deadline: int, want: bool) -> None:
-        """Group ``pairs[lo:hi]`` by key into the held batch, no size check."""
+    def _hold(self, keys: list, values: list, lo: int, hi: int, deadline: int,
+              want: bool) -> None:
+        """Group items [lo, hi) of a chunk by key into the held batch, no size check."""
         self._start_holding(deadline)
-        self.held_parts.append((pairs, lo, hi))
+        self.held_parts.append((keys, lo, hi))
         self.held_want = self.held_want or want
         held = self.held
-        for key, value in pairs if lo == 0 and hi == len(pairs) else islice(pairs, lo, hi):
-            values = held.get(key)
-            if values is None:
+        if lo or hi < len(keys):
+            keys, values = islice(keys, lo, hi), islice(values, lo, hi)
+        for key, value in zip(keys, values, strict=True):
+            group = held.get(key)
+            if group is None:
                 held[key] = [value]
             else:
-                values.append(value)
+                group.append(value)
         self.held_n += hi - lo
         self.pos += hi - lo
 
-    def _hold_by_count(self, pairs: list, deadline: int, want: bool) -> None:
-        i, n = 0, len(pairs)
+    def _hold_by_count(self, keys: list, values: list, deadline: int, want: bool) -> None:
+        i, n = 0, len(keys)
         while i < n:
             take = min(n - i, self.size - self.held_n)
-            self._hold(pairs, i, i + take, deadline, want)
+            self._hold(keys, values, i, i + take, deadline, want)
             i += take
             if self.held_n >= self.size:
                 self._flush()
                 if self._worn_out():
                     return  # the rest of the chunk is never reported: the caller re-sends it
 
-    def _hold_by_bytes(self, pairs: list, sizes: list, deadline: int, want: bool) -> None:
+    def _hold_by_bytes(self, keys: list, values: list, sizes: list, deadline: int,
+                       want: bool) -> None:
         limit = self.max_bytes
         for j, nbytes in enumerate(sizes):
             if self.held_n and self.held_bytes + nbytes > limit:
                 self._flush()
-            self._hold(pairs, j, j + 1, deadline, want)
+            self._hold(keys, values, j, j + 1, deadline, want)
             self.held_bytes += nbytes
             if self.held_n >= self.size or self.held_bytes >= limit:
                 self._flush()
