@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -285,24 +286,25 @@ class Batcher:
     def add(self, key: Hashable, value: Any, *, block: bool = False,
             timeout: float | None = None) -> None:
         """Accept one item; raises Full when there is no room (or waits, with ``block``)."""
-        # The hot path, inlined: a plain key and value (nothing to check), one open chunk,
-        # and room. Anything else takes _accept(), which checks and waits.
+        # The hot path, inlined and lock-free: a plain key and value (nothing to check), one
+        # open chunk, and room. deque.append is atomic, and whoever seals the chunk pops what
+        # is there under the lock (see _OpenChunk). The room check reads counters without the
+        # lock: threads adding at once may overshoot buffer by one item each.
+        # Anything else takes _accept(), which checks, locks and waits.
         if self._fast and timeout is None and type(key) in _PLAIN and type(value) in _PLAIN:
-            with self._lock:
-                chunk = self._open[0]
-                pairs = chunk.pairs
-                n = len(pairs)
-                if self._fast and self._accounts.outstanding + n < self._capacity:
-                    if not n:
-                        self._opened(chunk)
-                    if chunk.futures is not None:
-                        chunk.futures.append(None)
-                    if type(value) is str or type(value) is bytes:
-                        chunk.nbytes += len(value)
-                    pairs.append((key, value))
-                    if n + 1 >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES:
+            chunk = self._open[0]
+            entries = chunk.entries
+            n = len(entries)
+            if self._accounts.outstanding + n < self._capacity:
+                entries.append((key, value))
+                if type(value) is str or type(value) is bytes:
+                    chunk.nbytes += len(value)  # a hint for sealing: a lost update is harmless
+                if not chunk.opened:
+                    self._opened(chunk)
+                if n + 1 >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES:
+                    with self._lock:
                         self._seal(chunk)
-                    return
+                return
         self._accept(key, value, None, block, timeout)
 
     def submit(self, key: Hashable, value: Any, *, block: bool = False,
@@ -325,9 +327,10 @@ class Batcher:
             chunk = self._open[self._router.for_key(key) if len(self._open) > 1 else 0]
             if self._is_full(chunk):
                 self._wait_for_room(chunk, block, timeout)
-            if chunk.add(key, value, fut, nbytes) == 1:
+            n = chunk.add(key, value, fut, nbytes)
+            if not chunk.opened:
                 self._opened(chunk)
-            if len(chunk.pairs) >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES:
+            if n >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES:
                 self._seal(chunk)
 
     def _opened(self, chunk: _OpenChunk) -> None:
@@ -335,6 +338,7 @@ class Batcher:
         now = time.monotonic_ns()
         chunk.deadline = now + self._interval_ns
         chunk.seal_at = now + self._interval_ns // 2
+        chunk.opened = True
         if chunk.seal_at < self._collector.sleep_until_ns:  # type: ignore[union-attr]
             self._collector.poke()  # type: ignore[union-attr]
 
@@ -378,8 +382,8 @@ class Batcher:
     def _is_full(self, chunk: _OpenChunk) -> bool:
         """No room (hold the lock): per worker for "key", all workers together otherwise."""
         if len(self._open) > 1:
-            return self._dispatcher.held(chunk.worker) + len(chunk.pairs) >= self._options.buffer
-        return self._accounts.outstanding + len(chunk.pairs) >= self._capacity
+            return self._dispatcher.held(chunk.worker) + len(chunk.entries) >= self._options.buffer
+        return self._accounts.outstanding + len(chunk.entries) >= self._capacity
 
     def _wait_for_room(self, chunk: _OpenChunk, block: bool, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -445,16 +449,14 @@ class Batcher:
 
     def _take(self, chunk: _OpenChunk) -> Segment | None:
         """Seal ``chunk`` into a segment of the current epoch (hold the lock)."""
-        n = len(chunk.pairs)
-        if not n:
+        deadline = chunk.deadline
+        pairs, sizes, futures = chunk.take()
+        if chunk.entries:  # added while we took: they open the next chunk
+            self._opened(chunk)
+        if not pairs:
             return None
-        seg = Segment(chunk.pairs, chunk.sizes, chunk.futures, 0, self._epoch, chunk.deadline)
-        for extra in (seg.futures, seg.sizes):
-            if extra is not None:
-                del extra[n:]  # an interrupt between the appends in _OpenChunk.add
-        chunk.reset()
-        self._accounts.seal(n, self._epoch)
-        return seg
+        self._accounts.seal(len(pairs), self._epoch)
+        return Segment(pairs, sizes, futures, 0, self._epoch, deadline)
 
     def _seal(self, chunk: _OpenChunk) -> None:
         """Send an open chunk to its worker (hold the lock)."""
@@ -470,13 +472,13 @@ class Batcher:
 
     def _next_seal_ns(self) -> int | None:
         """When the oldest open chunk must be sent (hold the lock)."""
-        due = [c.seal_at for c in self._open if c.pairs]
+        due = [c.seal_at for c in self._open if c.entries]
         return min(due) if due else None
 
     def _seal_due(self, now: int) -> None:
         """Send open chunks whose time has come (hold the lock); the collector's timer."""
         for chunk in self._open:
-            if chunk.pairs and chunk.seal_at <= now:
+            if chunk.entries and chunk.seal_at <= now:
                 self._seal(chunk)
 
     # -- flush, stats ---------------------------------------------------------------------
@@ -510,7 +512,7 @@ class Batcher:
         """A consistent snapshot of the counters (works before start and after close)."""
         acc = self._accounts
         with self._lock:
-            accepted = acc.sealed + sum(len(c.pairs) for c in self._open)
+            accepted = acc.sealed + sum(len(c.entries) for c in self._open)
             return Stats(
                 accepted=accepted, succeeded=acc.succeeded, dead_lettered=acc.dead_lettered,
                 pending=accepted - acc.succeeded - acc.dead_lettered, batches=acc.batches,
@@ -530,36 +532,57 @@ class Batcher:
 
 
 class _OpenChunk:
-    """Items accepted in the caller and not yet sent to a worker."""
+    """Items accepted in the caller and not yet sent to a worker.
 
-    __slots__ = ("deadline", "futures", "nbytes", "pairs", "seal_at", "sized", "sizes", "worker")
+    ``entries`` is a deque: add()'s fast path appends a (key, value) pair without a lock
+    (deque.append is atomic), and a sealer, holding the Batcher's lock, pops what is there.
+    Items that need more (a Future, a size for max_bytes) are appended under the lock as
+    (key, value, future, nbytes); ``rich`` counts them, so a chunk of plain pairs is taken
+    without looking at each item.
+
+    ``opened`` says the current items have their deadlines. A sealer clears it before
+    popping and sets it again if items arrived meanwhile; an adder sets it after appending
+    if it finds it clear. Either way no item sits in a chunk the collector's timer does not
+    know about.
+    """
+
+    __slots__ = ("deadline", "entries", "nbytes", "opened", "rich", "seal_at", "sized",
+                 "worker")
 
     def __init__(self, worker: int, sized: bool) -> None:
         self.worker = worker  # for "key" routing: the worker this chunk goes to
         self.sized = sized  # max_bytes is set: the worker needs each value's size
-        self.reset()
-
-    def reset(self) -> None:
-        self.pairs: list[tuple[Any, Any]] = []
-        self.sizes: list[int] | None = [] if self.sized else None
-        self.futures: list[Future | None] | None = None
+        self.entries: deque[tuple] = deque()
+        self.rich = 0
         self.nbytes = 0
+        self.opened = False
         self.deadline = 0
         self.seal_at = 0
 
     def add(self, key: Any, value: Any, fut: Future | None, nbytes: int | None) -> int:
-        """Append one item; returns the chunk's new length. The pairs append commits it."""
-        n = len(self.pairs)
-        if fut is not None and self.futures is None:
-            self.futures = [None] * n
-        if self.futures is not None:
-            self.futures.append(fut)
+        """Append one item (hold the Batcher's lock); returns the chunk's new length."""
         if nbytes is not None:
             self.nbytes += nbytes
-            if self.sizes is not None:
-                self.sizes.append(nbytes)
-        self.pairs.append((key, value))
-        return n + 1
+        if fut is None and not self.sized:
+            self.entries.append((key, value))
+        else:
+            self.entries.append((key, value, fut, nbytes))
+            self.rich += 1
+        return len(self.entries)
+
+    def take(self) -> tuple[list, list[int] | None, list[Future | None] | None]:
+        """Pop every item: (pairs, sizes, futures) (hold the Batcher's lock)."""
+        self.opened = False
+        entries = self.entries
+        popped = [entries.popleft() for _ in range(len(entries))]
+        self.nbytes = 0
+        if not self.rich:
+            return popped, None, None
+        self.rich = 0  # every rich entry is popped: they are appended under the lock
+        pairs = [(e[0], e[1]) for e in popped]
+        sizes = [e[3] if len(e) == 4 else 0 for e in popped] if self.sized else None
+        futures = [e[2] if len(e) == 4 else None for e in popped]
+        return pairs, sizes, (futures if any(f is not None for f in futures) else None)
 
 
 class _Bulk:

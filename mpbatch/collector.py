@@ -84,7 +84,9 @@ class Collector(threading.Thread):
 
     def poke(self) -> None:
         """Wake the collector (new open chunk, flush, close); safe from any thread."""
-        with contextlib.suppress(OSError):  # a wakeup already pending, or closed at the end
+        if self._wake_w < 0:
+            return  # the thread has stopped: nobody to wake, and the fd number may be reused
+        with contextlib.suppress(OSError):  # a wakeup already pending
             os.write(self._wake_w, b"!")
 
     def exit(self) -> None:
@@ -98,8 +100,10 @@ class Collector(threading.Thread):
             except Exception:  # a bug of ours must not silently stop every outcome
                 log.exception("mpbatch collector: unexpected error; continuing")
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     def _step(self) -> None:
         for key, _ in self._selector.select(self._wait_seconds()):
