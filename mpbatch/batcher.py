@@ -450,13 +450,13 @@ class Batcher:
     def _take(self, chunk: _OpenChunk) -> Segment | None:
         """Seal ``chunk`` into a segment of the current epoch (hold the lock)."""
         deadline = chunk.deadline
-        pairs, sizes, futures = chunk.take()
+        keys, values, sizes, futures = chunk.take()
         if chunk.entries:  # added while we took: they open the next chunk
             self._opened(chunk)
-        if not pairs:
+        if not keys:
             return None
-        self._accounts.seal(len(pairs), self._epoch)
-        return Segment(pairs, sizes, futures, 0, self._epoch, deadline)
+        self._accounts.seal(len(keys), self._epoch)
+        return Segment(keys, values, sizes, futures, 0, self._epoch, deadline)
 
     def _seal(self, chunk: _OpenChunk) -> None:
         """Send an open chunk to its worker (hold the lock)."""
@@ -570,19 +570,31 @@ class _OpenChunk:
             self.rich += 1
         return len(self.entries)
 
-    def take(self) -> tuple[list, list[int] | None, list[Future | None] | None]:
-        """Pop every item: (pairs, sizes, futures) (hold the Batcher's lock)."""
+    def take(self) -> tuple[list, list, list[int] | None, list[Future | None] | None]:
+        """Pop every item: (keys, values, sizes, futures) (hold the Batcher's lock)."""
         self.opened = False
-        entries = self.entries
-        popped = [entries.popleft() for _ in range(len(entries))]
         self.nbytes = 0
+        pop = self.entries.popleft
+        keys: list = []
+        values: list = []
         if not self.rich:
-            return popped, None, None
+            for _ in range(len(self.entries)):
+                key, value = pop()
+                keys.append(key)
+                values.append(value)
+            return keys, values, None, None
         self.rich = 0  # every rich entry is popped: they are appended under the lock
-        pairs = [(e[0], e[1]) for e in popped]
-        sizes = [e[3] if len(e) == 4 else 0 for e in popped] if self.sized else None
-        futures = [e[2] if len(e) == 4 else None for e in popped]
-        return pairs, sizes, (futures if any(f is not None for f in futures) else None)
+        sizes: list[int] | None = [] if self.sized else None
+        futures: list[Future | None] = []
+        for _ in range(len(self.entries)):
+            key, value, *rest = pop()
+            keys.append(key)
+            values.append(value)
+            fut, nbytes = rest or (None, 0)
+            futures.append(fut)
+            if sizes is not None:
+                sizes.append(nbytes)
+        return keys, values, sizes, (futures if any(f is not None for f in futures) else None)
 
 
 class _Bulk:
@@ -646,11 +658,11 @@ class _Bulk:
         with b._lock:
             if b._state is not _RUNNING:
                 b._ensure_running()  # close() began: raise Closed, nothing of this block taken
-            seg = Segment(block, None, None, 0, b._epoch, deadline_ns)
-            b._accounts.seal(len(block), b._epoch)
+            seg = Segment(keys, values, None, None, 0, b._epoch, deadline_ns)
+            b._accounts.seal(len(keys), b._epoch)
             i = b._router.for_chunk()
             b._dispatcher.send(i, [seg], frame=frame)
-        self.accepted += len(block)
+        self.accepted += len(keys)
 
     def _send_good_prefix(self, block: list, deadline_ns: int) -> None:
         """The block did not check out: send the items before the first bad one, raise for it."""

@@ -370,7 +370,7 @@ class Collector(threading.Thread):
 
     def _death_error(self, i: int, proc: Any, inside: list[Segment]) -> WorkerDied:
         n = sum(len(s) for s in inside)
-        keys = list(dict.fromkeys(k for s in inside for k, _ in s.pairs))
+        keys = list(dict.fromkeys(k for s in inside for k in s.keys))
         shown = ", ".join(repr(k) for k in keys[:2])
         if len(keys) > 2:
             shown += f", +{len(keys) - 2} more"

@@ -19,7 +19,7 @@ import psutil
 
 from .errors import SerializationError
 from .ledger import Segment, WorkerLedger
-from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame, columns
+from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame
 
 if TYPE_CHECKING:
     from .lifecycle import Pool
@@ -243,20 +243,23 @@ class Dispatcher:
 
     def _frame(self, segments: list[Segment], solo: bool) -> tuple[list[Segment], bytes | None]:
         """The CHUNK frame; items that no longer pickle are split off and rejected."""
-        pairs = segments[0].pairs if len(segments) == 1 else [p for s in segments for p in s.pairs]
+        if len(segments) == 1:
+            keys, values = segments[0].keys, segments[0].values
+        else:
+            keys = [k for s in segments for k in s.keys]
+            values = [v for s in segments for v in s.values]
         sizes = None
         if segments[0].sizes is not None:
             sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]
         deadline = min(s.deadline_ns for s in segments)
         futures = any(s.futures is not None for s in segments)
         try:
-            keys, values = columns(pairs)
             return segments, chunk_frame(keys, values, sizes, deadline, solo, futures)
         except Exception as exc:
             good = self._drop_unpicklable(segments)
-            if len(good) == len(pairs):  # each pickles alone, not together (depth): give up
+            if len(good) == len(keys):  # each pickles alone, not together (depth): give up
                 self.reject(segments, SerializationError(
-                    f"a chunk of {len(pairs)} items cannot be pickled ({type(exc).__name__}: "
+                    f"a chunk of {len(keys)} items cannot be pickled ({type(exc).__name__}: "
                     f"{exc}); the items were dead-lettered"))
                 return [], None
             if not good:
@@ -268,7 +271,7 @@ class Dispatcher:
         good: list[Segment] = []
         for seg in segments:
             keep = []
-            for j, (key, value) in enumerate(seg.pairs):
+            for j, (key, value) in enumerate(seg.pairs()):
                 try:
                     pickle.dumps((key, value), PROTOCOL)
                     keep.append(j)
@@ -284,7 +287,7 @@ class Dispatcher:
 
 
 def _split_by_key_owner(seg: Segment, router: Router) -> list[tuple[int, Segment]]:
-    owners = [router.for_key(key) for key, _ in seg.pairs]
+    owners = [router.for_key(key) for key in seg.keys]
     if len(set(owners)) == 1:
         return [(owners[0], seg)]
     out = []

@@ -19,8 +19,10 @@ from typing import Any
 class Segment:
     """A run of accepted items that share their bookkeeping."""
 
-    pairs: list[tuple[Any, Any]]
-    """(key, value) in add() order."""
+    keys: list[Any]
+    """Keys in add() order (columns, not pairs: no tuple per item stays alive)."""
+    values: list[Any]
+    """The values, in the same order."""
     sizes: list[int] | None
     """Pickled size of each value; only when max_bytes is set."""
     futures: list[Future | None] | None
@@ -35,13 +37,18 @@ class Segment:
     """Set once the items were in a batch that crashed: the split budget they share."""
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.keys)
+
+    def pairs(self) -> zip:
+        """(key, value) of each item, in order."""
+        return zip(self.keys, self.values, strict=True)
 
     def part(self, lo: int, hi: int) -> Segment:
         """Items [lo, hi) as a segment of their own (self when that is all of it)."""
-        if lo == 0 and hi == len(self.pairs):
+        if lo == 0 and hi == len(self.keys):
             return self
-        return Segment(self.pairs[lo:hi], None if self.sizes is None else self.sizes[lo:hi],
+        return Segment(self.keys[lo:hi], self.values[lo:hi],
+                       None if self.sizes is None else self.sizes[lo:hi],
                        None if self.futures is None else self.futures[lo:hi],
                        self.attempts, self.epoch, self.deadline_ns, self.isolation)
 
@@ -93,7 +100,7 @@ def merged_batch(segments: list[Segment]) -> dict[Any, list[Any]]:
     """key -> values of all these items, as do() would receive them (for a DeadLetter)."""
     grouped: dict[Any, list[Any]] = {}
     for seg in segments:
-        for key, value in seg.pairs:
+        for key, value in seg.pairs():
             grouped.setdefault(key, []).append(value)
     return grouped
 
