@@ -55,7 +55,7 @@ from .errors import Closed, Full, ItemTooLarge, SerializationError
 from .ledger import Segment
 from .lifecycle import START_METHODS, Pool, default_start_method, default_workers
 from .stats import Accounts, Stats
-from .transport import PROTOCOL, chunk_frame, columns
+from .transport import PROTOCOL, chunk_frame
 from .worker import WorkerConfig
 
 CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to BLOCK_ITEMS
@@ -622,13 +622,35 @@ class _Bulk:
         while True:
             room = self._room()
             started = time.monotonic()
-            block = list(islice(self.items, min(room, self.block)))
-            if not block:
+            keys, values, bad = self._pull(min(room, self.block))
+            if keys:
+                grow = time.monotonic() - started <= budget
+                self.block = min(limit, self.block * 2) if grow else max(1, self.block // 2)
+                self._send(keys, values, int(started * 1e9) + b._interval_ns)
+            if bad is not None:
+                raise TypeError(f"add_many() takes (key, value) pairs; item {self.accepted} is "
+                                f"{type(bad[0]).__name__}: {bad[0]!r:.80}")
+            if not keys:
                 return self.accepted
-            took = time.monotonic() - started
-            grow = took <= budget
-            self.block = min(limit, self.block * 2) if grow else max(1, self.block // 2)
-            self._send(block, int(started * 1e9) + b._interval_ns)
+
+    def _pull(self, n: int) -> tuple[list, list, tuple | None]:
+        """Up to n items from the iterator as (keys, values) columns, and (item,) if one
+        of them is not a pair (the pull stops there).
+
+        Unpacking as we pull frees each pair at once, as a loop over the iterator would:
+        a pair kept in a list until the block is pickled cost a GC-tracked tuple per item.
+        """
+        keys: list = []
+        values: list = []
+        add_key, add_value = keys.append, values.append
+        for item in islice(self.items, n):
+            try:
+                key, value = item
+            except (TypeError, ValueError):
+                return keys, values, (item,)
+            add_key(key)
+            add_value(value)
+        return keys, values, None
 
     def _room(self) -> int:
         b, acc = self.b, self.b._accounts
@@ -645,14 +667,13 @@ class _Bulk:
                            f"{self.accepted} items went in", self.accepted)
             return free()
 
-    def _send(self, block: list, deadline_ns: int) -> None:
+    def _send(self, keys: list, values: list, deadline_ns: int) -> None:
         try:
-            keys, values = columns(block)  # every element a pair
             if not _PLAIN.issuperset(map(type, keys)):
                 dict.fromkeys(keys)  # every key hashable
             frame = chunk_frame(keys, values, None, deadline_ns)
         except Exception:
-            self._send_good_prefix(block, deadline_ns)
+            self._send_good_prefix(keys, values, deadline_ns)
             return
         b = self.b
         with b._lock:
@@ -664,21 +685,20 @@ class _Bulk:
             b._dispatcher.send(i, [seg], frame=frame)
         self.accepted += len(keys)
 
-    def _send_good_prefix(self, block: list, deadline_ns: int) -> None:
+    def _send_good_prefix(self, keys: list, values: list, deadline_ns: int) -> None:
         """The block did not check out: send the items before the first bad one, raise for it."""
-        for j, item in enumerate(block):
+        for j, (key, value) in enumerate(zip(keys, values, strict=True)):
             try:
-                key, value = _pair(item, self.accepted + j)
                 self.b._check_item(key, value)
             except Exception as exc:
                 if j:
-                    self._send(block[:j], deadline_ns)
+                    self._send(keys[:j], values[:j], deadline_ns)
                 if isinstance(exc, SerializationError):
                     exc.args = (exc.args[0], self.accepted)
                     exc.accepted = self.accepted
                 raise
         # Each item pickles alone but the block does not (a pickling side effect): go one by one.
-        for key, value in block:
+        for key, value in zip(keys, values, strict=True):
             self.b._accept(key, value, None, True, None)
             self.accepted += 1
 
