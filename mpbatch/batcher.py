@@ -676,13 +676,20 @@ class _Bulk:
             self._send_good_prefix(keys, values, deadline_ns)
             return
         b = self.b
-        with b._lock:
+        b._lock.acquire()
+        try:
             if b._state is not _RUNNING:
                 b._ensure_running()  # close() began: raise Closed, nothing of this block taken
             seg = Segment(keys, values, None, None, 0, b._epoch, deadline_ns)
             b._accounts.seal(len(keys), b._epoch)
             i = b._router.for_chunk()
-            b._dispatcher.send(i, [seg], frame=frame)
+        except BaseException:
+            b._lock.release()
+            raise
+        # The write happens outside the Batcher's lock (the collector settles outcomes
+        # under it) but inside worker i's send lock, taken first: a flush() or close()
+        # that follows still writes after this chunk.
+        b._dispatcher.send(i, [seg], frame=frame, unlock=b._lock)
         self.accepted += len(keys)
 
     def _send_good_prefix(self, keys: list, values: list, deadline_ns: int) -> None:

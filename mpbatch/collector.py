@@ -74,6 +74,7 @@ class Collector(threading.Thread):
         self._timed_out: dict[int, BatchTimeout] = {}
         self._init_error: dict[int, BaseException] = {}
         self._start_failures = 0
+        self._broken_handled = False  # on_broken ran and the items held were failed
         self._waitables: dict[Any, tuple[str, int]] = {}
         self._selector: selectors.BaseSelector = selectors.DefaultSelector()
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
@@ -327,6 +328,12 @@ class Collector(threading.Thread):
         if restart:
             recycled = int(proc.exitcode == EXIT_RECYCLED)
             self.accounts.bump(worker_restarts=1, recycled=recycled)
+        elif self.broken is not None and not self._broken_handled:
+            # Outside the send lock: settling takes the Batcher's lock, and add_many takes
+            # the two in the other order.
+            self._broken_handled = True
+            self.on_broken()
+            self._fail_everything(self.broken)
         self._rebuild_waitables()
         self._place_orphaned_items(i, proc, cut, left)
 
@@ -345,8 +352,6 @@ class Collector(threading.Thread):
             f"{MAX_START_FAILURES} workers in a row died before taking items (worker {i}: "
             f"{why}); the Batcher stopped: fix init= or the environment and create a new "
             f"Batcher", None, exitcode)
-        self.on_broken()
-        self._fail_everything(self.broken)
         return False
 
     def _place_orphaned_items(self, i: int, proc: Any, cut: tuple[int, int],

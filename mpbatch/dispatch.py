@@ -13,7 +13,7 @@ import secrets
 import zlib
 from collections.abc import Callable, Hashable
 from multiprocessing import shared_memory
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -204,13 +204,22 @@ class Dispatcher:
         return self.ledgers[i].held
 
     def send(self, i: int, segments: list[Segment], solo: bool = False,
-             frame: bytes | None = None) -> None:
-        """Write ``segments`` to worker i as one chunk (``frame``: already pickled)."""
+             frame: bytes | None = None, unlock: Any = None) -> None:
+        """Write ``segments`` to worker i as one chunk (``frame``: already pickled).
+
+        ``unlock``: a lock the caller holds once, released as soon as worker i's send lock
+        is taken, so that the write (which may wait for a busy worker) does not hold it up;
+        what is sent to worker i stays in order, under its send lock.
+        """
         if frame is None:
             segments, frame = self._frame(segments, solo)
             if frame is None:
+                if unlock is not None:
+                    unlock.release()
                 return
         with self.pool.send_locks[i]:
+            if unlock is not None:
+                unlock.release()
             ledger = self.ledgers[i]
             for seg in segments:
                 ledger.append(seg)
