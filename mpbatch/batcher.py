@@ -5,11 +5,12 @@
    checks: key hashable, value pickles, value <= max_bytes, room in buffer; errors
    raise here, at the call, and nothing is taken
    the item joins an open chunk (one for least-loaded and round-robin, one per worker
-   for "key"); a chunk is sealed when it holds min(size, 1024) items or 1 MiB, when
-   half of interval has passed (the collector's timer), or on flush()/close()
+   for "key"; add() appends without a lock); a chunk is sealed when it holds
+   min(size, 1024) items or 1 MiB, when half of interval has passed (the collector's
+   timer), or on flush()/close(); add_many sends blocks of up to 4 x size items
  dispatch: pick i (least-loaded: min sent[i] - done[i] from shared memory; round-robin;
    key: crc32 of the key), record the chunk in ledger i, sent[i] += n
- item pipe i ====== CHUNK(n, deadline, pickle(pairs)) ======>  reader thread -> inbox
+ item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  reader thread -> inbox
                                                               group by key; flush at size,
                                                               max_bytes, deadline or FLUSH;
                                                               do(batch[, state]); check shape
