@@ -567,8 +567,8 @@ class _OpenChunk:
         if fut is None and not self.sized:
             self.entries.append((key, value))
         else:
+            self.rich += 1  # before the append: a Ctrl-C in between must not hide the entry
             self.entries.append((key, value, fut, nbytes))
-            self.rich += 1
         return len(self.entries)
 
     def take(self) -> tuple[list, list, list[int] | None, list[Future | None] | None]:
