@@ -33,9 +33,12 @@ class Job:
     rounds: int  # hash rounds per unit of work, calibrated once in the parent
     workers: int = 2
     start_method: str | None = None  # None: each library's own default
+    keys: int | None = None  # distinct keys in W1 / MEM (scaling.py); None: the workload's
 
     def pairs(self):
         """A fresh (key, value) generator: item generation is part of the timed run."""
+        if self.keys is not None:
+            return self.workload.items(self.n, self.rounds, keys=self.keys)
         return self.workload.items(self.n, self.rounds)
 
     def values(self):

@@ -66,10 +66,10 @@ def child_main(spec):
     """Run one contender once and print its outcome as one line of JSON."""
     w = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]]
     job = contenders.Job(w, spec["n"], spec["chunk"], spec["rounds"], spec["workers"],
-                         spec["start_method"])
+                         spec["start_method"], spec.get("keys"))
     out = {}
     contenders.preload(spec["contender"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         count, checksum, extra = contenders.run(spec["contender"], job)
         out = {"count": count, "checksum": checksum, "extra": extra}
@@ -77,6 +77,9 @@ def child_main(spec):
         traceback.print_exc()
         out = {"error": f"{type(exc).__name__}: {exc}"}
     out["wall"] = time.perf_counter() - start
+    # The caller's own CPU (all its threads, not its workers): what the stream costs the
+    # program that feeds it, whatever the number of workers.
+    out["caller_cpu"] = time.process_time() - cpu
     print(RESULT_TAG + json.dumps(out, default=repr), flush=True)
 
 

@@ -59,11 +59,14 @@ def do_spin(batch):
 # --- item streams -------------------------------------------------------------------------------
 
 
-def overhead_items(n, rounds):
-    """W1 / MEM: key f"k{i % 100}", value i. `rounds` is unused (the signature is shared)."""
+def overhead_items(n, rounds, keys=KEYS):
+    """W1 / MEM: key f"k{i % keys}", value i. `rounds` is unused (the signature is shared).
+
+    `keys` (100 by default) is varied only by scaling.py, to show what distinct keys cost.
+    """
     del rounds
     for i in range(n):
-        yield f"k{i % KEYS}", i
+        yield f"k{i % keys}", i
 
 
 def cpu_items(n, rounds):

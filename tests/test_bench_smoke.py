@@ -23,4 +23,19 @@ def test_benchmark_harness_smoke_run():
     for workload in ("W1", "W2", "W3", "W4", "MEM"):
         assert f"\n{workload}:" in run.stdout, out[-3000:]
     assert "FAILED" not in run.stdout, out[-3000:]  # a lost or wrong result fails a run
+    assert "LEFTOVER" not in run.stdout, out[-3000:]  # a process outlived its run
     assert "failed" not in run.stdout, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_scaling_harness_smoke_run():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/scaling.py", "--smoke", "--n", "2000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "Caller cost vs workers" in run.stdout and "Caller cost vs distinct keys" in run.stdout
+    assert "| 8 | 100 |" in run.stdout and "| 2 | 1,000,000 |" in run.stdout, out[-3000:]
+    assert "FAILED" not in run.stdout, out[-3000:]  # a lost or wrong result fails a run
+    assert "LEFTOVER" not in run.stdout, out[-3000:]  # a process outlived its run
