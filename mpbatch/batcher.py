@@ -53,6 +53,7 @@ from .collector import Collector
 from .deadletters import DeadLetter
 from .dispatch import ROUTINGS, Dispatcher, LoadCounters, Router
 from .errors import Closed, Full, ItemTooLarge, SerializationError
+from .interrupts import held_interrupt
 from .ledger import Segment
 from .lifecycle import START_METHODS, Pool, default_start_method, default_workers
 from .stats import Accounts, Stats
@@ -266,10 +267,11 @@ class Batcher:
         collector.exit()
         collector.join()
         self._pool.close_pipes()
-        with self._lock:
-            leftovers = [seg for chunk in self._open for seg in [self._take(chunk)] if seg]
         abandon = error or Closed("the Batcher closed before these items finished")
-        collector.dead_letter(leftovers, abandon, None)
+        with held_interrupt():
+            with self._lock:
+                leftovers = [seg for chunk in self._open for seg in [self._take(chunk)] if seg]
+            collector.dead_letter(leftovers, abandon, None)  # its callbacks may call stats()
         collector.abandon(abandon)
         self._counters.unlink()
         self._state = _CLOSED
@@ -461,15 +463,16 @@ class Batcher:
 
     def _seal(self, chunk: _OpenChunk) -> None:
         """Send an open chunk to its worker (hold the lock)."""
-        seg = self._take(chunk)
-        if seg is None:
-            return
-        broken = self._collector.broken  # type: ignore[union-attr]
-        if broken is not None:
-            self._collector.dead_letter([seg], broken, None)  # type: ignore[union-attr]
-            return
-        i = chunk.worker if self._options.routing == "key" else self._router.for_chunk()
-        self._dispatcher.send(i, [seg])
+        with held_interrupt():  # from the open chunk to a ledger, whole or not at all
+            seg = self._take(chunk)
+            if seg is None:
+                return
+            broken = self._collector.broken  # type: ignore[union-attr]
+            if broken is not None:
+                self._collector.dead_letter([seg], broken, None)  # type: ignore[union-attr]
+                return
+            i = chunk.worker if self._options.routing == "key" else self._router.for_chunk()
+            self._dispatcher.send(i, [seg])
 
     def _next_seal_ns(self) -> int | None:
         """When the oldest open chunk must be sent (hold the lock)."""
@@ -677,21 +680,22 @@ class _Bulk:
             self._send_good_prefix(keys, values, deadline_ns)
             return
         b = self.b
-        b._lock.acquire()
-        try:
-            if b._state is not _RUNNING:
-                b._ensure_running()  # close() began: raise Closed, nothing of this block taken
-            seg = Segment(keys, values, None, None, 0, b._epoch, deadline_ns)
-            b._accounts.seal(len(keys), b._epoch)
-            i = b._router.for_chunk()
-        except BaseException:
-            b._lock.release()
-            raise
-        # The write happens outside the Batcher's lock (the collector settles outcomes
-        # under it) but inside worker i's send lock, taken first: a flush() or close()
-        # that follows still writes after this chunk.
-        b._dispatcher.send(i, [seg], frame=frame, unlock=b._lock)
-        self.accepted += len(keys)
+        with held_interrupt():  # counted as accepted, recorded in a ledger and written, or not
+            b._lock.acquire()
+            try:
+                if b._state is not _RUNNING:
+                    b._ensure_running()  # close() began: raise Closed, nothing of this taken
+                seg = Segment(keys, values, None, None, 0, b._epoch, deadline_ns)
+                b._accounts.seal(len(keys), b._epoch)
+                i = b._router.for_chunk()
+            except BaseException:
+                b._lock.release()
+                raise
+            # The write happens outside the Batcher's lock (the collector settles outcomes
+            # under it) but inside worker i's send lock, taken first: a flush() or close()
+            # that follows still writes after this chunk.
+            b._dispatcher.send(i, [seg], frame=frame, unlock=b._lock)
+            self.accepted += len(keys)
 
     def _send_good_prefix(self, keys: list, values: list, deadline_ns: int) -> None:
         """The block did not check out: send the items before the first bad one, raise for it."""

@@ -22,6 +22,7 @@ import psutil
 
 from . import transport as tp
 from . import worker
+from .interrupts import held_interrupt
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -138,7 +139,8 @@ class Pool:
         if conn is None:
             return False
         try:
-            tp.write_all(conn.fileno(), frame)
+            with held_interrupt():  # half a frame would garble the rest of the stream
+                tp.write_all(conn.fileno(), frame)
         except (OSError, ValueError):  # EPIPE from a dead worker; OSError: closed here
             return False
         return True

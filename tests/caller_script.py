@@ -5,11 +5,14 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   added                   every item is accepted
   batch <pid>             a worker entered do() (printed by the worker)
   closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
+  streaming               (mode "stream") AT items are accepted; adding goes on
 MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy), "noclose"
-(return from main without close(): atexit must flush).
+(return from main without close(): atexit must flush), "stream" (add items without end,
+through ADD=add or ADD=add_many, until a signal lands wherever the adding thread is).
 """
 
 import atexit
+import itertools
 import os
 import sys
 import threading
@@ -28,7 +31,8 @@ import mpbatch  # noqa: E402 - after the hook above, on purpose
 
 
 def do(batch):
-    print("batch", os.getpid(), flush=True)
+    if os.environ.get("QUIET") is None:
+        print("batch", os.getpid(), flush=True)
     time.sleep(float(os.environ.get("BATCH_SECONDS", "0.3")))  # the work itself
     return {k: [v * 2 for v in vs] for k, vs in batch.items()}
 
@@ -37,7 +41,7 @@ def main():
     mode = sys.argv[1]
     items = int(os.environ.get("ITEMS", "40"))
     done = []
-    b = mpbatch.Batcher(do, size=5, workers=2, interval=0.05,
+    b = mpbatch.Batcher(do, size=int(os.environ.get("SIZE", "5")), workers=2, interval=0.05,
                         on_result=lambda k, vs, rs: done.extend(rs))
     b.start()
     print("pids", *[p.pid for p in b._pool.procs], flush=True)
@@ -48,6 +52,8 @@ def main():
         return
     try:
         with b:
+            if mode == "stream":
+                stream(b, int(os.environ["AT"]), os.environ["ADD"])
             b.add_many(("k", i) for i in range(items))
             print("added", flush=True)
             if mode == "exit":
@@ -55,6 +61,20 @@ def main():
             threading.Event().wait()
     finally:
         print("closed", len(done), b.stats(), flush=True)
+
+
+def stream(b, at, how):
+    """Add items without end; say "streaming" once `at` of them are in."""
+    def items():
+        for i in itertools.count():
+            if i == at:
+                print("streaming", flush=True)
+            yield "k" + str(i % 7), i
+
+    if how == "add_many":
+        b.add_many(items())
+    for key, value in items():
+        b.add(key, value, block=True)
 
 
 if __name__ == "__main__":
