@@ -3,21 +3,46 @@
 Modules form a straight pipeline with no import cycles:
 batcher -> dispatch -> transport -> worker -> collector, with errors, stats, ledger,
 deadletters and lifecycle beside them. See batcher.py for the data flow.
+
+The public names load on first use (PEP 562): a worker process imports ``mpbatch.worker``
+and, through this file, would otherwise import the whole caller side (the Batcher, its
+collector, concurrent.futures, logging) before it can serve its first batch.
 """
 
-from .batcher import Batcher
-from .deadletters import DeadLetter
-from .errors import (
-    BatchFailed,
-    BatchTimeout,
-    Closed,
-    Full,
-    ItemTooLarge,
-    MpbatchError,
-    SerializationError,
-    WorkerDied,
-)
-from .stats import Stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .batcher import Batcher
+    from .deadletters import DeadLetter
+    from .errors import (
+        BatchFailed,
+        BatchTimeout,
+        Closed,
+        Full,
+        ItemTooLarge,
+        MpbatchError,
+        SerializationError,
+        WorkerDied,
+    )
+    from .stats import Stats
+
+# public name -> the module that defines it
+_HOMES = {
+    "BatchFailed": "errors",
+    "BatchTimeout": "errors",
+    "Batcher": "batcher",
+    "Closed": "errors",
+    "DeadLetter": "deadletters",
+    "Full": "errors",
+    "ItemTooLarge": "errors",
+    "MpbatchError": "errors",
+    "SerializationError": "errors",
+    "Stats": "stats",
+    "WorkerDied": "errors",
+}
 
 __all__ = [
     "BatchFailed",
@@ -33,3 +58,16 @@ __all__ = [
     "WorkerDied",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'mpbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

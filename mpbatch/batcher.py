@@ -9,12 +9,15 @@
    min(size, 1024) items or 1 MiB, when half of interval has passed (the collector's
    timer), or on flush()/close(); add_many sends blocks of up to 4 x size items
  dispatch: pick i (least-loaded: min sent[i] - done[i] from shared memory; round-robin;
-   key: crc32 of the key), record the chunk in ledger i, sent[i] += n
+   key: crc32 of the key), record the chunk in ledger i, sent[i] += n; add_many pulls its
+   next block only while worker i holds under ~20 ms of work (Pacer: work_ns / done); a
+   Ctrl-C waits until the chunk is recorded and written (held_interrupt)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  reader thread -> inbox
                                                               group by key; flush at size,
                                                               max_bytes, deadline or FLUSH;
                                                               do(batch[, state]); check shape
- collector thread <== FINISHED/FAILED(start, n, payload) ===  result pipe i; done[i] += n
+ collector thread <== FINISHED/FAILED(start, n, payload) ===  result pipe i; done[i] += n,
+                                                              work_ns[i] += time in do()
    one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe:
    FINISHED -> futures, on_result, succeeded        FAILED -> retry after backoff (solo
    chunk) or DeadLetter, on_dead_letter             sentinel -> a replacement starts; the
@@ -51,7 +54,7 @@ import cloudpickle
 
 from .collector import Collector
 from .deadletters import DeadLetter
-from .dispatch import ROUTINGS, Dispatcher, LoadCounters, Router
+from .dispatch import ROUTINGS, Dispatcher, LoadCounters, Pacer, Router
 from .errors import Closed, Full, ItemTooLarge, SerializationError
 from .interrupts import held_interrupt
 from .ledger import Segment
@@ -63,6 +66,7 @@ from .worker import WorkerConfig
 CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to BLOCK_ITEMS
 CHUNK_BYTES = 1 << 20  # seal an add() chunk at about this many bytes of values
 BLOCK_ITEMS = 4096
+PACE_WAIT = 1.0  # s add_many waits for the pacer at most (liveness, should a wake-up be missed)
 STOP_GRACE = 5.0  # seconds close() gives idle workers to exit before killing them
 _PLAIN = frozenset({int, str, bytes, float, bool, type(None)})  # always pickle, always hash
 
@@ -204,6 +208,9 @@ class Batcher:
         try:
             pool = Pool(workers, opts.start_method, counters.name, blob)
             self._router = Router(opts.routing, counters)
+            # add_many's blocks go to the least-loaded worker: pace them by work, not count.
+            self._pacer = (Pacer(counters, opts.size, 2 * _block_limit(opts.size))
+                           if opts.routing == "least-loaded" else None)
             self._dispatcher = Dispatcher(pool, counters, self._router)
             sized = opts.max_bytes is not None
             chunks = workers if opts.routing == "key" else 1
@@ -620,11 +627,9 @@ class _Bulk:
         # for the last, and must not wait past interval. (A tighter cap, 2 ms, kept halving
         # blocks whenever the collector took the GIL mid-pull, and cost W1 40 %.)
         budget = b._options.interval / 4
-        # A block goes to one worker: a few batches' worth at most, so that a run of costly
-        # items (hot keys) cannot pin seconds of work to one worker while another idles.
-        limit = min(BLOCK_ITEMS, max(4 * b._options.size, 64))
+        limit = _block_limit(b._options.size)
         while True:
-            room = self._room()
+            room = self._paced(self._room())
             started = time.monotonic()
             keys, values, bad = self._pull(min(room, self.block))
             if keys:
@@ -671,6 +676,21 @@ class _Bulk:
                            f"{self.accepted} items went in", self.accepted)
             return free()
 
+    def _paced(self, room: int) -> int:
+        """Items to pull now: ``room``, but not further ahead of the workers than the pacer
+        allows (a soft limit: past the call's timeout, or PACE_WAIT, a block goes anyway)."""
+        b, pacer = self.b, self.b._pacer
+        if pacer is None:
+            return room
+        with b._lock:
+            allowed = pacer.allowance()
+            if allowed <= 0:
+                until = time.monotonic() + PACE_WAIT
+                b._wait_until(lambda: pacer.allowance() > 0,
+                              until if self.deadline is None else min(until, self.deadline))
+                allowed = pacer.allowance()
+        return max(1, min(room, allowed))
+
     def _send(self, keys: list, values: list, deadline_ns: int) -> None:
         try:
             if not _PLAIN.issuperset(map(type, keys)):
@@ -713,6 +733,13 @@ class _Bulk:
         for key, value in zip(keys, values, strict=True):
             self.b._accept(key, value, None, True, None)
             self.accepted += 1
+
+
+def _block_limit(size: int) -> int:
+    """Most items in one add_many block. A block goes to one worker: a few batches' worth at
+    most, so that a run of costly items (hot keys) cannot pin seconds of work to one worker
+    while another idles."""
+    return min(BLOCK_ITEMS, max(4 * size, 64))
 
 
 def _pair(item: Any, index: int) -> tuple[Hashable, Any]:

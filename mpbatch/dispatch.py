@@ -34,8 +34,11 @@ ROUTINGS = ("least-loaded", "key", "round-robin")
 #   int64 b_end    at 64*i + 24   writer: worker i     end (exclusive) of that batch
 #   int64 busy_ns  at 64*i + 32   writer: worker i     monotonic_ns when do() began; 0 = idle
 #   int64 batches  at 64*i + 40   writer: worker i     batches this incarnation has run
+#   int64 work_ns  at 64*i + 48   writer: worker i     ns spent running batches (do() and
+#                                                      pickling the outcome), this incarnation
 CELLS = 8
-SENT, DONE, B_START, B_END, BUSY_NS, BATCHES = range(6)
+SENT, DONE, B_START, B_END, BUSY_NS, BATCHES, WORK_NS = range(7)
+HORIZON_NS = 20_000_000  # add_many keeps about this much estimated work queued per worker
 
 
 class LoadCounters:
@@ -184,6 +187,43 @@ class Router:
             self._key_cache.clear()
         self._key_cache[key] = i
         return i
+
+
+class Pacer:
+    """How many more items add_many may send now: about HORIZON_NS of estimated work ahead
+    of the least-loaded worker, at the per-item cost the workers report (WORK_NS / DONE).
+
+    Sending further ahead only moves items from the caller's iterator into a worker's
+    queue, where they can no longer go to whichever worker frees up first: a run of costly
+    items arriving late (hot keys) would be split by item count, and one worker would
+    finish long after the other. Cheap items are not held back: the horizon then spans
+    more than ``buffer`` items.
+    """
+
+    def __init__(self, counters: LoadCounters, size: int, first: int) -> None:
+        self.counters = counters
+        self.floor = size + size // 2  # one batch in do() and half of the next behind it
+        self.first = first  # items per worker before any cost is known
+        self.cost = 0.0  # ns per item, smoothed over recent batches; 0: not known yet
+        self._work = self._done = 0
+
+    def allowance(self) -> int:
+        """Items the least-loaded worker may receive now (<= 0: wait for a batch to end)."""
+        cells, workers = self.counters.cells, self.counters.workers
+        work = done = 0
+        least = None
+        for base in range(0, CELLS * workers, CELLS):
+            work += cells[base + WORK_NS]
+            done += cells[base + DONE]
+            load = cells[base + SENT] - cells[base + DONE]
+            least = load if least is None or load < least else least
+        if done != self._done or work < self._work:
+            if done > self._done and work >= self._work:  # not a respawn's reset line
+                sample = (work - self._work) / (done - self._done)
+                self.cost = sample if not self.cost else (self.cost + sample) / 2
+            self._work, self._done = work, done
+        cap = max(self.floor, HORIZON_NS / self.cost) if self.cost else self.first
+        return int(cap) - (least or 0)
 
 
 class Dispatcher:

@@ -26,7 +26,7 @@ import cloudpickle
 import psutil
 
 from . import transport as tp
-from .dispatch import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, LoadCounters
+from .dispatch import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, WORK_NS, LoadCounters
 from .errors import BatchFailed, SerializationError
 
 EXIT_INIT_FAILED = 3
@@ -390,13 +390,14 @@ class _Loop:
         # The caller reads these after a death or on a timeout: which items were inside do().
         cells[base + B_START] = start
         cells[base + B_END] = start + n
-        cells[base + BUSY_NS] = time.monotonic_ns()
+        began = cells[base + BUSY_NS] = time.monotonic_ns()
         try:
             result = self.do(batch, self.state) if self.with_state else self.do(batch)
             results, error = _results_of(batch, result)
         except BaseException as exc:  # SystemExit too: do() ending the worker is a failure
             results, error = None, _failure(exc)
         frame = self._outcome_frame(start, n, batch, results, error, parts if want else None)
+        cells[base + WORK_NS] += time.monotonic_ns() - began  # before DONE: the pacer's cost
         cells[base + BUSY_NS] = 0
         cells[base + BATCHES] += 1
         self.batches += 1

@@ -248,3 +248,9 @@ def hog_on(key):
         return double(batch)
 
     return do
+
+
+def sleep_per_item(batch):
+    """2 ms of wall time per item: a cost the pacer can learn, whatever the CPU's speed."""
+    time.sleep(0.002 * sum(map(len, batch.values())))
+    return double(batch)

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-from mpbatch.dispatch import key_hash
+import pytest
+
+from mpbatch.dispatch import DONE, SENT, WORK_NS, LoadCounters, Pacer, key_hash
 from tests import fns
 
 
@@ -74,3 +76,50 @@ def test_round_robin_alternates_workers(batcher_factory):
     pids = [pid for _, pid, _ in rows]
     assert len(set(pids)) == 2
     assert abs(pids.count(pids[0]) - 100) <= 10
+
+
+def test_add_many_queues_about_20ms_of_work_per_worker_not_buffer_items(batcher_factory):
+    # Sending further ahead would pin items to a worker by count: a late run of costly
+    # items could then not go to whichever worker frees up first (benchmarks' W3).
+    b = batcher_factory(fns.sleep_per_item, size=5, workers=2, buffer=10_000)
+    accepted = b.add_many((f"k{i % 3}", i) for i in range(1000))  # ~1 s of work
+    queued = b.stats().pending  # unpaced, nearly all 1000 would still be queued here
+    b.flush()
+    assert accepted == 1000 and b.stats().succeeded == 1000
+    assert queued <= 100, queued  # 2 workers x (a batch and a half, or 20 ms) + one block
+
+
+def test_round_robin_add_many_is_not_paced(batcher_factory):
+    b = batcher_factory(fns.sleep_per_item, size=5, workers=2, routing="round-robin")
+    b.add_many((f"k{i % 3}", i) for i in range(400))  # ~0.4 s of work
+    queued = b.stats().pending
+    b.flush()
+    assert queued > 300, queued  # round-robin promises an even count, not paced work
+
+
+def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
+    counters = LoadCounters(2)
+    try:
+        pacer = Pacer(counters, size=10, first=64)
+        assert pacer.allowance() == 64  # nothing finished yet: the first allowance
+        counters.set(0, SENT, 30)
+        counters.set(1, SENT, 20)
+        assert pacer.allowance() == 64 - 20  # measured from the least-loaded worker
+        counters.set(1, WORK_NS, 20 * 1_000_000)  # worker 1: 20 items in 20 ms
+        counters.set(1, DONE, 20)
+        assert pacer.cost == 0 and pacer.allowance() == 20  # 20 ms / 1 ms, worker 1 idle
+        assert pacer.cost == 1_000_000
+        counters.set(0, WORK_NS, 30 * 3_000_000)  # worker 0: 3 ms per item
+        counters.set(0, DONE, 30)
+        assert pacer.allowance() == 15  # cost 2 ms (smoothed): 10 items, but a batch and a half
+        counters.reset(1)  # a respawned worker starts from zero: not a sample
+        assert pacer.allowance() == 15 and pacer.cost == 2_000_000
+        for batch in range(1, 17):  # cheap items now, 1 us each: the estimate follows
+            counters.set(0, WORK_NS, 30 * 3_000_000 + batch * 10 * 1_000)
+            counters.set(0, DONE, 30 + batch * 10)
+            if pacer.allowance() > 10_000:  # far beyond any buffer: not held back
+                break
+        else:
+            pytest.fail(f"still held back after 16 cheap batches (cost {pacer.cost:.0f} ns)")
+    finally:
+        counters.unlink()
