@@ -203,7 +203,9 @@ class Pacer:
     def __init__(self, counters: LoadCounters, size: int, first: int) -> None:
         self.counters = counters
         self.floor = size + size // 2  # one batch in do() and half of the next behind it
-        self.first = first  # items per worker before any cost is known
+        # Items per worker before any cost is known: at least a full batch, or the first one
+        # would wait for interval to run.
+        self.first = max(first, self.floor)
         self.cost = 0.0  # ns per item, smoothed over recent batches; 0: not known yet
         self._work = self._done = 0
 
