@@ -10,8 +10,9 @@
    timer), or on flush()/close(); add_many sends blocks of up to 4 x size items
  dispatch: pick i (least-loaded: min sent[i] - done[i] from shared memory; round-robin;
    key: crc32 of the key), record the chunk in ledger i, sent[i] += n; add_many pulls its
-   next block only while worker i holds under ~20 ms of work (Pacer: work_ns / done); a
-   Ctrl-C waits until the chunk is recorded and written (held_interrupt)
+   next block only while the least-loaded worker holds under ~20 ms of work, or 1.5 x size
+   items (Pacer: work_ns / done); a Ctrl-C waits until the chunk is recorded and written
+   (held_interrupt)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  reader thread -> inbox
                                                               group by key; flush at size,
                                                               max_bytes, deadline or FLUSH;
@@ -255,8 +256,9 @@ class Batcher:
                 error = self._collector.broken or Closed(  # type: ignore[union-attr]
                     f"close(timeout={timeout:g}) ran out before these items finished")
         except BaseException:
-            left = self.stats().pending
+            before = self.stats().dead_lettered  # counted after: some finish while we stop
             self._shutdown(Closed("close() was interrupted before these items finished"))
+            left = self.stats().dead_lettered - before
             print(f"mpbatch: interrupted during close(); {left} unfinished items were "
                   f"dead-lettered (see dead_letters())", file=sys.stderr)
             raise
@@ -275,14 +277,14 @@ class Batcher:
         collector.join()
         self._pool.close_pipes()
         abandon = error or Closed("the Batcher closed before these items finished")
-        with held_interrupt():
+        with held_interrupt():  # every item gets its outcome and the memory is freed, or none
             with self._lock:
                 leftovers = [seg for chunk in self._open for seg in [self._take(chunk)] if seg]
             collector.dead_letter(leftovers, abandon, None)  # its callbacks may call stats()
-        collector.abandon(abandon)
-        self._counters.unlink()
-        self._state = _CLOSED
-        _LIVE.discard(self)
+            collector.abandon(abandon)
+            self._counters.unlink()
+            self._state = _CLOSED
+            _LIVE.discard(self)
 
     def __enter__(self) -> Batcher:
         return self
@@ -678,18 +680,18 @@ class _Bulk:
 
     def _paced(self, room: int) -> int:
         """Items to pull now: ``room``, but not further ahead of the workers than the pacer
-        allows (a soft limit: past the call's timeout, or PACE_WAIT, a block goes anyway)."""
+        allows. A soft limit, apart from timeout= (which is about room): after PACE_WAIT a
+        block goes anyway."""
         b, pacer = self.b, self.b._pacer
         if pacer is None:
             return room
         with b._lock:
             allowed = pacer.allowance()
             if allowed <= 0:
-                until = time.monotonic() + PACE_WAIT
-                b._wait_until(lambda: pacer.allowance() > 0,
-                              until if self.deadline is None else min(until, self.deadline))
+                b._wait_until(lambda: pacer.allowance() > 0, time.monotonic() + PACE_WAIT)
                 allowed = pacer.allowance()
-        return max(1, min(room, allowed))
+        # After PACE_WAIT without a wake-up, a batch and a half goes anyway: not one item.
+        return min(room, allowed if allowed > 0 else pacer.floor)
 
     def _send(self, keys: list, values: list, deadline_ns: int) -> None:
         try:

@@ -198,6 +198,7 @@ class Collector(threading.Thread):
                                     f"({type(exc).__name__}: {exc})", type(exc).__name__)
             self.accounts.bump(batches=1)
             self._attempt_failed(segments, error, i)
+            self.accounts.wake()
         elif kind == tp.READY:
             self.pool.ready[i] = True
             self._start_failures = 0
@@ -325,6 +326,7 @@ class Collector(threading.Thread):
                 self.pool.start(i)
             else:
                 self._buried.add(proc)
+        self.accounts.wake()
         if restart:
             recycled = int(proc.exitcode == EXIT_RECYCLED)
             self.accounts.bump(worker_restarts=1, recycled=recycled)

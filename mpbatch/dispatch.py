@@ -196,8 +196,8 @@ class Pacer:
     Sending further ahead only moves items from the caller's iterator into a worker's
     queue, where they can no longer go to whichever worker frees up first: a run of costly
     items arriving late (hot keys) would be split by item count, and one worker would
-    finish long after the other. Cheap items are not held back: the horizon then spans
-    more than ``buffer`` items.
+    finish long after the other. Items of ~2 us or less are not held back (the horizon
+    then spans more than the default buffer); at 100 us it is 200 items per worker.
     """
 
     def __init__(self, counters: LoadCounters, size: int, first: int) -> None:
@@ -207,23 +207,31 @@ class Pacer:
         # would wait for interval to run.
         self.first = max(first, self.floor)
         self.cost = 0.0  # ns per item, smoothed over recent batches; 0: not known yet
-        self._work = self._done = 0
+        self._seen = [(0, 0)] * counters.workers  # (done, work_ns) per worker, last read
 
     def allowance(self) -> int:
         """Items the least-loaded worker may receive now (<= 0: wait for a batch to end)."""
-        cells, workers = self.counters.cells, self.counters.workers
+        cells = self.counters.cells
+        seen = self._seen
         work = done = 0
         least = None
-        for base in range(0, CELLS * workers, CELLS):
-            work += cells[base + WORK_NS]
-            done += cells[base + DONE]
-            load = cells[base + SENT] - cells[base + DONE]
+        for i, (done_was, work_was) in enumerate(seen):
+            base = CELLS * i
+            # DONE first: a worker adds WORK_NS before DONE, so a batch counted here has
+            # its time counted too.
+            d = cells[base + DONE]
+            w = cells[base + WORK_NS]
+            if d >= done_was and w >= work_was:
+                done += d - done_was
+                work += w - work_was
+            # else: a replacement's line, reset to zero; it starts a new baseline
+            if d != done_was:
+                seen[i] = (d, w)
+            load = cells[base + SENT] - d
             least = load if least is None or load < least else least
-        if done != self._done or work < self._work:
-            if done > self._done and work >= self._work:  # not a respawn's reset line
-                sample = (work - self._work) / (done - self._done)
-                self.cost = sample if not self.cost else (self.cost + sample) / 2
-            self._work, self._done = work, done
+        if done:
+            sample = work / done
+            self.cost = sample if not self.cost else (self.cost + sample) / 2
         cap = max(self.floor, HORIZON_NS / self.cost) if self.cost else self.first
         return int(cap) - (least or 0)
 

@@ -24,23 +24,29 @@ except ImportError:  # pragma: no cover - other interpreters
     import signal as _sig  # type: ignore[no-redef]
 
 SIGINT = 2
-_MAIN = threading.main_thread().ident
 
 
 class held_interrupt:  # lower case: read as a function, ``with held_interrupt():``
-    """Hold a SIGINT that arrives inside the block; run its handler at the end of it."""
+    """Hold a SIGINT that arrives inside the block; run its handler at the end of it.
 
-    __slots__ = ("got", "old")
+    ``pending()`` tells a block that waits (a write to a full pipe) that a Ctrl-C came, so
+    it can give up instead of holding the interrupt for as long as the wait lasts.
+    """
+
+    __slots__ = ("got", "old", "outer")
 
     def __enter__(self) -> held_interrupt:
         self.old: Any = None
-        if threading.get_ident() != _MAIN:
+        self.got: tuple[int, FrameType | None] | None = None
+        self.outer: held_interrupt | None = None
+        if threading.get_ident() != threading.main_thread().ident:
             return self
         old = _sig.getsignal(SIGINT)
-        # SIG_DFL / SIG_IGN / a C handler raise nothing in Python; an outer block holds it.
-        if not callable(old) or isinstance(getattr(old, "__self__", None), held_interrupt):
+        if isinstance(getattr(old, "__self__", None), held_interrupt):
+            self.outer = old.__self__  # an outer block holds it, and will run the handler
             return self
-        self.got: tuple[int, FrameType | None] | None = None
+        if not callable(old):  # SIG_DFL / SIG_IGN / a C handler: nothing raised in Python
+            return self
         self.old = old
         _sig.signal(SIGINT, self._note)
         return self
@@ -48,11 +54,22 @@ class held_interrupt:  # lower case: read as a function, ``with held_interrupt()
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.got = (signum, frame)
 
+    def pending(self) -> bool:
+        """A Ctrl-C arrived inside this block (or the block that holds it)."""
+        return self.got is not None or (self.outer is not None and self.outer.got is not None)
+
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         old = self.old
         if old is None:
             return
-        _sig.signal(SIGINT, old)
+        if _sig.getsignal(SIGINT) == self._note:  # else the block installed its own: keep it
+            try:
+                _sig.signal(SIGINT, old)
+            except BaseException:
+                # signal() first runs other pending handlers (SIGALRM, SIGTERM), which may
+                # raise: restore anyway, or every later Ctrl-C would be swallowed.
+                _sig.signal(SIGINT, old)
+                raise
         if self.got is not None:
             old(*self.got)  # the default handler raises KeyboardInterrupt here

@@ -12,6 +12,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import select
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -25,6 +26,8 @@ from . import worker
 from .interrupts import held_interrupt
 
 START_METHODS = ("fork", "spawn", "forkserver")
+WRITE_POLL = 0.1  # s between looks at a full item pipe (and at a pending Ctrl-C)
+STUCK_WRITE = 1.0  # s a worker may read nothing after a Ctrl-C before it is given up
 
 
 def default_start_method() -> str:
@@ -75,6 +78,28 @@ def default_workers() -> int:
     return max(1, n)
 
 
+def _write(fd: int, frame: bytes, hold: held_interrupt) -> bool:
+    """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
+    worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung)."""
+    view = memoryview(frame)
+    stuck = 0.0
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+            stuck = 0.0
+            continue
+        except BlockingIOError:
+            pass
+        if hold.pending():
+            if stuck >= STUCK_WRITE:
+                return False
+            stuck += WRITE_POLL
+        room = select.poll()  # not select(): it fails on descriptors past 1024
+        room.register(fd, select.POLLOUT)
+        room.poll(WRITE_POLL * 1000)
+    return True
+
+
 def _widen(conn: Connection) -> None:
     """Grow a pipe to 1 MiB (Linux): a 64 KiB pipe makes a 50 KiB chunk cost a context
     switch or two; a wider one lets the caller queue several chunks and move on."""
@@ -118,6 +143,8 @@ class Pool:
                   self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
         for conn in (items_w, results_r):
             _widen(conn)
+        # Writes wait for room in select(), where a pending Ctrl-C can end the wait (_write).
+        os.set_blocking(items_w.fileno(), False)
         # The collector reads what is there and never blocks: with fork, a sibling holding a
         # copy of the write end would keep a dead worker's pipe from ever reaching EOF.
         os.set_blocking(results_r.fileno(), False)
@@ -139,8 +166,12 @@ class Pool:
         if conn is None:
             return False
         try:
-            with held_interrupt():  # half a frame would garble the rest of the stream
-                tp.write_all(conn.fileno(), frame)
+            # Half a frame would garble the rest of the stream: a Ctrl-C waits for the end of
+            # the frame, unless the worker reads nothing for STUCK_WRITE s after it.
+            with held_interrupt() as hold:
+                if not _write(conn.fileno(), frame, hold):
+                    self.kill(i)  # its ledger's items are re-sent when the collector sees it
+                    return False
         except (OSError, ValueError):  # EPIPE from a dead worker; OSError: closed here
             return False
         return True

@@ -93,6 +93,13 @@ class Accounts:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
 
+    def wake(self) -> None:
+        """A worker's load fell without an outcome (a failed attempt, a respawn): waiters
+        that pace by load look again."""
+        with self.lock:
+            if self.waiters:
+                self.changed.notify_all()
+
     def settled_through(self, epoch: int) -> bool:
         """Every item of epochs <= ``epoch`` has an outcome (hold ``lock``)."""
         return not self.unresolved or min(self.unresolved) > epoch

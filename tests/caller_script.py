@@ -8,7 +8,9 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   streaming               (mode "stream") AT items are accepted; adding goes on
 MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy), "noclose"
 (return from main without close(): atexit must flush), "stream" (add items without end,
-through ADD=add or ADD=add_many, until a signal lands wherever the adding thread is).
+through ADD=add or ADD=add_many, until a signal lands wherever the adding thread is),
+"stuck" (init() never returns, so nothing reads the item pipes; add_many of 64 MB then
+waits for room in a full pipe; prints "adding" once the pipes are full).
 """
 
 import atexit
@@ -37,12 +39,27 @@ def do(batch):
     return {k: [v * 2 for v in vs] for k, vs in batch.items()}
 
 
+def hang():
+    threading.Event().wait()
+
+
+def stuck_items():
+    """64 KiB values; "adding" as the fifth block starts: add_many pulls blocks of 1, 2, 4,
+    8, 16 items, each to the less loaded worker, so the fifth (1 MiB) goes to a pipe that
+    already holds 5 items (320 KiB) of its 1 MiB, and its write waits for room."""
+    for i in range(1000):
+        if i == 15:
+            print("adding", flush=True)
+        yield "k", bytes(65536)
+
+
 def main():
     mode = sys.argv[1]
     items = int(os.environ.get("ITEMS", "40"))
     done = []
     b = mpbatch.Batcher(do, size=int(os.environ.get("SIZE", "5")), workers=2, interval=0.05,
-                        on_result=lambda k, vs, rs: done.extend(rs))
+                        on_result=lambda k, vs, rs: done.extend(rs),
+                        init=hang if mode == "stuck" else None)
     b.start()
     print("pids", *[p.pid for p in b._pool.procs], flush=True)
     if mode == "noclose":
@@ -54,6 +71,8 @@ def main():
         with b:
             if mode == "stream":
                 stream(b, int(os.environ["AT"]), os.environ["ADD"])
+            if mode == "stuck":
+                b.add_many(stuck_items())
             b.add_many(("k", i) for i in range(items))
             print("added", flush=True)
             if mode == "exit":

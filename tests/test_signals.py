@@ -155,9 +155,10 @@ def test_held_interrupt_nests_and_calls_a_custom_handler_once():
     previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
     try:
         with held_interrupt():
-            with held_interrupt():
+            with held_interrupt() as inner:
                 os.kill(os.getpid(), signal.SIGINT)
                 sum(range(100_000))
+                assert inner.pending()  # a wait inside can see it and give up
             assert seen == []  # the outer block still holds it
         assert seen == [signal.SIGINT]
     finally:
@@ -175,3 +176,30 @@ def test_held_interrupt_is_a_no_op_off_the_main_thread():
     t.start()
     t.join(10)
     assert handlers == [signal.default_int_handler]
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_ends_a_write_to_a_worker_that_reads_nothing():
+    # init() never returns, so nothing drains the item pipes and add_many waits for room
+    # in a full pipe. A Ctrl-C held until the frame is written would be held forever: after
+    # a second of no progress the worker is given up and the interrupt goes through.
+    caller = start_caller("stuck")
+    try:
+        workers = [int(p) for p in read_until(caller, "pids")[1:]]
+        read_until(caller, "adding")
+        os.killpg(caller.pid, signal.SIGINT)
+        try:
+            out, err = caller.communicate(timeout=8)
+        except subprocess.TimeoutExpired:  # close() waits for items no worker can take
+            os.killpg(caller.pid, signal.SIGINT)
+            out, err = caller.communicate(timeout=15)
+    except BaseException:  # not on success: the workers must go away by themselves
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(caller.pid, signal.SIGKILL)
+        raise
+    assert "KeyboardInterrupt" in err, err[-2000:]
+    closed = next(line for line in out.splitlines() if line.startswith("closed"))
+    stats = dict(re.findall(r"(\w+)=(\d+)", closed))
+    assert stats["pending"] == "0", closed
+    assert int(stats["accepted"]) == int(stats["dead_lettered"]) >= 15, closed  # none ran
+    assert_gone_within(workers, 1)
