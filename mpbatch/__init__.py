@@ -60,7 +60,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+_MODULES = frozenset({"batcher", "collector", "deadletters", "dispatch", "errors",
+                      "interrupts", "ledger", "lifecycle", "stats", "transport", "worker"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:  # ``mpbatch.dispatch`` worked when this file imported everything
+        return importlib.import_module(f".{name}", __name__)
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'mpbatch' has no attribute {name!r}")

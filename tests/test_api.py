@@ -2,6 +2,8 @@
 
 import dataclasses
 import pickle
+import subprocess
+import sys
 from concurrent.futures import Future
 
 import pytest
@@ -141,3 +143,13 @@ def test_add_many_add_submit_results_in_one_batcher(batcher_factory):
     assert sorted(seen) == sorted([2, 4] + [2 * i for i in range(1000)])
     s = b.stats()
     assert (s.accepted, s.succeeded, s.pending) == (1002, 1002, 0)
+
+
+def test_public_names_load_on_first_use_and_a_worker_imports_no_caller_side():
+    code = ("import sys, mpbatch.worker; "
+            "print('mpbatch.batcher' in sys.modules, 'mpbatch.collector' in sys.modules); "
+            "from mpbatch import *; print(sorted(n for n in dir() if n[0].isupper()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "False False"  # a worker's start does not pay for the Batcher
+    assert out[1] == str(sorted(mpbatch.__all__))
