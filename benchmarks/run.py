@@ -38,6 +38,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 SAMPLE_PERIOD = 0.02  # s between PSS samples of the measured process tree
+# W4 scores latency, not memory, and its PSS is not sampled: reading the smaps of the whole
+# tree (~1 ms per process) took the CPU from under the contenders and set everyone's p99 at
+# ~5 ms every 20 ms, and at 3-9 ms for mpbatch's 5-process tree still every 0.5 s.
 RESULT_TAG = "RESULT "  # prefixes the child's one line of JSON on stdout
 MB = 2**20
 BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of the run,
@@ -93,12 +96,13 @@ class TreeSampler(threading.Thread):
     page once per process, PSS splits it between them, so the sum is the tree's real memory.
     """
 
-    def __init__(self, pid):
+    def __init__(self, pid, memory=True):
         super().__init__(daemon=True)
+        self.memory = memory  # False: only list the tree and its CPU times (cheap)
         self.root = psutil.Process(pid)
         self.seen = {}  # pid -> psutil.Process: every process seen in the tree
         self.cpu = {}  # pid -> its user + system CPU s when last sampled
-        self.peak = 0
+        self.peak = 0 if memory else None
         self.most_procs = 0
         self.halt = threading.Event()
 
@@ -116,12 +120,14 @@ class TreeSampler(threading.Thread):
         total = 0
         for p in procs:
             try:
-                total += p.memory_full_info().pss
+                if self.memory:
+                    total += p.memory_full_info().pss
                 self.seen.setdefault(p.pid, p)
                 self.cpu[p.pid] = sum(p.cpu_times()[:2])
             except psutil.Error:
                 pass  # exited between the listing and the read
-        self.peak = max(self.peak, total)
+        if self.memory:
+            self.peak = max(self.peak, total)
         self.most_procs = max(self.most_procs, len(procs))
 
     def cpu_seconds(self):
@@ -214,7 +220,8 @@ def measure(spec, timeout):
     path = os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH")) if x)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=here, env=os.environ | {"PYTHONPATH": path})
-    sampler = TreeSampler(proc.pid)
+    paced = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]].paced
+    sampler = TreeSampler(proc.pid, memory=not paced)
     sampler.start()
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -314,8 +321,9 @@ def sweep(args, w, names, rounds, log, cache):
 def fmt_run(rec, n):
     if not rec["ok"]:
         return f"FAILED {rec.get('error')}"
-    text = (f"{rec['wall']:7.2f} s {n / rec['wall']:>10,.0f} items/s"
-            f"  PSS {rec['peak_pss'] / MB:6.0f} MB")
+    text = f"{rec['wall']:7.2f} s {n / rec['wall']:>10,.0f} items/s"
+    if rec["peak_pss"] is not None:
+        text += f"  PSS {rec['peak_pss'] / MB:6.0f} MB"
     extra = rec.get("extra", {})
     if "p99_ms" in extra:
         text += f"  p50 {extra['p50_ms']:.2f} ms  p99 {extra['p99_ms']:.2f} ms"
@@ -358,8 +366,9 @@ def summarize(args, w, names, records):
             continue
         walls = [r["wall"] for r in ok]
         row |= {"wall_s": statistics.median(walls), "walls": walls,
-                "items_per_s": w.n / statistics.median(walls),
-                "peak_pss_mb": statistics.median(r["peak_pss"] for r in ok) / MB}
+                "items_per_s": w.n / statistics.median(walls)}
+        if ok[0]["peak_pss"] is not None:  # W4 does not sample memory
+            row["peak_pss_mb"] = statistics.median(r["peak_pss"] for r in ok) / MB
         for key in ("p50_ms", "p99_ms"):
             if key in ok[0].get("extra", {}):
                 row[key] = statistics.median(r["extra"][key] for r in ok)
