@@ -38,6 +38,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import operator
 import pickle
 import sys
 import threading
@@ -47,7 +48,8 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, repeat
+from operator import itemgetter
 from types import TracebackType
 from typing import Any
 
@@ -72,6 +74,7 @@ STOP_GRACE = 5.0  # seconds close() gives idle workers to exit before killing th
 _PLAIN = frozenset({int, str, bytes, float, bool, type(None)})  # always pickle, always hash
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -591,11 +594,10 @@ class _OpenChunk:
         keys: list = []
         values: list = []
         if not self.rich:
-            for _ in range(len(self.entries)):
-                key, value = pop()
-                keys.append(key)
-                values.append(value)
-            return keys, values, None, None
+            # Pops and splits in C: adders may append behind us, never ahead (a sealer holds
+            # the lock, and its caller holds Ctrl-C until the items are in a ledger).
+            pairs = list(map(operator.call, repeat(pop, len(self.entries))))
+            return list(map(_first, pairs)), list(map(_second, pairs)), None, None
         self.rich = 0  # every rich entry is popped: they are appended under the lock
         sizes: list[int] | None = [] if self.sized else None
         futures: list[Future | None] = []
