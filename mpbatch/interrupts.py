@@ -9,7 +9,8 @@ and its handler runs when the block ends, once the items are where they belong.
 
 Only the main thread runs signal handlers, so elsewhere (the collector thread, the user's own
 threads) the block costs one comparison. Nothing is held while the caller waits for room or
-for outcomes: those waits stay interruptible.
+for outcomes: those waits stay interruptible. A write that waits for room in a worker's pipe
+asks ``pending()`` and gives that worker up a second after a Ctrl-C (lifecycle._write).
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class Pool:
                   self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
         for conn in (items_w, results_r):
             _widen(conn)
-        # Writes wait for room in select(), where a pending Ctrl-C can end the wait (_write).
+        # Writes wait for room in poll(), where a pending Ctrl-C can end the wait (_write).
         os.set_blocking(items_w.fileno(), False)
         # The collector reads what is there and never blocks: with fork, a sibling holding a
         # copy of the write end would keep a dead worker's pipe from ever reaching EOF.
