@@ -78,10 +78,12 @@ def test_round_robin_alternates_workers(batcher_factory):
     assert abs(pids.count(pids[0]) - 100) <= 10
 
 
-def test_add_many_queues_about_20ms_of_work_per_worker_not_buffer_items(batcher_factory):
+def test_add_many_queues_about_20ms_of_work_per_worker_not_buffer_items(batcher_factory,
+                                                                        start_method):
     # Sending further ahead would pin items to a worker by count: a late run of costly
     # items could then not go to whichever worker frees up first (benchmarks' W3).
-    b = batcher_factory(fns.sleep_per_item, size=5, workers=2, buffer=10_000)
+    b = batcher_factory(fns.sleep_per_item, size=5, workers=2, buffer=10_000,
+                        start_method=start_method)
     accepted = b.add_many((f"k{i % 3}", i) for i in range(1000))  # ~1 s of work
     queued = b.stats().pending  # unpaced, nearly all 1000 would still be queued here
     b.flush()
