@@ -591,14 +591,14 @@ class _OpenChunk:
         self.opened = False
         self.nbytes = 0
         pop = self.entries.popleft
-        keys: list = []
-        values: list = []
         if not self.rich:
             # Pops and splits in C: adders may append behind us, never ahead (a sealer holds
             # the lock, and its caller holds Ctrl-C until the items are in a ledger).
             pairs = list(map(operator.call, repeat(pop, len(self.entries))))
             return list(map(_first, pairs)), list(map(_second, pairs)), None, None
         self.rich = 0  # every rich entry is popped: they are appended under the lock
+        keys: list = []
+        values: list = []
         sizes: list[int] | None = [] if self.sized else None
         futures: list[Future | None] = []
         for _ in range(len(self.entries)):

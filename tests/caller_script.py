@@ -5,7 +5,7 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   added                   every item is accepted
   batch <pid>             a worker entered do() (printed by the worker)
   closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
-  streaming               (mode "stream") AT items are accepted; adding goes on
+  streaming               (mode "stream") the stream reached item AT; adding goes on
 MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy), "noclose"
 (return from main without close(): atexit must flush), "stream" (add items without end,
 through ADD=add or ADD=add_many, until a signal lands wherever the adding thread is),
