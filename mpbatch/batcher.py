@@ -13,7 +13,7 @@
    next block only while the least-loaded worker holds under ~20 ms of work, or 1.5 x size
    items (Pacer: work_ns / done); a Ctrl-C waits until the chunk is recorded and written
    (held_interrupt)
- item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  reader thread -> inbox
+ item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
                                                               group by key; flush at size,
                                                               max_bytes, deadline or FLUSH;
                                                               do(batch[, state]); check shape

@@ -1,7 +1,8 @@
 """Start, replace and stop worker processes (caller process).
 
-Each worker i has an item pipe (caller writes), a result pipe (worker writes) and a
-process sentinel. ``send_locks[i]`` serialises writes to pipe i, the matching ledger
+Each worker i has an item pipe (caller writes), a drain pipe (a byte when the item pipe is
+full: the worker's reader thread empties it), a result pipe (worker writes) and a process
+sentinel. ``send_locks[i]`` serialises writes to pipe i, the matching ledger
 appends, and the swap to a replacement process, so that every item the worker is sent
 is in its ledger, in the order it was sent.
 """
@@ -78,9 +79,13 @@ def default_workers() -> int:
     return max(1, n)
 
 
-def _write(fd: int, frame: bytes, hold: held_interrupt) -> bool:
+def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
-    worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung)."""
+    worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung).
+
+    A full pipe means the worker's main thread is busy: a byte on ``drain`` wakes its
+    reader thread, which empties the pipe (worker._Inlet).
+    """
     view = memoryview(frame)
     stuck = 0.0
     while view:
@@ -90,6 +95,8 @@ def _write(fd: int, frame: bytes, hold: held_interrupt) -> bool:
             continue
         except BlockingIOError:
             pass
+        with contextlib.suppress(OSError):  # BlockingIOError: enough wake-ups are waiting
+            os.write(drain, b"!")
         if hold.pending():
             if stuck >= STUCK_WRITE:
                 return False
@@ -126,6 +133,7 @@ class Pool:
         self.caller_pid = os.getpid()
         self.procs: list[Any] = [None] * workers
         self.items: list[Connection | None] = [None] * workers
+        self.drains: list[Connection | None] = [None] * workers  # wakes a busy worker's reader
         self.results: list[Connection | None] = [None] * workers
         self.send_locks = [threading.Lock() for _ in range(workers)]
         self.ready = [False] * workers  # READY seen from this incarnation
@@ -136,26 +144,30 @@ class Pool:
     def start(self, i: int) -> None:
         """Start a process for slot i (first start or replacement); hold send_locks[i]."""
         items_r, items_w = self.ctx.Pipe(duplex=False)
+        drain_r, drain_w = self.ctx.Pipe(duplex=False)
         results_r, results_w = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=worker.main, name=f"mpbatch-worker-{i}",
-            args=(i, items_r, results_w, self.counters_name, self.workers,
+            args=(i, items_r, drain_r, results_w, self.counters_name, self.workers,
                   self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
         for conn in (items_w, results_r):
             _widen(conn)
         # Writes wait for room in poll(), where a pending Ctrl-C can end the wait (_write).
         os.set_blocking(items_w.fileno(), False)
+        os.set_blocking(drain_w.fileno(), False)
         # The collector reads what is there and never blocks: with fork, a sibling holding a
         # copy of the write end would keep a dead worker's pipe from ever reaching EOF.
         os.set_blocking(results_r.fileno(), False)
         proc.start()
         # Close our copies of the child's ends: a dead worker must mean EPIPE on send.
         items_r.close()
+        drain_r.close()
         results_w.close()
-        old_items, old_results = self.items[i], self.results[i]
-        self.procs[i], self.items[i], self.results[i] = proc, items_w, results_r
+        old = self.items[i], self.drains[i], self.results[i]
+        self.procs[i], self.items[i], self.drains[i], self.results[i] = (
+            proc, items_w, drain_w, results_r)
         self.ready[i] = False
-        for conn in (old_items, old_results):
+        for conn in old:
             if conn is not None:
                 conn.close()
 
@@ -169,7 +181,7 @@ class Pool:
             # Half a frame would garble the rest of the stream: a Ctrl-C waits for the end of
             # the frame, unless the worker reads nothing for STUCK_WRITE s after it.
             with held_interrupt() as hold:
-                if not _write(conn.fileno(), frame, hold):
+                if not _write(conn.fileno(), frame, hold, self.drains[i].fileno()):
                     self.kill(i)  # its ledger's items are re-sent when the collector sees it
                     return False
         except (OSError, ValueError):  # EPIPE from a dead worker; OSError: closed here
@@ -206,6 +218,6 @@ class Pool:
 
     def close_pipes(self) -> None:
         """Close our ends of every pipe; only once the collector thread has stopped."""
-        for conn in self.items + self.results:
+        for conn in self.items + self.drains + self.results:
             if conn is not None:
                 conn.close()

@@ -1,21 +1,22 @@
 """Worker process main loop: hold items by key, flush on size/bytes/interval, run do().
 
-Runs in worker process i. A reader thread drains the item pipe into a queue, so the caller
-never blocks on a worker that is busy inside do(); the main thread groups items and runs
-batches. Failed attempts are reported, never retried here: the caller's collector owns
-retries, so a batch may be retried on another worker.
+Runs in worker process i. The main thread reads the item pipe when it waits for items,
+groups them and runs batches; when the caller finds the pipe full, a reader thread drains it
+(see _Inlet), so the caller never blocks on a worker that runs a long batch. Failed attempts are
+reported, never retried here: the caller's collector owns retries, so a batch may be
+retried on another worker.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import select
 import signal
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -50,8 +51,9 @@ class WorkerConfig:
 PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
 
 
-def main(index: int, items: Connection, results: Connection, counters_name: str,
-         workers: int, config_blob: bytes, caller_pid: int, caller_package: str) -> None:
+def main(index: int, items: Connection, drain: Connection, results: Connection,
+         counters_name: str, workers: int, config_blob: bytes, caller_pid: int,
+         caller_package: str) -> None:
     """Entry point of worker ``index`` (the Process target)."""
     # Ctrl-C goes to the whole foreground process group; it is the caller's to handle, and
     # the caller's close() still needs this worker to finish what it holds.
@@ -78,7 +80,7 @@ def main(index: int, items: Connection, results: Connection, counters_name: str,
             os._exit(EXIT_INIT_FAILED)
     tp.write_all(results.fileno(), tp.caller_frame(tp.READY, os.getpid(), 0))
     try:
-        recycle = _Loop(index, items, results, counters, config, state).run()
+        recycle = _Loop(index, _Inlet(items, drain), results, counters, config, state).run()
     finally:
         counters.close()  # release our view before SharedMemory.__del__ tries to
     if recycle:
@@ -117,30 +119,91 @@ def _exit_with_caller(caller_pid: int) -> None:
     threading.Thread(target=watch, name="mpbatch-watchdog", daemon=True).start()
 
 
-def _read_items(conn: Connection, inbox: queue.SimpleQueue) -> None:
-    """Reader thread: move frames from the item pipe to the inbox; None on EOF.
+_TICK = object()  # the held batch's interval ran out
 
-    It needs the GIL for each hand-over, and while the main thread runs Python it gets the
-    GIL only every switch interval (5 ms). One frame per hand-over capped a worker at
-    ~200 frames/s and left the caller blocked on a full pipe; so each hand-over takes all
-    that is in the pipe (up to 1 MiB) and splits it into frames here.
+
+class _Inlet:
+    """The item pipe: read by the main thread when it waits for items, drained by a reader
+    thread when the caller finds it full.
+
+    An idle worker's main thread waits in poll() on the pipe itself, so an item that
+    arrives wakes the thread that runs do(): one wake-up. Handing every frame over from a
+    reader thread, as before, cost a second wake-up and a GIL hand-over per item (~20-40
+    us of an idle worker's latency here).
+
+    The reader thread keeps the caller from waiting on a worker that runs a long batch:
+    when a write finds the pipe full, the caller writes a byte to this worker's drain pipe,
+    and the reader moves everything in the item pipe to ``frames`` while do() runs. It
+    costs nothing when pipes do not fill: no wake-up of the reader per batch.
+
+    ``lock`` goes with the item pipe and the partial frame in ``pending``: one thread
+    reads at a time, and frames keep their order.
     """
-    fd = conn.fileno()
-    pending = bytearray()
-    while True:
+
+    def __init__(self, items: Connection, drain: Connection) -> None:
+        self.fd = items.fileno()
+        os.set_blocking(self.fd, False)  # the reader drains it until it is empty
+        self.drain_fd = drain.fileno()
+        self.pending = bytearray()
+        self.frames: deque = deque()  # read, not yet taken; None marks EOF
+        self.lock = threading.Lock()
+        self._poll = select.poll()  # the main thread's; not select(): it fails past fd 1024
+        self._poll.register(self.fd, select.POLLIN)
+        self.reader = threading.Thread(target=self._drain, name="mpbatch-reader", daemon=True)
+
+    def start(self) -> None:
+        self.reader.start()
+
+    def next(self, wait: float | None) -> Any:
+        """The next frame, None at EOF, or _TICK once ``wait`` seconds pass (main thread)."""
+        if self.frames:
+            return self.frames.popleft()
+        deadline = None if wait is None else time.monotonic() + wait
+        # Held by the reader only while it drains a full pipe: not for long.
+        if not self.lock.acquire(timeout=-1 if wait is None else max(0.0, wait)):
+            return _TICK
         try:
-            data = os.read(fd, 1 << 20)
+            while not self.frames:  # the reader may have left frames before letting go
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return _TICK
+                if left is not None and left < 0.001 and not self._poll.poll(0):
+                    time.sleep(left)  # poll() rounds a wait up to a whole millisecond
+                    continue
+                if self._poll.poll(None if left is None else left * 1000):
+                    self._take()
+            return self.frames.popleft()
+        finally:
+            self.lock.release()
+
+    def _take(self) -> bool:
+        """Move what the pipe holds (up to 1 MiB) to ``frames`` (hold ``lock``); False when
+        it held nothing. All of it at once: one frame per hand-over between threads capped
+        a worker at ~200 frames/s when the other thread held the GIL."""
+        try:
+            data = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return False
         except OSError:
             data = b""
         if not data:
-            inbox.put(None)
-            return
-        pending += data
-        for frame in tp.split_frames(pending):
-            inbox.put(frame)
+            self.frames.append(None)
+            return False
+        self.pending += data
+        self.frames.extend(tp.split_frames(self.pending))
+        return True
 
-
-
+    def _drain(self) -> None:
+        """Reader thread: each byte on the drain pipe means "the caller found me full"."""
+        while True:
+            try:
+                if not os.read(self.drain_fd, 64):
+                    return  # the caller closed it: it is stopping us, or gone
+            except OSError:
+                return
+            with self.lock:
+                while self._take():
+                    pass
 
 
 def _qualname(exc: BaseException) -> str:
@@ -227,13 +290,10 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-_TICK = object()  # the held batch's interval ran out
-
-
 class _Loop:
     """The worker's state between batches: held items and its position in the item stream."""
 
-    def __init__(self, index: int, items: Connection, results: Connection,
+    def __init__(self, index: int, inlet: _Inlet, results: Connection,
                  counters: LoadCounters, config: WorkerConfig, state: Any) -> None:
         self.results = results
         self.cells = counters.cells
@@ -247,9 +307,7 @@ class _Loop:
         self.max_batches = config.max_batches
         self.max_rss = config.max_rss
         self.batches = 0
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.reader = threading.Thread(target=_read_items, args=(items, self.inbox),
-                                       name="mpbatch-reader", daemon=True)
+        self.inlet = inlet
         self.held: dict = {}
         self.held_n = 0
         self.held_bytes = 0
@@ -261,7 +319,7 @@ class _Loop:
 
     def run(self) -> bool:
         """Serve until STOP or EOF (False), or until due for recycling (True)."""
-        self.reader.start()
+        self.inlet.start()
         while True:
             if self._worn_out():
                 self.results.close()
@@ -292,14 +350,11 @@ class _Loop:
 
     def _next_frame(self) -> Any:
         if not self.held_n:
-            return self.inbox.get()
+            return self.inlet.next(None)
         wait = (self.deadline - time.monotonic_ns()) / 1e9
         if wait <= 0:
             return _TICK
-        try:
-            return self.inbox.get(timeout=wait)
-        except queue.Empty:
-            return _TICK
+        return self.inlet.next(wait)
 
     def _take_chunk(self, frame: bytes, flags: int, n: int, deadline: int) -> None:
         cells, base = self.cells, self.base

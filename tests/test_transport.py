@@ -1,9 +1,12 @@
-"""The worker's frame splitter reads exactly what Connection.send_bytes writes."""
+"""What crosses the item pipes: frames split as Connection.send_bytes writes them, and a
+busy worker's pipe is emptied for the caller."""
 
 import random
 import struct
 import threading
 from multiprocessing import Pipe
+
+import pytest
 
 from mpbatch.transport import split_frames as _split_frames
 from mpbatch.transport import wire
@@ -49,3 +52,28 @@ def test_the_64_bit_length_form():
 def test_wire_is_what_connection_send_bytes_writes():
     frames = [b"", b"abc", bytes(range(256)) * 100]
     assert wire_of(frames) == b"".join(wire(f) for f in frames)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_busy_in_do_does_not_hold_up_add_on_a_full_pipe(gated, start_method):
+    """Its main thread is inside do(); its reader thread empties the 1 MiB item pipe when
+    the caller finds it full, so 3 MB of adds return before the batch ends."""
+    b, started = gated(workers=1, size=1, buffer=100, start_method=start_method)
+    b.add("first", b"")
+    started.readline()  # the worker is inside do() until the gate opens
+    big = b"x" * 100_000
+
+    def adds():
+        for _ in range(30):
+            b.add("big", big)
+
+    adder = threading.Thread(target=adds)
+    adder.start()
+    adder.join(20)
+    held = adder.is_alive()
+    gated.gate()
+    adder.join()
+    assert not held, "add() waited for do() to end: nobody emptied the worker's item pipe"
+    b.flush()
+    s = b.stats()
+    assert s.succeeded == 31 and s.pending == 0 and s.dead_lettered == 0
