@@ -297,8 +297,10 @@ def mpire_paced(job):
 def _batcher(job, on_result, size, interval):
     import mpbatch
 
+    # size may not exceed buffer (a batch could never fill); a user raises buffer with it.
     return mpbatch.Batcher(job.workload.do, size=size, interval=interval, workers=job.workers,
-                           on_result=on_result, start_method=job.start_method)
+                           buffer=max(10_000, size), on_result=on_result,
+                           start_method=job.start_method)
 
 
 def _stats(batcher):

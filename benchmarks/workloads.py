@@ -141,7 +141,7 @@ class Workload:
     do: Callable  # mpbatch do(batch)
     units_per_item: float  # mean cost in units; 0 for W1 / MEM (no hashing)
     chunks: tuple = ()  # peers' chunk sizes to sweep (chunksize=, batch_size=, chunk_size=)
-    sizes: tuple = ()  # mpbatch size= values to sweep; kept under its default buffer=10_000
+    sizes: tuple = ()  # mpbatch size= values to sweep (buffer= is raised to match)
     paced: bool = False  # W4: items are offered on a schedule, latency is the score
     sweep_n: int = 0  # items in a sweep run (0: no sweep)
 

@@ -104,7 +104,8 @@ class Batcher:
 
     do: callable(batch) -> None | {key: [result per value]}; with ``init``, do(batch, state).
         Shipped with cloudpickle, so lambdas and closures work.
-    size: flush a worker's batch at this many items, all keys together (default 100).
+    size: flush a worker's batch at this many items, all keys together (default 100); at
+        most ``buffer``.
     max_bytes: also flush at this many bytes of pickled values; a larger value alone is
         refused at add() with ItemTooLarge (default None: no byte limit).
     interval: seconds an accepted item may wait before its batch starts (default 0.1).
@@ -171,6 +172,13 @@ class Batcher:
                                               1, optional=True),
             max_rss=_check_int("max_rss", max_rss, 1, optional=True),
         )
+        if self._options.size > self._options.buffer:
+            # A worker is sent at most about buffer items, so a batch would never fill up:
+            # every one would wait out interval (W1 with size=50_000: 30x slower).
+            raise ValueError(
+                f"size={size} is larger than buffer={buffer}: a worker never holds enough "
+                f"items to fill a batch, so every batch would wait out interval; lower size= "
+                f"or raise buffer= to at least {size}")
         self._state = _NEW
         self._start_lock = threading.Lock()
         self._accounts = Accounts()

@@ -65,6 +65,8 @@ def test_errors_pickle_with_their_attributes(error):
     ({"workers": 0}, ValueError, "workers must be >= 1"),
     ({"workers": 2.0}, TypeError, "workers must be an int or None"),
     ({"buffer": -1}, ValueError, "buffer must be >= 1 (got -1)"),
+    ({"size": 50_000}, ValueError, "size=50000 is larger than buffer=10000"),
+    ({"size": 20, "buffer": 10}, ValueError, "raise buffer= to at least 20"),
     ({"routing": "fastest"}, ValueError, "routing must be one of"),
     ({"routing": 1}, TypeError, "routing must be a str"),
     ({"max_attempts": 0}, ValueError, "max_attempts must be >= 1"),
