@@ -153,6 +153,17 @@ def _names(name, value, message):
     return repr(value) in message or type(value).__name__ in message
 
 
+def _size_within_buffer(options, verdicts):
+    """size > buffer is refused (a batch could never fill): each of the two that was
+    given may be the one named."""
+    size, buffer = options.get("size", 100), options.get("buffer", 10_000)
+    valid = all(verdicts.get(n, "ok") in ("ok", "edge") for n in ("size", "buffer"))
+    if valid and size > buffer:
+        for name in ("size", "buffer"):
+            if name in options:
+                verdicts[name] = ValueError
+
+
 def _call(fn, *args, **kwargs):
     """(what ``fn`` returned, None) or (None, what it raised): the test judges either."""
     try:
@@ -182,6 +193,7 @@ def test_constructor_takes_good_options_and_names_bad_ones(options):
     options = dict(options)
     do = options.pop("do")
     verdicts = {name: _expected(name, value) for name, value in {"do": do, **options}.items()}
+    _size_within_buffer(options, verdicts)
     bad = {n for n, v in verdicts.items() if v in (TypeError, ValueError)}
     edge = {n for n, v in verdicts.items() if v == "edge"}
     values = {"do": do, **options}
