@@ -83,8 +83,9 @@ def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
     worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung).
 
-    A full pipe means the worker's main thread is busy: a byte on ``drain`` wakes its
-    reader thread, which empties the pipe (worker._Inlet).
+    A full pipe means the worker's main thread is busy (or still in init(), when nothing
+    reads yet): a byte on ``drain`` wakes its reader thread, which empties the pipe
+    (worker._Inlet).
     """
     view = memoryview(frame)
     stuck = 0.0

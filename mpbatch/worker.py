@@ -2,9 +2,9 @@
 
 Runs in worker process i. The main thread reads the item pipe when it waits for items,
 groups them and runs batches; when the caller finds the pipe full, a reader thread drains it
-(see _Inlet), so the caller never blocks on a worker that runs a long batch. Failed attempts are
-reported, never retried here: the caller's collector owns retries, so a batch may be
-retried on another worker.
+(see _Inlet), so the caller does not wait on a worker that runs a long batch (unless do()
+holds the GIL throughout, in C code). Failed attempts are reported, never retried here: the
+caller's collector owns retries, so a batch may be retried on another worker.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .errors import BatchFailed, SerializationError
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 70  # the caller died; see _exit_with_caller
 EXIT_RECYCLED = 75  # max_batches_per_worker or max_rss reached: replace me
+POLL_MAX_MS = 0x7FFFFFFF  # poll() refuses a longer timeout (~24.8 days; interval may exceed it)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class _Inlet:
         if self.frames:
             return self.frames.popleft()
         deadline = None if wait is None else time.monotonic() + wait
-        # Held by the reader only while it drains a full pipe: not for long.
+        # Held by the reader for one read at a time, when it drains a full pipe.
         if not self.lock.acquire(timeout=-1 if wait is None else max(0.0, wait)):
             return _TICK
         try:
@@ -167,10 +168,14 @@ class _Inlet:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return _TICK
-                if left is not None and left < 0.001 and not self._poll.poll(0):
-                    time.sleep(left)  # poll() rounds a wait up to a whole millisecond
+                # poll() waits whole milliseconds, at most 2**31 - 1 of them, and rounds a
+                # fraction up (an interval-flushed batch started ~0.75 ms late): wait the
+                # whole ones there and sleep out the last fraction.
+                ms = None if left is None else min(int(left * 1000), POLL_MAX_MS)
+                if ms == 0 and not self._poll.poll(0):
+                    time.sleep(left)
                     continue
-                if self._poll.poll(None if left is None else left * 1000):
+                if self._poll.poll(ms):
                     self._take()
             return self.frames.popleft()
         finally:
@@ -178,8 +183,8 @@ class _Inlet:
 
     def _take(self) -> bool:
         """Move what the pipe holds (up to 1 MiB) to ``frames`` (hold ``lock``); False when
-        it held nothing. All of it at once: one frame per hand-over between threads capped
-        a worker at ~200 frames/s when the other thread held the GIL."""
+        it held nothing, or at EOF. All of it at once: one frame per hand-over between
+        threads capped a worker at ~200 frames/s when the other thread held the GIL."""
         try:
             data = os.read(self.fd, 1 << 20)
         except BlockingIOError:
@@ -197,13 +202,14 @@ class _Inlet:
         """Reader thread: each byte on the drain pipe means "the caller found me full"."""
         while True:
             try:
-                if not os.read(self.drain_fd, 64):
+                if not os.read(self.drain_fd, 4096):
                     return  # the caller closed it: it is stopping us, or gone
             except OSError:
                 return
-            with self.lock:
-                while self._take():
-                    pass
+            while True:
+                with self.lock:  # per read: an idle main thread may take the pipe back
+                    if not self._take():
+                        break
 
 
 def _qualname(exc: BaseException) -> str:

@@ -4,10 +4,13 @@ busy worker's pipe is emptied for the caller."""
 import random
 import struct
 import threading
+import time
 from multiprocessing import Pipe
 
 import pytest
 
+from mpbatch import transport as tp
+from mpbatch import worker
 from mpbatch.transport import split_frames as _split_frames
 from mpbatch.transport import wire
 
@@ -77,3 +80,36 @@ def test_a_worker_busy_in_do_does_not_hold_up_add_on_a_full_pipe(gated, start_me
     b.flush()
     s = b.stats()
     assert s.succeeded == 31 and s.pending == 0 and s.dead_lettered == 0
+
+
+@pytest.fixture
+def inlet():
+    """A worker's _Inlet on real pipes, and the caller's end of its item pipe."""
+    items_r, items_w = Pipe(duplex=False)
+    drain_r, drain_w = Pipe(duplex=False)
+    yield worker._Inlet(items_r, drain_r), items_w
+    for conn in (items_r, items_w, drain_r, drain_w):
+        conn.close()
+
+
+@pytest.mark.timeout(20)
+def test_inlet_waits_longer_than_poll_can(inlet):
+    """interval may exceed poll()'s limit (2**31 - 1 ms, ~24.8 days): a held batch must
+    wait, not crash its worker (which then restarted over and over)."""
+    inlet, items_w = inlet
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(inlet.next(30 * 86400)))
+    waiter.start()
+    items_w.send_bytes(tp.FLUSH_FRAME)
+    waiter.join(10)
+    assert got == [tp.FLUSH_FRAME]
+
+
+def test_inlet_does_not_tick_early(inlet):
+    """poll() counts whole milliseconds: the wait for a deadline 1.5 ms away is split into
+    poll(1) and a sleep, never cut short."""
+    inlet, _ = inlet
+    for wait in (0.0005, 0.0015, 0.0101):
+        start = time.monotonic()
+        assert inlet.next(wait) is worker._TICK
+        assert time.monotonic() - start >= wait
