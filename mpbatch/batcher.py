@@ -319,15 +319,19 @@ class Batcher:
             entries = chunk.entries
             n = len(entries)
             if self._accounts.outstanding + n < self._capacity:
-                entries.append((key, value))
-                if type(value) is str or type(value) is bytes:
-                    chunk.nbytes += len(value)  # a hint for sealing: a lost update is harmless
-                due = n + 1 >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
-                if not chunk.opened:
-                    self._opened(chunk, wake=not due)
-                if due:
-                    with self._lock:
-                        self._seal(chunk)
+                try:
+                    entries.append((key, value))
+                    if type(value) is str or type(value) is bytes:
+                        chunk.nbytes += len(value)  # a hint for sealing: a lost update is harmless
+                    due = n + 1 >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
+                    if not chunk.opened:
+                        self._opened(chunk, wake=not due)
+                    if due:
+                        with self._lock:
+                            self._seal(chunk)
+                except BaseException:
+                    self._unsealed()
+                    raise
                 return
         self._accept(key, value, None, block, timeout)
 
@@ -351,12 +355,16 @@ class Batcher:
             chunk = self._open[self._router.for_key(key) if len(self._open) > 1 else 0]
             if self._is_full(chunk):
                 self._wait_for_room(chunk, block, timeout)
-            n = chunk.add(key, value, fut, nbytes)
-            due = n >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
-            if not chunk.opened:
-                self._opened(chunk, wake=not due)
-            if due:
-                self._seal(chunk)
+            try:
+                n = chunk.add(key, value, fut, nbytes)
+                due = n >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
+                if not chunk.opened:
+                    self._opened(chunk, wake=not due)
+                if due:
+                    self._seal(chunk)
+            except BaseException:
+                self._unsealed()
+                raise
 
     def _opened(self, chunk: _OpenChunk, wake: bool = True) -> None:
         """The first item of an open chunk: set its deadlines, wake the collector's timer.
@@ -371,6 +379,12 @@ class Batcher:
         chunk.opened = True
         if wake and chunk.seal_at < self._collector.sleep_until_ns:  # type: ignore[union-attr]
             self._collector.poke()  # type: ignore[union-attr]
+
+    def _unsealed(self) -> None:
+        """A Ctrl-C landed between an item's append and its seal: the chunk may hold it
+        unopened, or opened with wake=False. Wake the collector, whose timer then seals it
+        within interval."""
+        self._collector.poke()  # type: ignore[union-attr]
 
     def _ensure_running(self) -> None:
         if self._state is _NEW:
