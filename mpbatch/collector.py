@@ -316,17 +316,22 @@ class Collector(threading.Thread):
         self._drain(i)  # what it reported before dying is real
         with self.pool.send_locks[i]:
             cut = (self.counters.get(i, B_START), self.counters.get(i, B_END))
-            left = self.dispatcher.ledgers[i].take_all()
+            inside, queued = _orphans(self.dispatcher.ledgers[i].take_all(), cut)
             self.dispatcher.ledgers[i] = WorkerLedger()
             self.counters.reset(i)
             started = self.pool.ready[i]
             restart = self._note_start(i, started, proc.exitcode)
             self._partial.pop(self.pool.results[i], None)  # a cut-off report is no report
+            requeued = 0
             if restart:
                 self.pool.start(i)
+                if queued and self._requeue(i, queued):
+                    requeued, queued = sum(len(s) for s in queued), []
             else:
                 self._buried.add(proc)
         self.accounts.wake()
+        if requeued:  # outside the send lock, like every use of the Batcher's lock here
+            self.accounts.bump(redelivered=requeued)
         if restart:
             recycled = int(proc.exitcode == EXIT_RECYCLED)
             self.accounts.bump(worker_restarts=1, recycled=recycled)
@@ -337,7 +342,7 @@ class Collector(threading.Thread):
             self.on_broken()
             self._fail_everything(self.broken)
         self._rebuild_waitables()
-        self._place_orphaned_items(i, proc, cut, left)
+        self._place_orphaned_items(i, proc, inside, queued)
 
     def _note_start(self, i: int, started: bool, exitcode: int | None) -> bool:
         """Whether to replace worker i; after repeated start failures, stop for good."""
@@ -356,15 +361,27 @@ class Collector(threading.Thread):
             f"Batcher", None, exitcode)
         return False
 
-    def _place_orphaned_items(self, i: int, proc: Any, cut: tuple[int, int],
-                              left: list[tuple[int, Segment]]) -> None:
-        """Items a dead worker held: inside do() spent an attempt; the rest are re-sent."""
-        inside: list[Segment] = []
-        queued: list[Segment] = []
-        for position, seg in left:
-            a, b = split_at(position, seg, *cut)
-            inside += a
-            queued += b
+    def _requeue(self, i: int, queued: list[Segment]) -> bool:
+        """Send items only queued in dead worker i to its replacement, in their order,
+        before the send lock lets an add() in: a recycled worker (max_batches_per_worker)
+        must not reorder a key under routing="key" (hold send_locks[i]).
+
+        False if an item no longer pickles: the caller then re-sends them the long way,
+        which rejects that item (and takes the Batcher's lock, not allowed here).
+        """
+        try:
+            frame = self.dispatcher.chunk_of(queued)
+        except Exception:
+            return False
+        self.dispatcher.send_held(i, queued, frame)
+        if min(s.epoch for s in queued) <= self.accounts.flushing_through:
+            self.pool.send(i, tp.FLUSH_WIRE)  # a flush() waits for them: its FLUSH was lost
+        return True
+
+    def _place_orphaned_items(self, i: int, proc: Any, inside: list[Segment],
+                              queued: list[Segment]) -> None:
+        """Items a dead worker held and no replacement took: inside do() spent an attempt;
+        the rest are re-sent."""
         timed_out = self._timed_out.pop(i, None)
         if self.stopping:  # close() gave up on them (timeout or a second Ctrl-C)
             self.dead_letter(inside + queued, self.stop_error or Closed("the Batcher closed"),
@@ -401,6 +418,18 @@ class Collector(threading.Thread):
     def abandon(self, error: BaseException) -> None:
         """After the thread stopped: everything still held fails with ``error``."""
         self._fail_everything(error)
+
+
+def _orphans(left: list[tuple[int, Segment]],
+             cut: tuple[int, int]) -> tuple[list[Segment], list[Segment]]:
+    """A dead worker's items: (inside do() when it died, only queued), in stream order."""
+    inside: list[Segment] = []
+    queued: list[Segment] = []
+    for position, seg in left:
+        a, b = split_at(position, seg, *cut)
+        inside += a
+        queued += b
+    return inside, queued
 
 
 def _set(fut: Future, result: Any = None, exception: BaseException | None = None) -> None:

@@ -270,13 +270,18 @@ class Dispatcher:
         with self.pool.send_locks[i]:
             if unlock is not None:
                 unlock.release()
-            ledger = self.ledgers[i]
-            for seg in segments:
-                ledger.append(seg)
-            n = sum(len(s) for s in segments)
-            cells, at = self.counters.cells, CELLS * i + SENT
-            cells[at] += n
-            self.pool.send(i, frame)  # a failure means a death: the collector re-sends
+            self.send_held(i, segments, frame)
+
+    def send_held(self, i: int, segments: list[Segment], frame: bytes) -> None:
+        """send() of a pickled chunk (``chunk_of``), for a caller that holds worker i's send
+        lock already."""
+        ledger = self.ledgers[i]
+        for seg in segments:
+            ledger.append(seg)
+        n = sum(len(s) for s in segments)
+        cells, at = self.counters.cells, CELLS * i + SENT
+        cells[at] += n
+        self.pool.send(i, frame)  # a failure means a death: the collector re-sends
 
     def send_routed(self, segments: list[Segment], solo: bool = False) -> list[int]:
         """Route items that are already accepted (retries, re-sends) and send them.
@@ -302,6 +307,24 @@ class Dispatcher:
 
     def _frame(self, segments: list[Segment], solo: bool) -> tuple[list[Segment], bytes | None]:
         """The CHUNK frame; items that no longer pickle are split off and rejected."""
+        try:
+            return segments, self.chunk_of(segments, solo)
+        except Exception as exc:
+            good = self._drop_unpicklable(segments)
+            if len(good) == sum(len(s) for s in segments):
+                # each pickles alone, not together (depth): give up
+                self.reject(segments, SerializationError(
+                    f"a chunk of {len(good)} items cannot be pickled ({type(exc).__name__}: "
+                    f"{exc}); the items were dead-lettered"))
+                return [], None
+            if not good:
+                return good, None
+            return self._frame(good, solo)
+
+    @staticmethod
+    def chunk_of(segments: list[Segment], solo: bool = False) -> bytes:
+        """The CHUNK frame of these segments, as one chunk; raises if an item does not
+        pickle."""
         if len(segments) == 1:
             keys, values = segments[0].keys, segments[0].values
         else:
@@ -312,18 +335,7 @@ class Dispatcher:
             sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]
         deadline = min(s.deadline_ns for s in segments)
         futures = any(s.futures is not None for s in segments)
-        try:
-            return segments, chunk_frame(keys, values, sizes, deadline, solo, futures)
-        except Exception as exc:
-            good = self._drop_unpicklable(segments)
-            if len(good) == len(keys):  # each pickles alone, not together (depth): give up
-                self.reject(segments, SerializationError(
-                    f"a chunk of {len(keys)} items cannot be pickled ({type(exc).__name__}: "
-                    f"{exc}); the items were dead-lettered"))
-                return [], None
-            if not good:
-                return good, None
-            return self._frame(good, solo)
+        return chunk_frame(keys, values, sizes, deadline, solo, futures)
 
     def _drop_unpicklable(self, segments: list[Segment]) -> list[Segment]:
         """The slow path: an item that passed add() no longer pickles (mutated since)."""
