@@ -56,8 +56,9 @@ from typing import Any
 import cloudpickle
 
 from .collector import Collector
+from .counters import LoadCounters
 from .deadletters import DeadLetter
-from .dispatch import ROUTINGS, Dispatcher, LoadCounters, Pacer, Router
+from .dispatch import ROUTINGS, Dispatcher, Pacer, Router
 from .errors import Closed, Full, ItemTooLarge, SerializationError
 from .interrupts import held_interrupt
 from .ledger import Segment

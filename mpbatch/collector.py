@@ -21,8 +21,9 @@ from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from . import transport as tp
+from .counters import B_END, B_START, BUSY_NS, LoadCounters
 from .deadletters import DeadLetter
-from .dispatch import B_END, B_START, BUSY_NS, Dispatcher, LoadCounters
+from .dispatch import Dispatcher
 from .errors import (
     BatchFailed,
     BatchTimeout,

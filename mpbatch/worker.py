@@ -24,10 +24,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
-import psutil
 
 from . import transport as tp
-from .dispatch import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, WORK_NS, LoadCounters
+from .counters import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, WORK_NS, LoadCounters
 from .errors import BatchFailed, SerializationError
 
 EXIT_INIT_FAILED = 3
@@ -293,6 +292,8 @@ def _unpicklable(results: dict | None, batch: dict) -> str:
 
 
 def _rss() -> int:
+    import psutil  # only with max_rss: psutil costs a worker's start ~14 ms
+
     return psutil.Process().memory_info().rss
 
 

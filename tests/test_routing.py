@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from mpbatch.dispatch import DONE, SENT, WORK_NS, LoadCounters, Pacer, key_hash
+from mpbatch.counters import DONE, SENT, WORK_NS, LoadCounters
+from mpbatch.dispatch import Pacer, key_hash
 from tests import fns
 
 
