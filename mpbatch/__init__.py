@@ -1,8 +1,8 @@
 """mpbatch: keyed batch processing across worker processes.
 
 Modules form a straight pipeline with no import cycles:
-batcher -> dispatch -> transport -> worker -> collector, with errors, stats, ledger,
-deadletters and lifecycle beside them. See batcher.py for the data flow.
+batcher -> dispatch -> transport -> worker -> collector, with counters, errors, stats,
+ledger, deadletters and lifecycle beside them. See batcher.py for the data flow.
 
 The public names load on first use (PEP 562): a worker process imports ``mpbatch.worker``
 and, through this file, would otherwise import the whole caller side (the Batcher, its
@@ -60,7 +60,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-_MODULES = frozenset({"batcher", "collector", "deadletters", "dispatch", "errors",
+_MODULES = frozenset({"batcher", "collector", "counters", "deadletters", "dispatch", "errors",
                       "interrupts", "ledger", "lifecycle", "stats", "transport", "worker"})
 
 
