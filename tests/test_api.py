@@ -149,9 +149,11 @@ def test_add_many_add_submit_results_in_one_batcher(batcher_factory):
 
 def test_public_names_load_on_first_use_and_a_worker_imports_no_caller_side():
     code = ("import sys, mpbatch.worker; "
-            "print('mpbatch.batcher' in sys.modules, 'mpbatch.collector' in sys.modules); "
+            "print(*(m in sys.modules for m in ('mpbatch.batcher', 'mpbatch.collector', "
+            "'mpbatch.dispatch', 'mpbatch.ledger', 'psutil'))); "
             "from mpbatch import *; print(sorted(n for n in dir() if n[0].isupper()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out[0] == "False False"  # a worker's start does not pay for the Batcher
+    # A worker's start pays neither for the Batcher nor for the routing or psutil.
+    assert out[0] == "False False False False False"
     assert out[1] == str(sorted(mpbatch.__all__))
