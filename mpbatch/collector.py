@@ -45,6 +45,7 @@ log = logging.getLogger("mpbatch")
 
 MAX_START_FAILURES = 3  # workers in a row that died before READY: stop respawning
 MAX_BACKOFF = 30.0  # seconds; the cap of one retry's wait
+MAX_SLEEP = 86_400.0  # seconds; the collector wakes at least daily (epoll's limit is ~24.8 d)
 
 
 class Collector(threading.Thread):
@@ -148,7 +149,8 @@ class Collector(threading.Thread):
                 due.append(seal)
             wake = min(due) if due else None
             self.sleep_until_ns = wake if wake is not None else 1 << 62
-        return None if wake is None else max(0.0, (wake - now) / 1e9)
+        # epoll takes at most 2**31 - 1 ms (~24.8 days); interval may be longer.
+        return None if wake is None else min(max(0.0, (wake - now) / 1e9), MAX_SLEEP)
 
     def _timers(self) -> None:
         now = time.monotonic_ns()
@@ -325,10 +327,12 @@ class Collector(threading.Thread):
             self._partial.pop(self.pool.results[i], None)  # a cut-off report is no report
             requeued = 0
             if restart:
-                self.pool.start(i)
-                if queued and self._requeue(i, queued):
+                restart = self._replace(i)
+                # Only queued (recycled, or killed between batches): they keep their place
+                # ahead of later adds. A crashed batch's items go first, the long way.
+                if restart and queued and not inside and self._requeue(i, queued):
                     requeued, queued = sum(len(s) for s in queued), []
-            else:
+            if not restart:
                 self._buried.add(proc)
         self.accounts.wake()
         if requeued:  # outside the send lock, like every use of the Batcher's lock here
@@ -362,14 +366,31 @@ class Collector(threading.Thread):
             f"Batcher", None, exitcode)
         return False
 
+    def _replace(self, i: int) -> bool:
+        """Start worker i's replacement (hold send_locks[i]); False if it cannot start (no
+        file descriptors, no memory): the Batcher stops, and what it holds is dead-lettered
+        with the reason, rather than lost with a dead worker's pipes."""
+        try:
+            self.pool.start(i)
+        except Exception as exc:
+            self.broken = WorkerDied(
+                f"a replacement for worker {i} could not be started ({type(exc).__name__}: "
+                f"{exc}); the Batcher stopped: free the resource and create a new Batcher",
+                None, None)
+            return False
+        return True
+
     def _requeue(self, i: int, queued: list[Segment]) -> bool:
         """Send items only queued in dead worker i to its replacement, in their order,
         before the send lock lets an add() in: a recycled worker (max_batches_per_worker)
         must not reorder a key under routing="key" (hold send_locks[i]).
 
-        False if an item no longer pickles: the caller then re-sends them the long way,
-        which rejects that item (and takes the Batcher's lock, not allowed here).
+        False for other routings (order is not promised there, and the least-loaded worker
+        may be another), or if an item no longer pickles: the caller then re-sends them the
+        long way, which rejects that item (and takes the Batcher's lock, not allowed here).
         """
+        if self.dispatcher.router.routing != "key":
+            return False
         try:
             frame = self.dispatcher.chunk_of(queued)
         except Exception:
@@ -387,6 +408,9 @@ class Collector(threading.Thread):
         if self.stopping:  # close() gave up on them (timeout or a second Ctrl-C)
             self.dead_letter(inside + queued, self.stop_error or Closed("the Batcher closed"),
                              None)
+            return
+        if self.broken is not None:  # nobody will run them: the Batcher stopped
+            self.dead_letter(inside + queued, self.broken, None)
             return
         if inside:
             self._crashed(inside, timed_out or self._death_error(i, proc, inside), i)

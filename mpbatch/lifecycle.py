@@ -143,10 +143,35 @@ class Pool:
         self._reap_lock = threading.Lock()
 
     def start(self, i: int) -> None:
-        """Start a process for slot i (first start or replacement); hold send_locks[i]."""
-        items_r, items_w = self.ctx.Pipe(duplex=False)
-        drain_r, drain_w = self.ctx.Pipe(duplex=False)
-        results_r, results_w = self.ctx.Pipe(duplex=False)
+        """Start a process for slot i (first start or replacement); hold send_locks[i].
+
+        Raises what starting raised (EMFILE, ENOMEM) with slot i as it was, and no new pipe
+        left open.
+        """
+        made: list[Connection] = []
+        try:
+            for _ in range(3):
+                made += self.ctx.Pipe(duplex=False)
+            proc = self._launch(i, *made)
+        except BaseException:
+            for conn in made:
+                conn.close()
+            raise
+        items_r, items_w, drain_r, drain_w, results_r, results_w = made
+        # Close our copies of the child's ends: a dead worker must mean EPIPE on send.
+        items_r.close()
+        drain_r.close()
+        results_w.close()
+        old = self.items[i], self.drains[i], self.results[i]
+        self.procs[i], self.items[i], self.drains[i], self.results[i] = (
+            proc, items_w, drain_w, results_r)
+        self.ready[i] = False
+        for conn in old:
+            if conn is not None:
+                conn.close()
+
+    def _launch(self, i: int, items_r: Connection, items_w: Connection, drain_r: Connection,
+                drain_w: Connection, results_r: Connection, results_w: Connection) -> Any:
         proc = self.ctx.Process(
             target=worker.main, name=f"mpbatch-worker-{i}",
             args=(i, items_r, drain_r, results_w, self.counters_name, self.workers,
@@ -160,17 +185,7 @@ class Pool:
         # copy of the write end would keep a dead worker's pipe from ever reaching EOF.
         os.set_blocking(results_r.fileno(), False)
         proc.start()
-        # Close our copies of the child's ends: a dead worker must mean EPIPE on send.
-        items_r.close()
-        drain_r.close()
-        results_w.close()
-        old = self.items[i], self.drains[i], self.results[i]
-        self.procs[i], self.items[i], self.drains[i], self.results[i] = (
-            proc, items_w, drain_w, results_r)
-        self.ready[i] = False
-        for conn in old:
-            if conn is not None:
-                conn.close()
+        return proc
 
     def send(self, i: int, frame: bytes) -> bool:
         """Write one wire frame to worker i (hold send_locks[i]); False if it is gone (its

@@ -254,3 +254,15 @@ def sleep_per_item(batch):
     """2 ms of wall time per item: a cost the pacer can learn, whatever the CPU's speed."""
     time.sleep(0.002 * sum(map(len, batch.values())))
     return double(batch)
+
+
+def crash_first_when_gated(fifo, gate, marker_dir):
+    """do() whose very first call (across workers) writes its pid to ``fifo``, waits for
+    ``gate`` and then exits the worker; every later call doubles."""
+    first = announce_then_wait(fifo, gate)
+
+    def crash(batch):
+        first(batch)
+        os._exit(3)
+
+    return once_then(marker_dir, crash)

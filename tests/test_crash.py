@@ -173,3 +173,47 @@ def test_a_worker_running_another_copy_of_mpbatch_is_refused_clearly(tmp_path):
     assert "WorkerDied" in run.stdout, run.stdout + run.stderr
     assert "the worker imported mpbatch from" in run.stdout
     assert "use one copy of mpbatch" in run.stdout
+
+
+def test_a_crash_keeps_each_keys_order_under_key_routing(batcher_factory, tmp_path):
+    """The crashed batch's items (re-run as halves) go back before the items that were only
+    queued behind them, and before later adds: routing="key" keeps per-key order."""
+    fifo, gate = tmp_path / "started", tmp_path / "gate"
+    os.mkfifo(fifo)
+    seen = []
+    with fns.fifo_reader(fifo) as started:
+        b = batcher_factory(fns.crash_first_when_gated(str(fifo), str(gate), str(tmp_path)),
+                            size=4, workers=1, routing="key",
+                            on_result=lambda key, values, results: seen.extend(values))
+        for v in range(12):
+            b.add("k", v)
+        started.readline()  # the first batch is inside do(); the other 8 items are queued
+        gate.touch()  # ... and now it exits
+        b.flush()
+    s = b.stats()
+    assert s.worker_restarts == 1 and s.succeeded == 12 and s.failed_attempts == 0
+    assert seen == list(range(12))
+
+
+def test_a_replacement_that_cannot_start_stops_the_batcher_and_loses_nothing(
+        batcher_factory, monkeypatch):
+    """Starting a replacement can fail (EMFILE, ENOMEM): the items the dead worker held are
+    dead-lettered with the reason instead of vanishing with its pipes."""
+    b = batcher_factory(fns.kill_on(5), size=2, workers=1, interval=0.01,
+                        isolate_poison=False).start()
+
+    def cannot_start(i):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(b._pool, "start", cannot_start)  # the fault: the process table is full
+    futs = [b.submit("k", v) for v in range(8)]
+    errors = [fut.exception(timeout=20) for fut in futs]  # every item gets an outcome
+    for error in filter(None, errors):
+        assert isinstance(error, mpbatch.WorkerDied)
+        assert "could not be started (OSError: [Errno 24] Too many open files)" in str(error)
+    with pytest.raises(mpbatch.Closed, match="could not be started"):
+        b.add("k", 1)
+    b.close(timeout=10)
+    s = b.stats()
+    assert s.pending == 0 and s.accepted == 8 == s.succeeded + s.dead_lettered
+    assert s.dead_lettered >= 2  # at least the batch that killed the worker

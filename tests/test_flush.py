@@ -107,3 +107,13 @@ def test_add_many_from_a_slow_iterator_does_not_hold_items_back(batcher_factory)
     assert done.wait(20)
     lags = sorted(got[i] - offered[i] for i in range(20))
     assert lags[-1] < 0.2 + 0.15, lags  # interval, plus slack for a loaded machine
+
+
+def test_an_interval_longer_than_epoll_can_wait(batcher_factory):
+    """interval=60 days: the collector's wait for the open chunk's timer is over epoll's limit
+    (2**31 - 1 ms); it must wait (in steps), not fail in a loop (no_collector_errors)."""
+    b = batcher_factory(fns.double, size=10, workers=1, interval=60 * 86400)
+    fut = b.submit("k", 1)
+    assert b._collector._wait_seconds() <= 86_400
+    b.flush()
+    assert fut.result(timeout=10) == 2
