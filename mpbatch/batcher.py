@@ -106,7 +106,7 @@ class Batcher:
     do: callable(batch) -> None | {key: [result per value]}; with ``init``, do(batch, state).
         Shipped with cloudpickle, so lambdas and closures work.
     size: flush a worker's batch at this many items, all keys together (default 100); at
-        most ``buffer``.
+        most ``buffer`` (a batch a worker could never reach is refused).
     max_bytes: also flush at this many bytes of pickled values; a larger value alone is
         refused at add() with ItemTooLarge (default None: no byte limit).
     interval: seconds an accepted item may wait before its batch starts (default 0.1).
@@ -173,13 +173,7 @@ class Batcher:
                                               1, optional=True),
             max_rss=_check_int("max_rss", max_rss, 1, optional=True),
         )
-        if self._options.size > self._options.buffer:
-            # A worker is sent at most about buffer items, so a batch would never fill up:
-            # every one would wait out interval (W1 with size=50_000: 30x slower).
-            raise ValueError(
-                f"size={size} is larger than buffer={buffer}: a worker never holds enough "
-                f"items to fill a batch, so every batch would wait out interval; lower size= "
-                f"or raise buffer= to at least {size}")
+        _check_size_fits(self._options)
         self._state = _NEW
         self._start_lock = threading.Lock()
         self._accounts = Accounts()
@@ -793,6 +787,26 @@ def _show(value: Any) -> str:
         return repr(value)
     except ValueError:  # int over sys.get_int_max_str_digits()
         return f"<int of {value.bit_length()} bits>"
+
+
+def _check_size_fits(opts: Options) -> None:
+    """Refuse a size no worker can reach: every batch would wait out interval (W1 with
+    size=50_000 and the default buffer ran 30x slower).
+
+    A worker holds at most about buffer items: under "key" that is its own room, and under
+    the other routings the shared room (buffer x workers) is spread evenly. Only a batch
+    that arrives whole, as one chunk (size <= CHUNK_ITEMS) into the shared room, fills
+    beyond buffer.
+    """
+    if opts.size <= opts.buffer:
+        return
+    shared = opts.routing != "key" and opts.size <= CHUNK_ITEMS
+    if shared and opts.size <= opts.buffer * (opts.workers or default_workers()):
+        return
+    raise ValueError(
+        f"size={opts.size} is larger than buffer={opts.buffer}: a worker never holds enough "
+        f"items to fill a batch, so every batch would wait out interval; lower size= or "
+        f"raise buffer= to at least {opts.size}")
 
 
 def _check_int(name: str, value: Any, low: int, optional: bool = False) -> Any:

@@ -66,7 +66,8 @@ def test_errors_pickle_with_their_attributes(error):
     ({"workers": 2.0}, TypeError, "workers must be an int or None"),
     ({"buffer": -1}, ValueError, "buffer must be >= 1 (got -1)"),
     ({"size": 50_000}, ValueError, "size=50000 is larger than buffer=10000"),
-    ({"size": 20, "buffer": 10}, ValueError, "raise buffer= to at least 20"),
+    ({"size": 20, "buffer": 10, "routing": "key"}, ValueError, "raise buffer= to at least 20"),
+    ({"size": 500, "buffer": 100, "workers": 2}, ValueError, "size=500 is larger than buffer=100"),
     ({"routing": "fastest"}, ValueError, "routing must be one of"),
     ({"routing": 1}, TypeError, "routing must be a str"),
     ({"max_attempts": 0}, ValueError, "max_attempts must be >= 1"),
@@ -82,6 +83,17 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, error, text):
     with pytest.raises(error, match=None) as info:
         mpbatch.Batcher(fns.double, **kwargs)
     assert text in str(info.value)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("routing", ["least-loaded", "round-robin"])
+def test_a_batch_that_arrives_whole_may_exceed_buffer(batcher_factory, routing):
+    # The workers share buffer x workers of room: a chunk of 200 items is a whole batch,
+    # even with buffer=150 (interval=30: a batch that did not fill would show).
+    b = batcher_factory(fns.batch_shape, size=200, buffer=150, workers=2, routing=routing,
+                        interval=30)
+    futs = [b.submit(f"k{i % 3}", i, block=True) for i in range(1000)]
+    assert all(f.result(timeout=20)[1] == 200 for f in futs)
 
 
 def test_do_must_be_callable():

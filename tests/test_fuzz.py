@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import mpbatch
+from mpbatch.batcher import CHUNK_ITEMS
+from mpbatch.lifecycle import default_workers
 from tests import fns_fuzz
 from tests.conftest import HELPERS, cmdline
 
@@ -154,12 +156,17 @@ def _names(name, value, message):
 
 
 def _size_within_buffer(options, verdicts):
-    """size > buffer is refused (a batch could never fill): each of the two that was
-    given may be the one named."""
+    """A size no worker can reach is refused (a batch could never fill): over buffer, unless
+    one chunk (<= CHUNK_ITEMS) brings the whole batch into the room the workers share (not
+    under routing="key"). Any of the options involved that was given may be the one named."""
+    involved = ("size", "buffer", "workers", "routing")
+    if not all(verdicts.get(n, "ok") in ("ok", "edge") for n in involved):
+        return
     size, buffer = options.get("size", 100), options.get("buffer", 10_000)
-    valid = all(verdicts.get(n, "ok") in ("ok", "edge") for n in ("size", "buffer"))
-    if valid and size > buffer:
-        for name in ("size", "buffer"):
+    shared = buffer * (options.get("workers") or default_workers())
+    whole = options.get("routing") != "key" and size <= CHUNK_ITEMS and size <= shared
+    if size > buffer and not whole:
+        for name in involved:
             if name in options:
                 verdicts[name] = ValueError
 
