@@ -83,9 +83,10 @@ def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
     worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung).
 
-    A full pipe means the worker's main thread is busy (or still in init(), when nothing
-    reads yet): a byte on ``drain`` wakes its reader thread, which empties the pipe
-    (worker._Inlet).
+    A full pipe means the worker's main thread is busy (in do() or init()): a byte on
+    ``drain`` wakes its reader thread, which empties the pipe (worker._Inlet). Only code that
+    holds the GIL, in C, for long keeps the reader from it: then a pending Ctrl-C gives the
+    worker up.
     """
     view = memoryview(frame)
     stuck = 0.0

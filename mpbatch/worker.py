@@ -2,9 +2,10 @@
 
 Runs in worker process i. The main thread reads the item pipe when it waits for items,
 groups them and runs batches; when the caller finds the pipe full, a reader thread drains it
-(see _Inlet), so the caller does not wait on a worker that runs a long batch (unless do()
-holds the GIL throughout, in C code). Failed attempts are reported, never retried here: the
-caller's collector owns retries, so a batch may be retried on another worker.
+(see _Inlet), so the caller does not wait on a worker that runs a long batch or a slow
+init() (unless that holds the GIL throughout, in C code). Failed attempts are reported,
+never retried here: the caller's collector owns retries, so a batch may be retried on
+another worker.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
         os._exit(EXIT_INIT_FAILED)
     config: WorkerConfig = cloudpickle.loads(config_blob)
     counters = LoadCounters.attach(counters_name, workers)
+    # The reader drains a full item pipe from now on: while init() loads a model for
+    # seconds, neither the caller's adds nor the collector re-sending a replaced worker's
+    # items to this one wait on it.
+    inlet = _Inlet(items, drain)
+    inlet.start()
     state = None
     if config.init is not None:
         try:
@@ -80,7 +86,7 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
             os._exit(EXIT_INIT_FAILED)
     tp.write_all(results.fileno(), tp.caller_frame(tp.READY, os.getpid(), 0))
     try:
-        recycle = _Loop(index, _Inlet(items, drain), results, counters, config, state).run()
+        recycle = _Loop(index, inlet, results, counters, config, state).run()
     finally:
         counters.close()  # release our view before SharedMemory.__del__ tries to
     if recycle:
@@ -326,7 +332,6 @@ class _Loop:
 
     def run(self) -> bool:
         """Serve until STOP or EOF (False), or until due for recycling (True)."""
-        self.inlet.start()
         while True:
             if self._worn_out():
                 self.results.close()

@@ -9,11 +9,13 @@ It prints lines the test waits on (no sleeps needed on the test's side):
 MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy), "noclose"
 (return from main without close(): atexit must flush), "stream" (add items without end,
 through ADD=add or ADD=add_many, until a signal lands wherever the adding thread is),
-"stuck" (init() never returns, so nothing reads the item pipes; add_many of 64 MB then
-waits for room in a full pipe; prints "adding" once the pipes are full).
+"stuck" (init() never returns and holds the GIL, in C, so not even the worker's reader
+thread drains the item pipes; add_many of 64 MB then waits for room in a full pipe; prints
+"adding" once the pipes are full).
 """
 
 import atexit
+import ctypes
 import itertools
 import os
 import sys
@@ -40,7 +42,8 @@ def do(batch):
 
 
 def hang():
-    threading.Event().wait()
+    """init() stuck in C code that keeps the GIL (ctypes.PyDLL does not release it)."""
+    ctypes.PyDLL(None).sleep(3600)
 
 
 def stuck_items():

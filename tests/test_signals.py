@@ -180,9 +180,10 @@ def test_held_interrupt_is_a_no_op_off_the_main_thread():
 
 @pytest.mark.timeout(60)
 def test_ctrl_c_ends_a_write_to_a_worker_that_reads_nothing():
-    # init() never returns, so nothing drains the item pipes and add_many waits for room
-    # in a full pipe. A Ctrl-C held until the frame is written would be held forever: after
-    # a second of no progress the worker is given up and the interrupt goes through.
+    # init() never returns and holds the GIL, so nothing drains the item pipes (not even the
+    # worker's reader thread) and add_many waits for room in a full pipe. A Ctrl-C held
+    # until the frame is written would be held forever: after a second of no progress the
+    # worker is given up and the interrupt goes through.
     caller = start_caller("stuck")
     try:
         workers = [int(p) for p in read_until(caller, "pids")[1:]]

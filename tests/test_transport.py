@@ -1,6 +1,7 @@
 """What crosses the item pipes: frames split as Connection.send_bytes writes them, and a
 busy worker's pipe is emptied for the caller."""
 
+import os
 import random
 import struct
 import threading
@@ -13,6 +14,7 @@ from mpbatch import transport as tp
 from mpbatch import worker
 from mpbatch.transport import split_frames as _split_frames
 from mpbatch.transport import wire
+from tests import fns
 
 
 def wire_of(frames):
@@ -113,3 +115,30 @@ def test_inlet_does_not_tick_early(inlet):
         start = time.monotonic()
         assert inlet.next(wait) is worker._TICK
         assert time.monotonic() - start >= wait
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_still_in_init_does_not_hold_up_add_on_a_full_pipe(batcher_factory, tmp_path,
+                                                                      start_method):
+    """init() may take seconds (a model loads): the worker's reader drains its item pipe from
+    the start, so 3 MB of adds return while init() still runs."""
+    fifo, gate = tmp_path / "init", tmp_path / "gate"
+    os.mkfifo(fifo)
+    b = batcher_factory(fns.use_state, init=fns.init_announce_then_wait(str(fifo), str(gate)),
+                        workers=1, size=1, buffer=100, start_method=start_method).start()
+    with fns.fifo_reader(fifo) as inits:
+        inits.readline()  # the worker is inside init() until the gate opens
+        def adds():
+            for _ in range(30):
+                b.add("big", b"x" * 100_000)
+
+        adder = threading.Thread(target=adds)
+        adder.start()
+        adder.join(20)
+        held = adder.is_alive()
+        gate.touch()
+        adder.join()
+    assert not held, "add() waited for init() to end: nobody emptied the worker's item pipe"
+    b.flush()
+    s = b.stats()
+    assert s.succeeded == 30 and s.pending == 0 and s.dead_lettered == 0
