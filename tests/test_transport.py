@@ -59,6 +59,22 @@ def test_wire_is_what_connection_send_bytes_writes():
     assert wire_of(frames) == b"".join(wire(f) for f in frames)
 
 
+def _adds_wait(b, open_gate):
+    """Add 30 items of 100 kB (3 MB: three times a 1 MiB pipe) from a thread; whether that
+    was still waiting after 20 s. ``open_gate`` then lets the worker go on."""
+    def adds():
+        for _ in range(30):
+            b.add("big", b"x" * 100_000)
+
+    adder = threading.Thread(target=adds)
+    adder.start()
+    adder.join(20)
+    held = adder.is_alive()
+    open_gate()
+    adder.join()
+    return held
+
+
 @pytest.mark.timeout(60)
 def test_a_worker_busy_in_do_does_not_hold_up_add_on_a_full_pipe(gated, start_method):
     """Its main thread is inside do(); its reader thread empties the 1 MiB item pipe when
@@ -66,18 +82,7 @@ def test_a_worker_busy_in_do_does_not_hold_up_add_on_a_full_pipe(gated, start_me
     b, started = gated(workers=1, size=1, buffer=100, start_method=start_method)
     b.add("first", b"")
     started.readline()  # the worker is inside do() until the gate opens
-    big = b"x" * 100_000
-
-    def adds():
-        for _ in range(30):
-            b.add("big", big)
-
-    adder = threading.Thread(target=adds)
-    adder.start()
-    adder.join(20)
-    held = adder.is_alive()
-    gated.gate()
-    adder.join()
+    held = _adds_wait(b, open_gate=gated.gate)
     assert not held, "add() waited for do() to end: nobody emptied the worker's item pipe"
     b.flush()
     s = b.stats()
@@ -128,16 +133,7 @@ def test_a_worker_still_in_init_does_not_hold_up_add_on_a_full_pipe(batcher_fact
                         workers=1, size=1, buffer=100, start_method=start_method).start()
     with fns.fifo_reader(fifo) as inits:
         inits.readline()  # the worker is inside init() until the gate opens
-        def adds():
-            for _ in range(30):
-                b.add("big", b"x" * 100_000)
-
-        adder = threading.Thread(target=adds)
-        adder.start()
-        adder.join(20)
-        held = adder.is_alive()
-        gate.touch()
-        adder.join()
+        held = _adds_wait(b, open_gate=gate.touch)
     assert not held, "add() waited for init() to end: nobody emptied the worker's item pipe"
     b.flush()
     s = b.stats()
