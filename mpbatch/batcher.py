@@ -309,16 +309,18 @@ class Batcher:
         # is there under the lock (see _OpenChunk). The room check reads counters without the
         # lock: threads adding at once may overshoot buffer by one item each.
         # Anything else takes _accept(), which checks, locks and waits.
-        if self._fast and timeout is None and type(key) in _PLAIN and type(value) in _PLAIN:
+        kind = type(value)
+        if self._fast and timeout is None and type(key) in _PLAIN and kind in _PLAIN:
             chunk = self._open[0]
             entries = chunk.entries
             n = len(entries)
             if self._accounts.outstanding + n < self._capacity:
                 try:
                     entries.append((key, value))
-                    if type(value) is str or type(value) is bytes:
+                    due = n + 1 >= self._chunk_items
+                    if kind is str or kind is bytes:
                         chunk.nbytes += len(value)  # a hint for sealing: a lost update is harmless
-                    due = n + 1 >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
+                        due = due or chunk.nbytes >= CHUNK_BYTES
                     if not chunk.opened:
                         self._opened(chunk, wake=not due)
                     if due:
