@@ -59,9 +59,10 @@ def test_wire_is_what_connection_send_bytes_writes():
     assert wire_of(frames) == b"".join(wire(f) for f in frames)
 
 
-def _adds_wait(b, open_gate):
-    """Add 30 items of 100 kB (3 MB: three times a 1 MiB pipe) from a thread; whether that
-    was still waiting after 20 s. ``open_gate`` then lets the worker go on."""
+def assert_adds_return_while_held(b, open_gate, held_in, succeeded):
+    """Add 30 items of 100 kB (3 MB: three times a 1 MiB pipe) from a thread: they must all
+    be in within 20 s while the worker is held in ``held_in``; ``open_gate`` then lets it
+    go on, and every item succeeds."""
     def adds():
         for _ in range(30):
             b.add("big", b"x" * 100_000)
@@ -72,7 +73,10 @@ def _adds_wait(b, open_gate):
     held = adder.is_alive()
     open_gate()
     adder.join()
-    return held
+    assert not held, f"add() waited for {held_in} to end: nobody emptied the worker's item pipe"
+    b.flush()
+    s = b.stats()
+    assert s.succeeded == succeeded and s.pending == 0 and s.dead_lettered == 0
 
 
 @pytest.mark.timeout(60)
@@ -82,11 +86,7 @@ def test_a_worker_busy_in_do_does_not_hold_up_add_on_a_full_pipe(gated, start_me
     b, started = gated(workers=1, size=1, buffer=100, start_method=start_method)
     b.add("first", b"")
     started.readline()  # the worker is inside do() until the gate opens
-    held = _adds_wait(b, open_gate=gated.gate)
-    assert not held, "add() waited for do() to end: nobody emptied the worker's item pipe"
-    b.flush()
-    s = b.stats()
-    assert s.succeeded == 31 and s.pending == 0 and s.dead_lettered == 0
+    assert_adds_return_while_held(b, gated.gate, "do()", succeeded=31)
 
 
 @pytest.fixture
@@ -133,8 +133,4 @@ def test_a_worker_still_in_init_does_not_hold_up_add_on_a_full_pipe(batcher_fact
                         workers=1, size=1, buffer=100, start_method=start_method).start()
     with fns.fifo_reader(fifo) as inits:
         inits.readline()  # the worker is inside init() until the gate opens
-        held = _adds_wait(b, open_gate=gate.touch)
-    assert not held, "add() waited for init() to end: nobody emptied the worker's item pipe"
-    b.flush()
-    s = b.stats()
-    assert s.succeeded == 30 and s.pending == 0 and s.dead_lettered == 0
+        assert_adds_return_while_held(b, gate.touch, "init()", succeeded=30)
