@@ -177,11 +177,10 @@ class _Inlet:
                 # fraction up (an interval-flushed batch started ~0.75 ms late): wait the
                 # whole ones there and sleep out the last fraction.
                 ms = None if left is None else min(int(left * 1000), POLL_MAX_MS)
-                if ms == 0 and not self._poll.poll(0):
-                    time.sleep(left)
-                    continue
                 if self._poll.poll(ms):
                     self._take()
+                elif ms == 0:
+                    time.sleep(left)
             return self.frames.popleft()
         finally:
             self.lock.release()
