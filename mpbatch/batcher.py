@@ -258,7 +258,9 @@ class Batcher:
             return
         error: BaseException | None = None
         try:
-            if not self._flush(None if timeout is None else time.monotonic() + timeout):
+            flushed = self._flush(None if timeout is None else time.monotonic() + timeout)
+            # A stopped Batcher's workers hold nothing it waits for: they are killed.
+            if not flushed or self._collector.broken:  # type: ignore[union-attr]
                 error = self._collector.broken or Closed(  # type: ignore[union-attr]
                     f"close(timeout={timeout:g}) ran out before these items finished")
         except BaseException:
@@ -438,16 +440,26 @@ class Batcher:
         waited = f" after waiting {timeout:g}s" if block else ""
         raise Full(f"no room{waited}: {where}; retry later, pass block=True, or raise buffer=")
 
-    def _wait_until(self, ready: Callable[[], bool], deadline: float | None) -> bool:
-        """Wait (holding the lock) until ``ready()``; False at the deadline or on close."""
+    def _wait_until(self, ready: Callable[[], bool], deadline: float | None,
+                    settle: bool = False) -> bool:
+        """Wait (holding the lock) until ``ready()``; False at the deadline or on close.
+
+        If the Batcher stops (workers cannot start), a wait for room ends at once; with
+        ``settle`` (a flush) it ends once the collector has given an outcome to every item
+        it held, so flush() never returns with an item unaccounted for.
+        """
         acc = self._accounts
         acc.waiters += 1
         try:
             while not ready():
                 if self._state is not _RUNNING and self._state is not _CLOSING:
                     return False
-                if self._collector is not None and self._collector.broken is not None:
-                    return False
+                collector = self._collector
+                if collector is not None and collector.broken is not None:
+                    if not settle:
+                        return False
+                    if collector.halted:
+                        return ready()
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -548,7 +560,8 @@ class Batcher:
         for i in range(self._workers):
             self._dispatcher.flush(i)
         with self._lock:
-            return self._wait_until(lambda: self._accounts.settled_through(epoch), deadline)
+            return self._wait_until(lambda: self._accounts.settled_through(epoch), deadline,
+                                    settle=True)
 
     def stats(self) -> Stats:
         """A consistent snapshot of the counters (works before start and after close)."""

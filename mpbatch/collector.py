@@ -77,6 +77,8 @@ class Collector(threading.Thread):
         self._init_error: dict[int, BaseException] = {}
         self._start_failures = 0
         self._broken_handled = False  # on_broken ran and the items held were failed
+        # broken, and every item held when it broke has its outcome: flush() may return
+        self.halted = False
         self._waitables: dict[Any, tuple[str, int]] = {}
         self._selector: selectors.BaseSelector = selectors.DefaultSelector()
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
@@ -348,6 +350,9 @@ class Collector(threading.Thread):
             self._fail_everything(self.broken)
         self._rebuild_waitables()
         self._place_orphaned_items(i, proc, inside, queued)
+        if self.broken is not None and not self.halted:
+            self.halted = True
+            self.accounts.wake()
 
     def _note_start(self, i: int, started: bool, exitcode: int | None) -> bool:
         """Whether to replace worker i; after repeated start failures, stop for good."""

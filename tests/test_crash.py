@@ -107,6 +107,22 @@ def test_init_that_always_fails_stops_the_batcher(batcher_factory):
     assert s.pending == 0 and s.dead_lettered == 3
 
 
+
+def test_flush_returns_after_a_stopped_batcher_settled_every_item(batcher_factory):
+    # The Batcher stops when workers keep dying before taking items; flush() must still
+    # return only once each item has its outcome (here: dead-lettered), not as soon as it
+    # sees the stop.
+    letters = []
+    b = batcher_factory(fns.use_state, init=fns.init_fails, workers=2,
+                        on_dead_letter=letters.append)
+    for i in range(5):
+        b.add("k", i)
+    b.flush()
+    s = b.stats()
+    assert (s.pending, s.dead_lettered) == (0, 5)
+    assert sorted(v for letter in letters for v in letter.batch["k"]) == [0, 1, 2, 3, 4]
+    assert all(isinstance(letter.error, mpbatch.WorkerDied) for letter in letters)
+
 @pytest.mark.parametrize(("culprit_do", "options"), [
     (fns.kill_on(13), {}),
     (fns.hang_on(13), {"timeout": 0.5}),
