@@ -27,6 +27,7 @@ from . import worker
 from .interrupts import held_interrupt
 
 START_METHODS = ("fork", "spawn", "forkserver")
+WORKER_MODULE = worker.__name__  # "mpbatch.worker": what the fork server preloads
 WRITE_POLL = 0.1  # s between looks at a full item pipe (and at a pending Ctrl-C)
 STUCK_WRITE = 1.0  # s a worker may read nothing after a Ctrl-C before it is given up
 
@@ -119,6 +120,21 @@ def _widen(conn: Connection) -> None:
         fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
 
 
+def _preload_in_fork_server(ctx: BaseContext) -> None:
+    """Have the fork server import the worker module, keeping what it preloads already.
+
+    The default list is ["__main__"]: the server imports the caller's main module once and
+    every worker forks with it, instead of each worker importing it again (a main script
+    that imports a large library would cost each worker, and each replacement, that
+    import). Only a server started after this call is affected.
+    """
+    from multiprocessing import forkserver
+
+    preload = list(getattr(forkserver._forkserver, "_preload_modules", None) or ["__main__"])
+    if WORKER_MODULE not in preload:
+        ctx.set_forkserver_preload([*preload, WORKER_MODULE])
+
+
 class Pool:
     """The worker processes, their pipes and the locks that keep their ledgers in order."""
 
@@ -128,8 +144,7 @@ class Pool:
         self.start_method = start_method
         self.ctx: BaseContext = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
-            # Workers fork from a server that already imported the worker module.
-            self.ctx.set_forkserver_preload(["mpbatch.worker"])
+            _preload_in_fork_server(self.ctx)
         self.counters_name = counters_name
         self.config_blob = config_blob
         self.caller_pid = os.getpid()

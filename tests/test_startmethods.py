@@ -34,3 +34,38 @@ def test_sigkill_is_recovered(start_method):
     bad = futs[13]
     with pytest.raises(mpbatch.WorkerDied, match="SIGKILL"):
         bad.result()
+
+
+PRELOAD_SCRIPT = """
+import multiprocessing, sys
+import mpbatch
+
+def do(batch):
+    return {k: ["colorsys" in sys.modules] * len(v) for k, v in batch.items()}
+
+if __name__ == "__main__":
+    multiprocessing.set_forkserver_preload(["__main__", "colorsys"])
+    with mpbatch.Batcher(do, workers=1, start_method="forkserver") as b:
+        print("preloaded in the worker:", b.submit("k", 1).result(timeout=60))
+    from multiprocessing import forkserver
+    print("preload list:", forkserver._forkserver._preload_modules)
+"""
+
+
+def test_the_fork_servers_preload_list_keeps_what_the_caller_put_there(tmp_path):
+    """mpbatch adds its worker module to the fork server's preload list; it keeps what the
+    caller put there (and multiprocessing's default, "__main__", which spares each worker
+    an import of the main script on Pythons where that preload works)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "caller.py"
+    script.write_text(PRELOAD_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, timeout=90,
+                         env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "preloaded in the worker: True" in run.stdout
+    assert "preload list: ['__main__', 'colorsys', 'mpbatch.worker']" in run.stdout
