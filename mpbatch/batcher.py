@@ -393,7 +393,8 @@ class Batcher:
                          "create a new one")
         collector = self._collector
         if collector is not None and collector.broken is not None:
-            raise Closed(f"the Batcher stopped: {collector.broken}") from collector.broken
+            raise Closed(f"this Batcher no longer takes items: {collector.broken}"
+                         ) from collector.broken
 
     def _check_item(self, key: Hashable, value: Any) -> int | None:
         """Pickled size of ``value`` when it is needed; raise on a bad key or value."""

@@ -367,9 +367,19 @@ class Collector(threading.Thread):
         why = str(cause) if cause is not None else f"it exited with {signal_name(exitcode)}"
         self.broken = WorkerDied(
             f"{MAX_START_FAILURES} workers in a row died before taking items (worker {i}: "
-            f"{why}); the Batcher stopped: fix init= or the environment and create a new "
-            f"Batcher", None, exitcode)
+            f"{why}), so the Batcher stopped; {self._start_advice(cause, exitcode)}, then "
+            f"create a new Batcher", None, exitcode)
         return False
+
+    def _start_advice(self, cause: BaseException | None, exitcode: int | None) -> str:
+        if cause is None and exitcode == 1 and self.pool.start_method != "fork":
+            # Died in multiprocessing's bootstrap, before our code ran: under spawn and
+            # forkserver that is where a child imports the caller's main module.
+            return (f"under {self.pool.start_method} each worker first imports your main "
+                    f"module; if that import fails, or starts a Batcher itself (no "
+                    f"`if __name__ == \"__main__\":` guard), every worker dies so (the worker's "
+                    f"traceback is on stderr): fix that")
+        return "fix init= or the environment"
 
     def _replace(self, i: int) -> bool:
         """Start worker i's replacement (hold send_locks[i]); False if it cannot start (no

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 import cloudpickle
 
@@ -67,9 +67,11 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
             f"the worker imported mpbatch from {PACKAGE_DIR}, the caller from "
             f"{caller_package}; start the program from another directory, or use one copy "
             f"of mpbatch", "ImportError")
-        tp.write_all(results.fileno(), tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, error))
-        os._exit(EXIT_INIT_FAILED)
-    config: WorkerConfig = cloudpickle.loads(config_blob)
+        _init_failed(results, error)
+    try:
+        config: WorkerConfig = cloudpickle.loads(config_blob)
+    except BaseException as exc:  # e.g. do() needs a module this process cannot import
+        _init_failed(results, _failure(exc, "unpickling do and init in the worker"))
     counters = LoadCounters.attach(counters_name, workers)
     # The reader drains a full item pipe from now on: while init() loads a model for
     # seconds, neither the caller's adds nor the collector re-sending a replaced worker's
@@ -81,9 +83,7 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
         try:
             state = config.init()
         except BaseException as exc:
-            error = _failure(exc, "init()")
-            tp.write_all(results.fileno(), tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, error))
-            os._exit(EXIT_INIT_FAILED)
+            _init_failed(results, _failure(exc, "init()"))
     tp.write_all(results.fileno(), tp.caller_frame(tp.READY, os.getpid(), 0))
     try:
         recycle = _Loop(index, inlet, results, counters, config, state).run()
@@ -93,6 +93,12 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
         # Items still queued here are in the caller's ledger: it re-sends them, with no
         # attempt spent, to the worker that replaces this one.
         sys.exit(EXIT_RECYCLED)
+
+
+def _init_failed(results: Connection, error: BatchFailed) -> NoReturn:
+    """Tell the caller why this worker cannot take items, and exit."""
+    tp.write_all(results.fileno(), tp.caller_frame(tp.INIT_FAILED, os.getpid(), 0, error))
+    os._exit(EXIT_INIT_FAILED)
 
 
 def _exit_with_caller(caller_pid: int) -> None:

@@ -147,6 +147,25 @@ def init_fails():
     raise RuntimeError("no model here")
 
 
+def _refuse_to_load(why):
+    raise RuntimeError(why)
+
+
+class LoadsOnlyInTheCaller:
+    """Pickles, but raises when unpickled: a stand-in for what do() needs and a worker lacks
+    (a module only the caller can import, a resource bound to the caller)."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ("this object cannot be rebuilt in a worker",)
+
+
+def needs_the_caller(thing):
+    def do(batch):
+        return double(batch) if thing is not None else None
+
+    return do
+
+
 def once_then_bad(first):
     """do() that runs ``first`` on batches holding key "bad", and doubles the others."""
 

@@ -123,6 +123,52 @@ def test_flush_returns_after_a_stopped_batcher_settled_every_item(batcher_factor
     assert sorted(v for letter in letters for v in letter.batch["k"]) == [0, 1, 2, 3, 4]
     assert all(isinstance(letter.error, mpbatch.WorkerDied) for letter in letters)
 
+
+def test_a_do_that_cannot_be_unpickled_in_a_worker_is_named(batcher_factory):
+    b = batcher_factory(fns.needs_the_caller(fns.LoadsOnlyInTheCaller()), workers=2)
+    futs = [b.submit("k", i) for i in range(3)]
+    for fut in futs:
+        with pytest.raises(mpbatch.WorkerDied, match="unpickling do and init in the worker "
+                           "raised RuntimeError: this object cannot be rebuilt in a worker"):
+            fut.result(timeout=30)
+    with pytest.raises(mpbatch.Closed, match="no longer takes items: 3 workers in a row"):
+        b.add("k", 9)
+
+
+UNGUARDED_SCRIPT = """
+import mpbatch
+b = mpbatch.Batcher(lambda batch: None, workers=2, start_method=START_METHOD)
+b.add("k", 1)  # a worker importing this module as __mp_main__ dies here
+b.flush()
+print("flushed", b.stats().pending, b.stats().dead_lettered, flush=True)
+try:
+    b.add("k", 2)
+except mpbatch.Closed as exc:
+    print("closed:", exc, flush=True)
+b.close()
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_main_script_without_a_main_guard_gets_advice(tmp_path, method):
+    """Under spawn and forkserver a worker imports the caller's main module first; a script
+    that starts a Batcher at import time kills every worker there, before mpbatch's code runs.
+    The Batcher stops, dead-letters the item, and says what to fix."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT.replace("START_METHOD", repr(method)))
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, timeout=90,
+                         env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "flushed 0 1" in run.stdout, run.stdout + run.stderr
+    assert "died before taking items (worker" in run.stdout
+    assert f"under {method} each worker first imports your main module" in run.stdout
+    assert 'no `if __name__ == "__main__":` guard' in run.stdout
+
 @pytest.mark.parametrize(("culprit_do", "options"), [
     (fns.kill_on(13), {}),
     (fns.hang_on(13), {"timeout": 0.5}),
