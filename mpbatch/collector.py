@@ -102,7 +102,8 @@ class Collector(threading.Thread):
         while not self._exit:
             try:
                 self._step()
-            except Exception:  # a bug of ours must not silently stop every outcome
+            except BaseException:  # a bug of ours (or a SystemExit from user code) must not
+                # silently stop every later outcome: flush() and close() would wait forever
                 log.exception("mpbatch collector: unexpected error; continuing")
         self._selector.close()
         wake_r, wake_w = self._wake_r, self._wake_w
@@ -232,7 +233,7 @@ class Collector(threading.Thread):
         for (key, values), got in zip(batch.items(), results, strict=True):
             try:
                 on_result(key, values, got)
-            except Exception:
+            except BaseException:  # sys.exit() too: it would end this thread, and every outcome
                 log.exception("mpbatch: on_result raised for key %r; the item still "
                               "counts as succeeded", key)
 
@@ -296,7 +297,7 @@ class Collector(threading.Thread):
         if self.options.on_dead_letter is not None:
             try:
                 self.options.on_dead_letter(letter)
-            except Exception:
+            except BaseException:  # sys.exit() too (see _call_on_result)
                 log.exception("mpbatch: on_dead_letter raised; the dead letter is kept")
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=False)
 
@@ -480,6 +481,8 @@ def _set(fut: Future, result: Any = None, exception: BaseException | None = None
             fut.set_result(result)
     except InvalidStateError:
         pass  # the user cancelled it
+    except BaseException:  # concurrent.futures lets a done-callback's SystemExit through
+        log.exception("mpbatch: a done-callback of a Future raised; its result is set")
 
 
 def _resolve_futures(segments: list[Segment], items: list | None) -> None:

@@ -107,6 +107,29 @@ def test_a_callback_that_raises_is_logged_and_the_collector_goes_on(batcher_fact
     assert "on_result raised" in caplog.text
 
 
+
+def test_sys_exit_in_a_callback_does_not_stop_the_collector(batcher_factory, caplog):
+    """sys.exit() in on_result, on_dead_letter or a Future's done-callback raises SystemExit
+    in the collector thread; it used to end that thread, and flush() then waited forever."""
+    import sys
+
+    def exits(*args):
+        sys.exit("stop the job")
+
+    b = batcher_factory(fns.once_then_bad(fns.raise_value_error), size=1, on_result=exits,
+                        on_dead_letter=exits)
+    b.add("bad", 1)
+    first = b.submit("k", 1)
+    first.add_done_callback(exits)
+    b.flush()
+    later = [b.submit("k", i) for i in range(2, 5)]
+    b.flush()
+    assert first.result() == 2 and [f.result() for f in later] == [4, 6, 8]
+    s = b.stats()
+    assert (s.succeeded, s.dead_lettered, s.pending) == (4, 1, 0)
+    assert "on_result raised" in caplog.text and "on_dead_letter raised" in caplog.text
+    assert "done-callback of a Future raised" in caplog.text
+
 def test_init_state_is_passed_and_kept(batcher_factory):
     b = batcher_factory(fns.use_state, init=fns.init_state, size=3)
     futs = [b.submit("k", i) for i in range(9)]
