@@ -747,8 +747,9 @@ class _Bulk:
         with held_interrupt():  # counted as accepted, recorded in a ledger and written, or not
             b._lock.acquire()
             try:
-                if b._state is not _RUNNING:
-                    b._ensure_running()  # close() began: raise Closed, nothing of this taken
+                if b._state is not _RUNNING or b._collector.broken:  # type: ignore[union-attr]
+                    b._ensure_running()  # close() began or it stopped: raise Closed, nothing
+                    # of this block taken
                 seg = Segment(keys, values, None, None, 0, b._epoch, deadline_ns)
                 b._accounts.seal(len(keys), b._epoch)
                 i = b._router.for_chunk()

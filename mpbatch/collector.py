@@ -197,6 +197,8 @@ class Collector(threading.Thread):
             self._finished(i, start, n, frame)
         elif kind == tp.FAILED:
             segments = self.dispatcher.ledgers[i].take(start, n)
+            if not segments:  # as in _finished
+                return
             try:
                 error = tp.payload_of(frame, tp.TO_CALLER_SIZE)
             except Exception as exc:
@@ -213,6 +215,8 @@ class Collector(threading.Thread):
 
     def _finished(self, i: int, start: int, n: int, frame: bytes) -> None:
         segments = self.dispatcher.ledgers[i].take(start, n)
+        if not segments:  # dead-lettered already (the Batcher stopped): one outcome each
+            return
         try:
             batch, grouped, items = tp.payload_of(frame, tp.TO_CALLER_SIZE)
         except Exception as exc:
@@ -343,17 +347,26 @@ class Collector(threading.Thread):
         if restart:
             recycled = int(proc.exitcode == EXIT_RECYCLED)
             self.accounts.bump(worker_restarts=1, recycled=recycled)
-        elif self.broken is not None and not self._broken_handled:
-            # Outside the send lock: settling takes the Batcher's lock, and add_many takes
-            # the two in the other order.
-            self._broken_handled = True
-            self.on_broken()
-            self._fail_everything(self.broken)
-        self._rebuild_waitables()
-        self._place_orphaned_items(i, proc, inside, queued)
-        if self.broken is not None and not self.halted:
-            self.halted = True
-            self.accounts.wake()
+        try:
+            if not restart and self.broken is not None and not self._broken_handled:
+                self._halt(self.broken)
+            self._rebuild_waitables()
+            self._place_orphaned_items(i, proc, inside, queued)
+        finally:  # even if something above failed: a flush() waiting on a stop must return
+            if self.broken is not None and not self.halted:
+                self.halted = True
+                self.accounts.wake()
+
+    def _halt(self, error: BaseException) -> None:
+        """The Batcher stops (workers cannot start): no send is taken from now on, and
+        everything held gets ``error``."""
+        self._broken_handled = True
+        # Set before the ledgers are emptied: a send either finds it set (under its worker's
+        # send lock) and is dead-lettered, or it got that lock first, and what it recorded
+        # is taken below.
+        self.dispatcher.stopped = error
+        self.on_broken()
+        self._fail_everything(error, locked=True)
 
     def _note_start(self, i: int, started: bool, exitcode: int | None) -> bool:
         """Whether to replace worker i; after repeated start failures, stop for good."""
@@ -449,9 +462,13 @@ class Collector(threading.Thread):
             f"(keys {shown}), "
             f"attempt {attempt} of {self.options.max_attempts}{hint}", proc.pid, proc.exitcode)
 
-    def _fail_everything(self, error: BaseException) -> None:
+    def _fail_everything(self, error: BaseException, locked: bool = False) -> None:
+        """Dead-letter every item held. ``locked``: take each ledger under its worker's send
+        lock (senders may still be running); dead-letter outside it (settling takes the
+        Batcher's lock, and add_many takes the two in the other order)."""
         for i in range(self.pool.workers):
-            left = [seg for _, seg in self.dispatcher.ledgers[i].take_all()]
+            with self.pool.send_locks[i] if locked else contextlib.nullcontext():
+                left = [seg for _, seg in self.dispatcher.ledgers[i].take_all()]
             self.dead_letter(left, error, None)
         while self._retries:
             self.dead_letter(heapq.heappop(self._retries)[2], error, None)

@@ -145,6 +145,7 @@ class Dispatcher:
         self.router = router
         self.ledgers = [WorkerLedger() for _ in range(counters.workers)]
         self.reject: Callable[[list[Segment], BaseException], None] = _no_reject
+        self.stopped: BaseException | None = None  # the Batcher stopped: refuse every send
 
     def held(self, i: int) -> int:
         return self.ledgers[i].held
@@ -166,7 +167,11 @@ class Dispatcher:
         with self.pool.send_locks[i]:
             if unlock is not None:
                 unlock.release()
-            self.send_held(i, segments, frame)
+            stopped = self.stopped  # read under the send lock: see Collector._halt
+            if stopped is None:
+                self.send_held(i, segments, frame)
+        if stopped is not None:
+            self.reject(segments, stopped)  # outside the send lock, as settling must be
 
     def send_held(self, i: int, segments: list[Segment], frame: bytes) -> None:
         """send() of a pickled chunk (``chunk_of``), for a caller that holds worker i's send

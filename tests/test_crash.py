@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -123,6 +124,24 @@ def test_flush_returns_after_a_stopped_batcher_settled_every_item(batcher_factor
     assert sorted(v for letter in letters for v in letter.batch["k"]) == [0, 1, 2, 3, 4]
     assert all(isinstance(letter.error, mpbatch.WorkerDied) for letter in letters)
 
+
+
+def _paced_pairs(n):
+    for i in range(n):
+        time.sleep(0.002)  # a slow source: the stop comes while add_many is still pulling
+        yield "k", i
+
+
+def test_add_many_into_a_batcher_that_stops_raises_and_loses_nothing(batcher_factory):
+    """add_many() kept sending blocks after the Batcher stopped (to worker slots nobody
+    replaces), returned normally, and flush() then left those items pending."""
+    b = batcher_factory(fns.use_state, init=fns.init_fails, workers=2, size=10)
+    with pytest.raises(mpbatch.Closed, match="no longer takes items"):
+        b.add_many(_paced_pairs(3000))
+    b.flush()
+    s = b.stats()
+    assert s.pending == 0 and s.accepted == s.dead_lettered > 0
+    assert sum(len(letter.batch["k"]) for letter in b.dead_letters()) == s.accepted
 
 def test_a_do_that_cannot_be_unpickled_in_a_worker_is_named(batcher_factory):
     b = batcher_factory(fns.needs_the_caller(fns.LoadsOnlyInTheCaller()), workers=2)
