@@ -354,6 +354,8 @@ class Batcher:
             chunk = self._open[self._router.for_key(key) if len(self._open) > 1 else 0]
             if self._is_full(chunk):
                 self._wait_for_room(chunk, block, timeout)
+                if self._state is not _RUNNING:  # close() began while we waited
+                    self._ensure_running()
             try:
                 n = chunk.add(key, value, fut, nbytes)
                 due = n >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
@@ -431,6 +433,8 @@ class Batcher:
 
     def _wait_for_room(self, chunk: _OpenChunk, block: bool, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        if block:
+            self._refuse_to_wait_in_a_callback("add(block=True) or submit(block=True)")
         if block and self._wait_until(lambda: not self._is_full(chunk), deadline):
             return
         self._ensure_running()  # raises Closed if close() or a failure stopped the wait
@@ -440,6 +444,13 @@ class Batcher:
                  f"(buffer={self._options.buffer} x {self._workers} workers)")
         waited = f" after waiting {timeout:g}s" if block else ""
         raise Full(f"no room{waited}: {where}; retry later, pass block=True, or raise buffer=")
+
+    def _refuse_to_wait_in_a_callback(self, what: str) -> None:
+        if threading.current_thread() is self._collector:
+            raise RuntimeError(
+                f"{what} cannot wait for room inside on_result or on_dead_letter: only the "
+                f"thread running them frees room; use add() without block (it raises Full), "
+                f"or add from another thread")
 
     def _wait_until(self, ready: Callable[[], bool], deadline: float | None,
                     settle: bool = False) -> bool:
@@ -453,7 +464,8 @@ class Batcher:
         acc.waiters += 1
         try:
             while not ready():
-                if self._state is not _RUNNING and self._state is not _CLOSING:
+                # close() ends waits for room (the item is refused), not a flush's wait
+                if self._state is not _RUNNING and (not settle or self._state is not _CLOSING):
                     return False
                 collector = self._collector
                 if collector is not None and collector.broken is not None:
@@ -713,6 +725,8 @@ class _Bulk:
             return cap - acc.outstanding
 
         with b._lock:
+            if free() <= 0:
+                b._refuse_to_wait_in_a_callback("add_many()")
             if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
                 b._ensure_running()  # raises Closed if close() or a failure stopped us
                 raise Full(f"add_many() waited past its timeout with {cap} items unfinished "

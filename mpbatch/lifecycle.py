@@ -130,7 +130,8 @@ def _preload_in_fork_server(ctx: BaseContext) -> None:
     """
     from multiprocessing import forkserver
 
-    preload = list(getattr(forkserver._forkserver, "_preload_modules", None) or ["__main__"])
+    current = getattr(forkserver._forkserver, "_preload_modules", None)  # [] is a choice
+    preload = ["__main__"] if current is None else list(current)
     if WORKER_MODULE not in preload:
         ctx.set_forkserver_preload([*preload, WORKER_MODULE])
 

@@ -105,3 +105,40 @@ def test_segments_of_dead_callers_are_swept_at_start(batcher_factory):
     assert os.path.exists(f"/dev/shm/{name}")  # nobody was left to unlink it
     batcher_factory(fns.double, workers=1).start()
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_an_add_waiting_for_room_when_close_begins_is_refused(batcher_factory, tmp_path):
+    """It used to get in once room freed, after close() had flushed, and then be
+    dead-lettered by a clean close(): accepted, yet never run."""
+    import threading
+
+    gate = tmp_path / "gate"
+    b = batcher_factory(fns.wait_for_file(str(gate)), size=1, buffer=1, workers=1)
+    b.add("k", 1)  # held in do() until the gate opens: the buffer is full
+    outcome = []
+
+    def late_add():
+        try:
+            b.add("late", 2, block=True)
+            outcome.append("accepted")
+        except mpbatch.Closed:
+            outcome.append("refused")
+
+    adder = threading.Thread(target=late_add)
+    adder.start()
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    probe = threading.Event()
+    while True:  # until close() has begun: a non-blocking add then says Closed, not Full
+        try:
+            b.add("probe", 0)
+        except mpbatch.Full:
+            probe.wait(0.01)
+        except mpbatch.Closed:
+            break
+    gate.touch()
+    closer.join(30)
+    adder.join(30)
+    assert outcome == ["refused"]
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (1, 1, 0, 0)

@@ -130,6 +130,18 @@ def test_sys_exit_in_a_callback_does_not_stop_the_collector(batcher_factory, cap
     assert "on_result raised" in caplog.text and "on_dead_letter raised" in caplog.text
     assert "done-callback of a Future raised" in caplog.text
 
+
+def test_a_blocking_add_inside_a_callback_is_refused_not_deadlocked(batcher_factory, caplog):
+    """Only the collector thread frees room, and it is the one running on_result: a wait for
+    room there waited forever (and flush() and close() with it)."""
+    b = batcher_factory(fns.double, size=2, buffer=2, workers=1,
+                        on_result=lambda k, vs, rs: b.add("next", 0, block=True))
+    b.add("k", 1)
+    b.add("k", 2)
+    b.flush()
+    assert b.stats().succeeded == 2
+    assert "cannot wait for room inside on_result" in caplog.text
+
 def test_init_state_is_passed_and_kept(batcher_factory):
     b = batcher_factory(fns.use_state, init=fns.init_state, size=3)
     futs = [b.submit("k", i) for i in range(9)]
