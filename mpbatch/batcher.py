@@ -434,7 +434,7 @@ class Batcher:
     def _wait_for_room(self, chunk: _OpenChunk, block: bool, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         if block:
-            self._refuse_to_wait_in_a_callback("add(block=True) or submit(block=True)")
+            self._refuse_to_wait_for_room_in_a_callback("add(block=True) or submit(block=True)")
         if block and self._wait_until(lambda: not self._is_full(chunk), deadline):
             return
         self._ensure_running()  # raises Closed if close() or a failure stopped the wait
@@ -445,12 +445,16 @@ class Batcher:
         waited = f" after waiting {timeout:g}s" if block else ""
         raise Full(f"no room{waited}: {where}; retry later, pass block=True, or raise buffer=")
 
-    def _refuse_to_wait_in_a_callback(self, what: str) -> None:
+    def _refuse_in_a_callback(self, what: str, advice: str) -> None:
+        """Callbacks run in the collector thread, the one that records outcomes and frees
+        room: a wait there for either would never end."""
         if threading.current_thread() is self._collector:
-            raise RuntimeError(
-                f"{what} cannot wait for room inside on_result or on_dead_letter: only the "
-                f"thread running them frees room; use add() without block (it raises Full), "
-                f"or add from another thread")
+            raise RuntimeError(f"{what} inside on_result or on_dead_letter: {advice}")
+
+    def _refuse_to_wait_for_room_in_a_callback(self, what: str) -> None:
+        self._refuse_in_a_callback(f"{what} cannot wait for room", "only the thread running "
+                                   "them frees room; use add() without block (it raises "
+                                   "Full), or add from another thread")
 
     def _wait_until(self, ready: Callable[[], bool], deadline: float | None,
                     settle: bool = False) -> bool:
@@ -529,11 +533,7 @@ class Batcher:
         with held_interrupt():  # from the open chunk to a ledger, whole or not at all
             seg = self._take(chunk)
             if seg is None:
-                return
-            broken = self._collector.broken  # type: ignore[union-attr]
-            if broken is not None:
-                self._collector.dead_letter([seg], broken, None)  # type: ignore[union-attr]
-                return
+                return  # (once the Batcher stopped, the dispatcher dead-letters what it gets)
             i = chunk.worker if self._options.routing == "key" else self._router.for_chunk()
             self._dispatcher.send(i, [seg])
 
@@ -560,10 +560,9 @@ class Batcher:
         self._flush(None)
 
     def _flush(self, deadline: float | None) -> bool:
-        if threading.current_thread() is self._collector:
-            raise RuntimeError("flush() and close() cannot run inside on_result or "
-                               "on_dead_letter: they would wait for their own callback; "
-                               "call them from the thread that adds items")
+        self._refuse_in_a_callback("flush() and close() cannot run", "they would wait for "
+                                   "their own callback; call them from the thread that adds "
+                                   "items")
         with self._lock:
             for chunk in self._open:
                 self._seal(chunk)
@@ -726,7 +725,7 @@ class _Bulk:
 
         with b._lock:
             if free() <= 0:
-                b._refuse_to_wait_in_a_callback("add_many()")
+                b._refuse_to_wait_for_room_in_a_callback("add_many()")
             if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
                 b._ensure_running()  # raises Closed if close() or a failure stopped us
                 raise Full(f"add_many() waited past its timeout with {cap} items unfinished "

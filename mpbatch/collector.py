@@ -76,7 +76,6 @@ class Collector(threading.Thread):
         self._timed_out: dict[int, BatchTimeout] = {}
         self._init_error: dict[int, BaseException] = {}
         self._start_failures = 0
-        self._broken_handled = False  # on_broken ran and the items held were failed
         # broken, and every item held when it broke has its outcome: flush() may return
         self.halted = False
         self._waitables: dict[Any, tuple[str, int]] = {}
@@ -348,7 +347,7 @@ class Collector(threading.Thread):
             recycled = int(proc.exitcode == EXIT_RECYCLED)
             self.accounts.bump(worker_restarts=1, recycled=recycled)
         try:
-            if not restart and self.broken is not None and not self._broken_handled:
+            if not restart and self.broken is not None and self.dispatcher.stopped is None:
                 self._halt(self.broken)
             self._rebuild_waitables()
             self._place_orphaned_items(i, proc, inside, queued)
@@ -360,7 +359,6 @@ class Collector(threading.Thread):
     def _halt(self, error: BaseException) -> None:
         """The Batcher stops (workers cannot start): no send is taken from now on, and
         everything held gets ``error``."""
-        self._broken_handled = True
         # Set before the ledgers are emptied: a send either finds it set (under its worker's
         # send lock) and is dead-lettered, or it got that lock first, and what it recorded
         # is taken below.
