@@ -83,6 +83,7 @@ class Collector(threading.Thread):
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
         self._partial: dict[Any, bytearray] = {}  # result pipe -> bytes of a partial frame
         self._rebuild_waitables()
+        pool.on_stall = self.kill_overdue
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -161,8 +162,7 @@ class Collector(threading.Thread):
             self._resend(segments, solo=True)
         with self.accounts.lock:
             self.seal_due(now)
-        if self.options.timeout is not None:
-            self._kill_overdue(now)
+        self.kill_overdue()
 
     # -- reports --------------------------------------------------------------------------
 
@@ -306,15 +306,24 @@ class Collector(threading.Thread):
 
     # -- deaths and timeouts --------------------------------------------------------------
 
-    def _kill_overdue(self, now: int) -> None:
+    def kill_overdue(self) -> None:
+        """Kill every worker whose do() has run past timeout=; any thread.
+
+        The collector calls it on its timer, and a thread writing to a full item pipe while
+        it waits (Pool.on_stall): that writer may hold the locks the collector's loop needs.
+        """
+        if self.options.timeout is None:
+            return
+        now = time.monotonic_ns()
         limit = int(self.options.timeout * 1e9)
         for i in range(self.pool.workers):
             busy = self.counters.get(i, BUSY_NS)
             if busy and now - busy > limit and i not in self._timed_out:
                 proc = self.pool.procs[i]
-                self._timed_out[i] = BatchTimeout(
+                # setdefault: of two threads here at once, one message is kept; both kill
+                self._timed_out.setdefault(i, BatchTimeout(
                     f"do() ran longer than timeout={self.options.timeout:g}s on worker {i} "
-                    f"(pid {proc.pid}); the worker was killed and replaced")
+                    f"(pid {proc.pid}); the worker was killed and replaced"))
                 self.pool.kill(i)
 
     def _on_death(self, i: int) -> None:

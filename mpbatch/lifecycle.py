@@ -16,6 +16,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -80,14 +81,17 @@ def default_workers() -> int:
     return max(1, n)
 
 
-def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int) -> bool:
+def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int,
+           stalled: Callable[[], None]) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
     worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung).
 
     A full pipe means the worker's main thread is busy (in do() or init()): a byte on
     ``drain`` wakes its reader thread, which empties the pipe (worker._Inlet). Only code that
-    holds the GIL, in C, for long keeps the reader from it: then a pending Ctrl-C gives the
-    worker up.
+    holds the GIL, in C, for long keeps the reader from it. Then the pipe stays full, and
+    whoever waits here calls ``stalled`` every WRITE_POLL: the timeout= watch, which this
+    wait may keep from the collector (it waits for this writer's locks), kills a do() that
+    ran too long, and the write ends in EPIPE. A pending Ctrl-C gives the worker up.
     """
     view = memoryview(frame)
     stuck = 0.0
@@ -106,7 +110,8 @@ def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int) -> bool:
             stuck += WRITE_POLL
         room = select.poll()  # not select(): it fails on descriptors past 1024
         room.register(fd, select.POLLOUT)
-        room.poll(WRITE_POLL * 1000)
+        if not room.poll(WRITE_POLL * 1000):
+            stalled()
     return True
 
 
@@ -158,6 +163,8 @@ class Pool:
         # One joiner at a time: under forkserver the exit status is read from the sentinel
         # pipe, and a second concurrent reader gets EOF and reports exit code 255.
         self._reap_lock = threading.Lock()
+        # Called by a write waiting on a full pipe: the collector's timeout= watch.
+        self.on_stall: Callable[[], None] = lambda: None
 
     def start(self, i: int) -> None:
         """Start a process for slot i (first start or replacement); hold send_locks[i].
@@ -214,7 +221,8 @@ class Pool:
             # Half a frame would garble the rest of the stream: a Ctrl-C waits for the end of
             # the frame, unless the worker reads nothing for STUCK_WRITE s after it.
             with held_interrupt() as hold:
-                if not _write(conn.fileno(), frame, hold, self.drains[i].fileno()):
+                if not _write(conn.fileno(), frame, hold, self.drains[i].fileno(),
+                              self.on_stall):
                     self.kill(i)  # its ledger's items are re-sent when the collector sees it
                     return False
         except (OSError, ValueError):  # EPIPE from a dead worker; OSError: closed here

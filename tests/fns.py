@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import re
 import signal
 import threading
 import time
@@ -196,6 +197,22 @@ def hang_on(bad):
         if any(bad in vs for vs in batch.values()):
             threading.Event().wait()
         return double(batch)
+
+    return do
+
+
+def hold_gil_on(key, fifo):
+    """do() that, for a batch holding ``key``, writes its pid to ``fifo`` and then runs a
+    regex that backtracks for ages inside C without releasing the GIL (the worker's reader
+    thread cannot drain its pipe); otherwise it returns the lengths of the values."""
+
+    def do(batch):
+        if key in batch:
+            fd = os.open(fifo, os.O_WRONLY)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            re.fullmatch(r"(a+)+b", "a" * 64)
+        return {k: [len(v) for v in vs] for k, vs in batch.items()}
 
     return do
 

@@ -41,6 +41,29 @@ def test_crash_fails_only_its_batch(batcher_factory, do, error, text, options):
     assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (33, 30, 3, 0)
 
 
+def test_timeout_kills_a_do_holding_the_gil_while_add_waits_on_its_full_pipe(
+        batcher_factory, tmp_path, start_method):
+    # The worker's reader thread cannot empty its pipe while do() holds the GIL in C: the
+    # adds below wait on a full pipe, holding the Batcher's lock that the collector's
+    # timeout watch waits for. They used to wait forever.
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)
+    reader = fns.fifo_reader(fifo)
+    letters = []
+    b = batcher_factory(fns.hold_gil_on("stuck", str(fifo)), workers=1, size=1, timeout=1,
+                        start_method=start_method, on_dead_letter=letters.append)
+    b.add("stuck", b"")
+    reader.readline()  # the worker is inside do(), holding the GIL
+    reader.close()
+    for _ in range(40):  # 2.6 MB: more than the pipe holds
+        b.add("k", bytes(64 * 1024))
+    b.flush()
+    [letter] = letters
+    assert isinstance(letter.error, mpbatch.BatchTimeout) and letter.batch == {"stuck": [b""]}
+    s = b.stats()
+    assert (s.succeeded, s.dead_lettered, s.pending, s.worker_restarts) == (40, 1, 0, 1)
+
+
 def test_worker_died_names_pid_exitcode_and_keys(batcher_factory):
     b = batcher_factory(fns.kill_self, size=2, workers=1, isolate_poison=False)
     fut = b.submit("user:1", 1)
