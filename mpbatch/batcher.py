@@ -186,6 +186,8 @@ class Batcher:
         self._workers = 0
         self._capacity = 0  # buffer x workers, once started
         self._fast = False  # add() may take its inlined path: running, one open chunk
+        self._closed = threading.Event()  # close() has ended (in whichever thread ran it)
+        self._cut_short: Closed | None = None  # a second close(timeout) ran out
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -248,20 +250,33 @@ class Batcher:
 
         Idempotent. If ``timeout`` seconds pass first, the unfinished items are dead-lettered
         with Closed and the workers are killed. A KeyboardInterrupt while waiting (a second
-        Ctrl-C) does the same at once and says how many items were left.
+        Ctrl-C) does the same at once and says how many items were left. A close() while
+        another thread's runs waits for that one to end (with ``timeout``, cutting it short
+        as its own would).
         """
         _check_number("timeout", timeout, positive=False, optional=True)
         with self._start_lock, self._lock:  # add() checks the state under _lock
             self._fast = False
-            state, self._state = self._state, (_CLOSING if self._state is _RUNNING else _CLOSED)
-        if state is not _RUNNING:
-            return
+            state = self._state
+            if state is _RUNNING or state is _NEW:
+                self._state = _CLOSING if state is _RUNNING else _CLOSED
+        if state is _NEW:
+            self._closed.set()
+        elif state is not _RUNNING:
+            self._await_close(timeout)
+        else:
+            try:
+                self._close(timeout)
+            finally:
+                self._closed.set()
+
+    def _close(self, timeout: float | None) -> None:
         error: BaseException | None = None
         try:
             flushed = self._flush(None if timeout is None else time.monotonic() + timeout)
             # A stopped Batcher's workers hold nothing it waits for: they are killed.
             if not flushed or self._collector.broken:  # type: ignore[union-attr]
-                error = self._collector.broken or Closed(  # type: ignore[union-attr]
+                error = self._collector.broken or self._cut_short or Closed(  # type: ignore
                     f"close(timeout={timeout:g}) ran out before these items finished")
         except BaseException:
             before = self.stats().dead_lettered  # counted after: some finish while we stop
@@ -271,6 +286,21 @@ class Batcher:
                   f"dead-lettered (see dead_letters())", file=sys.stderr)
             raise
         self._shutdown(error)
+
+    def _await_close(self, timeout: float | None) -> None:
+        """Another thread's close() runs: wait for it; at ``timeout``, have it give up."""
+        if self._closed.is_set():
+            return
+        self._refuse_in_a_callback("close() cannot wait for another thread's close()",
+                                   "it waits for this callback; call close() from the thread "
+                                   "that adds items")
+        if self._closed.wait(timeout):
+            return
+        with self._lock:
+            self._cut_short = Closed(
+                f"close(timeout={timeout:g}) ran out before these items finished")
+            self._accounts.changed.notify_all()  # the first close() waits on it
+        self._closed.wait()
 
     def _shutdown(self, error: BaseException | None) -> None:
         collector = self._collector
@@ -288,10 +318,10 @@ class Batcher:
         with held_interrupt():  # every item gets its outcome and the memory is freed, or none
             with self._lock:
                 leftovers = [seg for chunk in self._open for seg in [self._take(chunk)] if seg]
+                self._state = _CLOSED  # from here nothing is sealed: see _withdrawn
             collector.dead_letter(leftovers, abandon, None)  # its callbacks may call stats()
             collector.abandon(abandon)
             self._counters.unlink()
-            self._state = _CLOSED
             _LIVE.discard(self)
 
     def __enter__(self) -> Batcher:
@@ -318,7 +348,11 @@ class Batcher:
             n = len(entries)
             if self._accounts.outstanding + n < self._capacity:
                 try:
-                    entries.append((key, value))
+                    pair = (key, value)
+                    entries.append(pair)
+                    if not self._fast and self._withdrawn(chunk, pair):
+                        raise Closed("add() after close(): this Batcher no longer takes "
+                                     "items; create a new one")
                     due = n + 1 >= self._chunk_items
                     if kind is str or kind is bytes:
                         chunk.nbytes += len(value)  # a hint for sealing: a lost update is harmless
@@ -333,6 +367,23 @@ class Batcher:
                     raise
                 return
         self._accept(key, value, None, block, timeout)
+
+    def _withdrawn(self, chunk: _OpenChunk, pair: tuple) -> bool:
+        """add()'s lock-free append may land after close() began: if close() has taken the
+        open chunks' last items already, nothing would send this one, so it is taken back
+        (True: the add is refused). Otherwise close() takes it like any other item."""
+        with self._lock:
+            if self._state is not _CLOSED:
+                return False
+            entries = chunk.entries
+            found = False
+            for _ in range(len(entries)):  # other late adders may append meanwhile
+                entry = entries.popleft()
+                if entry is pair:
+                    found = True
+                else:
+                    entries.append(entry)  # theirs: each late adder takes back its own
+            return found
 
     def submit(self, key: Hashable, value: Any, *, block: bool = False,
                timeout: float | None = None) -> Future:
@@ -471,6 +522,8 @@ class Batcher:
                 # close() ends waits for room (the item is refused), not a flush's wait
                 if self._state is not _RUNNING and (not settle or self._state is not _CLOSING):
                     return False
+                if settle and self._cut_short is not None:
+                    return False
                 collector = self._collector
                 if collector is not None and collector.broken is not None:
                     if not settle:
@@ -530,6 +583,8 @@ class Batcher:
 
     def _seal(self, chunk: _OpenChunk) -> None:
         """Send an open chunk to its worker (hold the lock)."""
+        if self._state is _CLOSED:
+            return  # the workers are gone; a late add() takes its item back (_withdrawn)
         with held_interrupt():  # from the open chunk to a ledger, whole or not at all
             seg = self._take(chunk)
             if seg is None:

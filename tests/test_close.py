@@ -1,6 +1,7 @@
 """close(): idempotent, flushes, joins workers, frees shared memory; __exit__ even on error."""
 
 import os
+import threading
 
 import pytest
 
@@ -110,8 +111,6 @@ def test_segments_of_dead_callers_are_swept_at_start(batcher_factory):
 def test_an_add_waiting_for_room_when_close_begins_is_refused(batcher_factory, tmp_path):
     """It used to get in once room freed, after close() had flushed, and then be
     dead-lettered by a clean close(): accepted, yet never run."""
-    import threading
-
     gate = tmp_path / "gate"
     b = batcher_factory(fns.wait_for_file(str(gate)), size=1, buffer=1, workers=1)
     b.add("k", 1)  # held in do() until the gate opens: the buffer is full
@@ -128,17 +127,122 @@ def test_an_add_waiting_for_room_when_close_begins_is_refused(batcher_factory, t
     adder.start()
     closer = threading.Thread(target=b.close)
     closer.start()
-    probe = threading.Event()
-    while True:  # until close() has begun: a non-blocking add then says Closed, not Full
-        try:
-            b.add("probe", 0)
-        except mpbatch.Full:
-            probe.wait(0.01)
-        except mpbatch.Closed:
-            break
+    _closing(b)
     gate.touch()
     closer.join(30)
     adder.join(30)
     assert outcome == ["refused"]
     s = b.stats()
     assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (1, 1, 0, 0)
+
+
+def _closing(b):
+    """Return once close() has begun in another thread: add() then raises Closed."""
+    probe = threading.Event()
+    while True:
+        try:
+            b.add("probe", 0)
+        except mpbatch.Full:
+            probe.wait(0.01)
+        except mpbatch.Closed:
+            return
+
+
+def test_a_second_close_waits_for_the_first(batcher_factory, tmp_path):
+    """It used to return at once, with items unfinished, and mark the Batcher closed
+    under the first close(), which then failed."""
+    gate = tmp_path / "gate"
+    b = batcher_factory(fns.wait_for_file(str(gate)), size=1, buffer=1, workers=1)
+    fut = b.submit("k", 1)  # held in do() until the gate opens
+    errors, seen = [], []
+
+    def close(then=None):
+        try:
+            b.close()
+        except BaseException as exc:
+            errors.append(exc)
+        if then is not None:
+            then.append(b.stats())
+
+    first = threading.Thread(target=close)
+    first.start()
+    _closing(b)
+    second = threading.Thread(target=close, args=(seen,))
+    second.start()
+    second.join(0.5)  # it must still be waiting: the item is in do()
+    gate.touch()
+    first.join(30)
+    second.join(30)
+    assert errors == [] and fut.result(timeout=0) == 2
+    [at_return] = seen
+    assert (at_return.succeeded, at_return.pending) == (1, 0)
+
+
+def test_a_second_close_with_a_timeout_ends_the_first(batcher_factory):
+    b = batcher_factory(fns.sleep_forever, size=1, buffer=1, workers=1)
+    fut = b.submit("k", 1)
+    first = threading.Thread(target=b.close)
+    first.start()
+    _closing(b)
+    b.close(timeout=0.2)  # returns once both are done: the item is dead-lettered
+    first.join(30)
+    assert not first.is_alive()
+    with pytest.raises(mpbatch.Closed, match=r"close\(timeout=0.2\) ran out"):
+        fut.result(timeout=0)
+    assert b.stats().pending == 0
+
+
+def _line_of(function, text):
+    """The line number of the first line of ``function`` that contains ``text``."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(function)
+    return first + next(n for n, line in enumerate(lines) if text in line)
+
+
+@pytest.mark.parametrize(("paused_at", "outcome", "counts"), [
+    # paused before its append: close() has taken the last items when it lands; refused
+    ("entries.append(pair)", "refused", (0, 0, 0)),
+    # paused after it: close() flushes it like any other item
+    ("if not self._fast and self._withdrawn", "accepted", (1, 1, 0)),
+])
+def test_a_lock_free_add_that_races_close_is_refused_or_finished(
+        batcher_factory, paused_at, outcome, counts):
+    """add() checks that the Batcher runs, then appends without a lock. Paused in between
+    while close() ran, its item used to land in a chunk nobody would send: accepted, never
+    run, pending forever."""
+    import sys
+
+    b = batcher_factory(fns.double, workers=1).start()
+    line = _line_of(mpbatch.Batcher.add, paused_at)
+    paused, resume = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):  # holds the adder thread at ``line`` of Batcher.add
+        if frame.f_code is not mpbatch.Batcher.add.__code__:
+            return None
+        if event == "line" and frame.f_lineno == line:
+            paused.set()
+            resume.wait(30)
+        return tracer
+
+    seen = []
+
+    def adder():
+        sys.settrace(tracer)
+        try:
+            b.add("late", 1)
+            seen.append("accepted")
+        except mpbatch.Closed:
+            seen.append("refused")
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=adder)
+    thread.start()
+    assert paused.wait(30)
+    b.close()
+    resume.set()
+    thread.join(30)
+    assert seen == [outcome]
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.pending) == counts
