@@ -225,9 +225,11 @@ class Collector(threading.Thread):
                 f"the caller ({type(exc).__name__}: {exc}); return plain data from do()")
             self._attempt_failed(segments, error, None)
             return
-        _resolve_futures(segments, items)
+        # on_result first: once fut.result() returns, its batch's on_result has run. The
+        # counters come last: flush() returns on them, and every future is done by then.
         if self.options.on_result is not None and batch is not None:
             self._call_on_result(batch, grouped)
+        _resolve_futures(segments, items)
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True, batches=1)
 
     def _call_on_result(self, batch: dict, grouped: list | None) -> None:
@@ -292,16 +294,18 @@ class Collector(threading.Thread):
             return
         letter = DeadLetter(merged_batch(segments), error,
                             max(s.attempts for s in segments), worker)
-        for seg in segments:
-            for fut in seg.futures or ():
-                if fut is not None:
-                    _set(fut, exception=reraise_copy(error))
+        # In the order of _finished: a future that raised has its letter in dead_letters()
+        # and its on_dead_letter run.
         self.dead_letters.append(letter)
         if self.options.on_dead_letter is not None:
             try:
                 self.options.on_dead_letter(letter)
             except BaseException:  # sys.exit() too (see _call_on_result)
                 log.exception("mpbatch: on_dead_letter raised; the dead letter is kept")
+        for seg in segments:
+            for fut in seg.futures or ():
+                if fut is not None:
+                    _set(fut, exception=reraise_copy(error))
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=False)
 
     # -- deaths and timeouts --------------------------------------------------------------

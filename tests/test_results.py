@@ -27,6 +27,27 @@ def test_on_result_gets_key_values_and_results_in_order(batcher_factory):
     assert by_key == {"a": list(range(1, 20, 2)), "b": list(range(0, 20, 2))}
 
 
+def test_a_future_is_done_only_after_its_callback_ran(batcher_factory):
+    """A slow callback (0.2 s) makes the order visible: the future used to be done first,
+    so fut.exception() returned while dead_letters() did not have its letter yet."""
+    import time
+
+    results, letters = [], []
+
+    def slow(record):
+        def callback(*args):
+            time.sleep(0.2)
+            record.append(args)
+        return callback
+
+    b = batcher_factory(fns.kill_on(-1), size=1, workers=1, on_result=slow(results),
+                        on_dead_letter=slow(letters))
+    assert b.submit("ok", 1).result(timeout=30) == 2
+    assert results == [("ok", [1], [2])]
+    assert isinstance(b.submit("bad", -1).exception(timeout=30), mpbatch.WorkerDied)
+    assert len(letters) == 1 and len(b.dead_letters()) == 1
+
+
 def test_none_means_every_item_succeeded_with_none(batcher_factory):
     calls = []
     b = batcher_factory(fns.nothing, on_result=lambda k, vs, rs: calls.append(rs))
