@@ -214,6 +214,7 @@ class Batcher:
                 f"they travel with cloudpickle, so they must not hold locks, sockets or open "
                 f"files: create those in init= instead") from exc
         counters = LoadCounters(workers)
+        pool = None
         try:
             pool = Pool(workers, opts.start_method, counters.name, blob)
             self._router = Router(opts.routing, counters)
@@ -227,6 +228,8 @@ class Batcher:
             for i in range(workers):
                 pool.start(i)
         except BaseException:
+            if pool is not None:
+                pool.discard()
             counters.unlink()
             raise
         self._counters, self._pool, self._workers = counters, pool, workers

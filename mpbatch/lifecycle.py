@@ -257,6 +257,16 @@ class Pool:
             if proc is not None:
                 self.reap(proc)
 
+    def discard(self) -> None:
+        """Kill and reap every worker started so far, close the pipes: a first start that
+        failed half-way must not leave the workers it did start running."""
+        for i in range(self.workers):
+            self.kill(i)
+        for proc in self.procs:
+            if proc is not None:
+                self.reap(proc)
+        self.close_pipes()
+
     def close_pipes(self) -> None:
         """Close our ends of every pipe; only once the collector thread has stopped."""
         for conn in self.items + self.drains + self.results:

@@ -119,6 +119,32 @@ def test_items_queued_in_a_dead_worker_are_resent_without_an_attempt(batcher_fac
     assert s.redelivered >= 1
 
 
+def test_a_first_start_that_fails_half_way_leaves_no_worker(batcher_factory, monkeypatch,
+                                                            start_method):
+    """Worker 0 started, worker 1 could not (EMFILE): worker 0 used to run on until the
+    Batcher was garbage-collected."""
+    import psutil
+
+    from mpbatch import lifecycle
+
+    real_start = lifecycle.Pool.start
+
+    def start(pool, i):
+        if i == 1:
+            raise OSError(24, "Too many open files")  # the fault: no descriptors left
+        real_start(pool, i)
+
+    monkeypatch.setattr(lifecycle.Pool, "start", start)
+    b = batcher_factory(fns.double, workers=2, start_method=start_method)
+    with pytest.raises(OSError, match="Too many open files"):
+        b.add("k", 1)
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "forkserver" not in " ".join(p.cmdline())
+               and "resource_tracker" not in " ".join(p.cmdline())]
+    assert workers == []
+    assert b.stats().accepted == 0
+
+
 def test_init_that_always_fails_stops_the_batcher(batcher_factory):
     b = batcher_factory(fns.use_state, init=fns.init_fails, workers=2)
     futs = [b.submit("k", i) for i in range(3)]
