@@ -81,8 +81,9 @@ def test_second_ctrl_c_terminates_fast_and_says_what_was_left():
     started = time.monotonic()
     os.killpg(caller.pid, signal.SIGINT)  # second: give up now
     closed = read_until(caller, "closed")
+    # Well under the ~9 s of work left: it gave up (a bound, not a speed: the VM is shared)
+    assert time.monotonic() - started < 3.0
     caller.wait(10)
-    assert time.monotonic() - started < 1.0
     stderr = caller.stderr.read()
     assert "interrupted during close()" in stderr and "dead-lettered" in stderr
     stats = " ".join(closed)
