@@ -252,7 +252,9 @@ class Batcher:
         """Stop accepting, flush, wait for every outcome, join workers, free shared memory.
 
         Idempotent. If ``timeout`` seconds pass first, the unfinished items are dead-lettered
-        with Closed and the workers are killed. A KeyboardInterrupt while waiting (a second
+        with Closed and the workers are killed; a callback still running then, and
+        on_dead_letter for those items, run to their end first (a thread cannot be
+        interrupted), so keep callbacks quick. A KeyboardInterrupt while waiting (a second
         Ctrl-C) does the same at once and says how many items were left. A close() while
         another thread's runs waits for that one to end (with ``timeout``, cutting it short
         as its own would).
