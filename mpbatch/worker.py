@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -132,6 +132,8 @@ def _exit_with_caller(caller_pid: int) -> None:
 
 
 _TICK = object()  # the held batch's interval ran out
+_append = list.append
+_consume = deque(maxlen=0).extend  # runs an iterator to its end, in C
 
 
 class _Inlet:
@@ -326,7 +328,8 @@ class _Loop:
         self.max_rss = config.max_rss
         self.batches = 0
         self.inlet = inlet
-        self.held: dict = {}
+        self.held: defaultdict[Any, list] = defaultdict(list)  # do() gets a plain dict
+        self.few_keys = False  # the last chunk brought few new keys: group it in C
         self.held_n = 0
         self.held_bytes = 0
         self.held_start = 0  # stream position of the first held item
@@ -382,6 +385,9 @@ class _Loop:
         cells[base + B_END] = self.pos + n
         try:
             keys, values, sizes = tp.payload_of(frame, tp.TO_WORKER_SIZE)
+            if len(keys) != n or len(values) != n:  # _hold pairs them up without a check
+                raise ValueError(f"a chunk of {n} items held {len(keys)} keys and "
+                                 f"{len(values)} values")
             cells[base + B_END] = self.pos  # in hand, not in do(): a death re-sends them
         except BaseException as exc:
             # The items exist only as bytes we cannot read: fail exactly this chunk.
@@ -415,14 +421,22 @@ class _Loop:
         self.held_parts.append((keys, lo, hi))
         self.held_want = self.held_want or want
         held = self.held
+        groups = len(held)
         if lo or hi < len(keys):
             keys, values = islice(keys, lo, hi), islice(values, lo, hi)
-        for key, value in zip(keys, values, strict=True):
-            group = held.get(key)
-            if group is None:
-                held[key] = [value]
-            else:
-                group.append(value)
+        if self.few_keys:
+            # In C: each item's group (made by the defaultdict at its key's first item),
+            # then one append per value: ~15 ns an item less than the loop below.
+            _consume(map(_append, map(held.__getitem__, keys), values))
+        else:
+            # Mostly new keys: the defaultdict's miss path costs more than the loop saves.
+            for key, value in zip(keys, values, strict=True):
+                group = held.get(key)
+                if group is None:
+                    held[key] = [value]
+                else:
+                    group.append(value)
+        self.few_keys = 4 * (len(held) - groups) < hi - lo  # for the next chunk
         self.held_n += hi - lo
         self.pos += hi - lo
 
@@ -455,8 +469,10 @@ class _Loop:
         n = self.held_n
         if not n:
             return
-        batch, start, parts, want = self.held, self.held_start, self.held_parts, self.held_want
-        self.held, self.held_n, self.held_bytes, self.held_start = {}, 0, 0, self.pos
+        batch, start, parts, want = (dict(self.held), self.held_start, self.held_parts,
+                                     self.held_want)
+        self.held, self.held_n, self.held_bytes, self.held_start = (defaultdict(list), 0, 0,
+                                                                    self.pos)
         self.held_parts, self.held_want = [], False
         cells, base = self.cells, self.base
         # The caller reads these after a death or on a timeout: which items were inside do().

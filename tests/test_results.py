@@ -48,6 +48,29 @@ def test_a_future_is_done_only_after_its_callback_ran(batcher_factory):
     assert len(letters) == 1 and len(b.dead_letters()) == 1
 
 
+def test_groups_keep_each_keys_order_with_few_keys_and_with_new_keys(batcher_factory):
+    """The worker groups a chunk two ways (in C when chunks bring few new keys, a loop when
+    most keys are new) and switches between them chunk by chunk: here both, in one batch."""
+    calls = []
+    b = batcher_factory(fns.double, size=3000, workers=1,
+                        on_result=lambda k, vs, rs: calls.append((k, vs, rs)))
+    items = [(f"k{i % 20}", i) for i in range(10_000)]  # few keys
+    items += [(f"new{i}", i) for i in range(10_000, 14_000)]  # every key new
+    items += [(f"k{i % 20}", i) for i in range(14_000, 20_000)]  # few again
+    b.add_many(items)
+    futs = [b.submit(f"k{i % 3}", i) for i in range(20_000, 20_100)]
+    b.flush()
+    by_key = {}
+    for k, vs, rs in calls:
+        assert rs == [2 * v for v in vs]
+        by_key.setdefault(k, []).extend(vs)
+    expected = {}
+    for k, v in items + [(f"k{i % 3}", i) for i in range(20_000, 20_100)]:
+        expected.setdefault(k, []).append(v)
+    assert by_key == expected
+    assert [f.result() for f in futs] == [2 * i for i in range(20_000, 20_100)]
+
+
 def test_none_means_every_item_succeeded_with_none(batcher_factory):
     calls = []
     b = batcher_factory(fns.nothing, on_result=lambda k, vs, rs: calls.append(rs))
