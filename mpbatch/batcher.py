@@ -187,7 +187,9 @@ class Batcher:
         self._capacity = 0  # buffer x workers, once started
         self._fast = False  # add() may take its inlined path: running, one open chunk
         self._closed = threading.Event()  # close() has ended (in whichever thread ran it)
+        self._closer: int | None = None  # the thread running close()
         self._cut_short: Closed | None = None  # a second close(timeout) ran out
+        self._sealed_off = False  # close() took the last open items: nothing is sent now
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -214,7 +216,7 @@ class Batcher:
                 f"they travel with cloudpickle, so they must not hold locks, sockets or open "
                 f"files: create those in init= instead") from exc
         counters = LoadCounters(workers)
-        pool = None
+        pool = collector = None
         try:
             pool = Pool(workers, opts.start_method, counters.name, blob)
             self._router = Router(opts.routing, counters)
@@ -227,19 +229,22 @@ class Batcher:
             self._open = [_OpenChunk(i, sized) for i in range(chunks)]
             for i in range(workers):
                 pool.start(i)
+            # Its wakeup pipe and epoll set may fail as a worker's pipes can (EMFILE).
+            collector = Collector(pool, counters, self._dispatcher, self._accounts, opts,
+                                  self._next_seal_ns, self._seal_due)
+            collector.start()
         except BaseException:
+            if collector is not None:
+                collector.discard()
             if pool is not None:
                 pool.discard()
             counters.unlink()
             raise
         self._counters, self._pool, self._workers = counters, pool, workers
-        self._collector = Collector(pool, counters, self._dispatcher, self._accounts, opts,
-                                    self._next_seal_ns, self._seal_due)
-        collector = self._collector
+        self._collector = collector
         self._dispatcher.reject = lambda segments, error: collector.dead_letter(
             segments, error, None)
-        self._collector.on_broken = self._stop_fast_path
-        self._collector.start()
+        collector.on_broken = self._stop_fast_path
         self._capacity = opts.buffer * workers
         self._state = _RUNNING
         self._fast = opts.routing != "key" and opts.max_bytes is None
@@ -265,6 +270,7 @@ class Batcher:
             state = self._state
             if state is _RUNNING or state is _NEW:
                 self._state = _CLOSING if state is _RUNNING else _CLOSED
+                self._closer = threading.get_ident()
         if state is _NEW:
             self._closed.set()
         elif state is not _RUNNING:
@@ -278,7 +284,8 @@ class Batcher:
     def _close(self, timeout: float | None) -> None:
         error: BaseException | None = None
         try:
-            flushed = self._flush(None if timeout is None else time.monotonic() + timeout)
+            flushed = self._flush(None if timeout is None else time.monotonic() + timeout,
+                                  closing=True)
             # A stopped Batcher's workers hold nothing it waits for: they are killed.
             if not flushed or self._collector.broken:  # type: ignore[union-attr]
                 error = self._collector.broken or self._cut_short or Closed(  # type: ignore
@@ -293,8 +300,11 @@ class Batcher:
         self._shutdown(error)
 
     def _await_close(self, timeout: float | None) -> None:
-        """Another thread's close() runs: wait for it; at ``timeout``, have it give up."""
-        if self._closed.is_set():
+        """Another thread's close() runs: wait for it; at ``timeout``, have it give up.
+
+        In the closing thread itself (a callback that close() runs: on_dead_letter for the
+        items it gives up, a Future's done-callback) there is nothing to wait for."""
+        if self._closed.is_set() or self._closer == threading.get_ident():
             return
         self._refuse_in_a_callback("close() cannot wait for another thread's close()",
                                    "it waits for this callback; call close() from the thread "
@@ -323,10 +333,11 @@ class Batcher:
         with held_interrupt():  # every item gets its outcome and the memory is freed, or none
             with self._lock:
                 leftovers = [seg for chunk in self._open for seg in [self._take(chunk)] if seg]
-                self._state = _CLOSED  # from here nothing is sealed: see _withdrawn
+                self._sealed_off = True  # nothing is sealed after the leftovers: _withdrawn
             collector.dead_letter(leftovers, abandon, None)  # its callbacks may call stats()
             collector.abandon(abandon)
             self._counters.unlink()
+            self._state = _CLOSED  # last: a flush() in another thread waits until here
             _LIVE.discard(self)
 
     def __enter__(self) -> Batcher:
@@ -374,11 +385,12 @@ class Batcher:
         self._accept(key, value, None, block, timeout)
 
     def _withdrawn(self, chunk: _OpenChunk, pair: tuple) -> bool:
-        """add()'s lock-free append may land after close() began: if close() has taken the
-        open chunks' last items already, nothing would send this one, so it is taken back
-        (True: the add is refused). Otherwise close() takes it like any other item."""
-        with self._lock:
-            if self._state is not _CLOSED:
+        """add()'s lock-free append may land after close() began (or after the Batcher
+        stopped: then it goes on as usual). If close() has not sent the item yet, it never
+        will run it (close() has flushed, or will dead-letter it): it is taken back, and
+        the add is refused (True). If close()'s flush took it, it runs (False)."""
+        with self._lock, held_interrupt():  # the rotation below must not drop an entry
+            if self._state is _RUNNING:
                 return False
             entries = chunk.entries
             found = False
@@ -513,12 +525,13 @@ class Batcher:
                                    "Full), or add from another thread")
 
     def _wait_until(self, ready: Callable[[], bool], deadline: float | None,
-                    settle: bool = False) -> bool:
+                    settle: bool = False, closing: bool = False) -> bool:
         """Wait (holding the lock) until ``ready()``; False at the deadline or on close.
 
         If the Batcher stops (workers cannot start), a wait for room ends at once; with
         ``settle`` (a flush) it ends once the collector has given an outcome to every item
-        it held, so flush() never returns with an item unaccounted for.
+        it held, so flush() never returns with an item unaccounted for. ``closing``: the
+        flush of close(), which a second close(timeout) may cut short.
         """
         acc = self._accounts
         acc.waiters += 1
@@ -527,7 +540,7 @@ class Batcher:
                 # close() ends waits for room (the item is refused), not a flush's wait
                 if self._state is not _RUNNING and (not settle or self._state is not _CLOSING):
                     return False
-                if settle and self._cut_short is not None:
+                if closing and self._cut_short is not None:
                     return False
                 collector = self._collector
                 if collector is not None and collector.broken is not None:
@@ -588,7 +601,7 @@ class Batcher:
 
     def _seal(self, chunk: _OpenChunk) -> None:
         """Send an open chunk to its worker (hold the lock)."""
-        if self._state is _CLOSED:
+        if self._sealed_off:
             return  # the workers are gone; a late add() takes its item back (_withdrawn)
         with held_interrupt():  # from the open chunk to a ledger, whole or not at all
             seg = self._take(chunk)
@@ -619,7 +632,7 @@ class Batcher:
             raise Closed("flush() after close(); close() already flushed everything")
         self._flush(None)
 
-    def _flush(self, deadline: float | None) -> bool:
+    def _flush(self, deadline: float | None, closing: bool = False) -> bool:
         self._refuse_in_a_callback("flush() and close() cannot run", "they would wait for "
                                    "their own callback; call them from the thread that adds "
                                    "items")
@@ -633,7 +646,7 @@ class Batcher:
             self._dispatcher.flush(i)
         with self._lock:
             return self._wait_until(lambda: self._accounts.settled_through(epoch), deadline,
-                                    settle=True)
+                                    settle=True, closing=closing)
 
     def stats(self) -> Stats:
         """A consistent snapshot of the counters (works before start and after close)."""

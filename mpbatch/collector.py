@@ -73,7 +73,7 @@ class Collector(threading.Thread):
         os.set_blocking(self._wake_w, False)
         self._retries: list[tuple[int, int, list[Segment]]] = []  # (due_ns, tie, segments)
         self._tie = itertools.count()
-        self._timed_out: dict[int, BatchTimeout] = {}
+        self._timed_out: dict[Any, BatchTimeout] = {}  # worker process -> why it was killed
         self._init_error: dict[int, BaseException] = {}
         self._start_failures = 0
         # broken, and every item held when it broke has its outcome: flush() may return
@@ -97,6 +97,19 @@ class Collector(threading.Thread):
     def exit(self) -> None:
         self._exit = True
         self.poke()
+
+    def discard(self) -> None:
+        """Undo a construction whose Batcher failed to start: its thread, if it started
+        (no replacement may start for the workers being killed), and its wakeup pipe."""
+        self.stopping = True
+        if self.is_alive():
+            self.exit()
+            self.join()  # run() closes the pipe and the selector
+            return
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
 
     def run(self) -> None:
         while not self._exit:
@@ -289,7 +302,8 @@ class Collector(threading.Thread):
 
     def dead_letter(self, segments: list[Segment], error: BaseException,
                     worker: int | None) -> None:
-        """Record items that will not be tried again; any thread once the collector stopped."""
+        """Record items that will not be tried again; any thread once the collector stopped
+        (on_dead_letter and done-callbacks then run in that thread: close()'s)."""
         if not segments:
             return
         letter = DeadLetter(merged_batch(segments), error,
@@ -311,24 +325,29 @@ class Collector(threading.Thread):
     # -- deaths and timeouts --------------------------------------------------------------
 
     def kill_overdue(self) -> None:
-        """Kill every worker whose do() has run past timeout=; any thread.
+        """Kill every worker whose do() has run past timeout=.
 
-        The collector calls it on its timer, and a thread writing to a full item pipe while
-        it waits (Pool.on_stall): that writer may hold the locks the collector's loop needs.
+        The collector calls it on its timer, and so does a thread writing to a full item
+        pipe while it waits (Pool.on_stall): that writer may hold the locks the collector's
+        loop needs. Such a thread may run it while the collector replaces a dead worker:
+        so it reads the process first and kills that process, never a replacement.
         """
         if self.options.timeout is None:
             return
         now = time.monotonic_ns()
         limit = int(self.options.timeout * 1e9)
         for i in range(self.pool.workers):
+            proc = self.pool.procs[i]
             busy = self.counters.get(i, BUSY_NS)
-            if busy and now - busy > limit and i not in self._timed_out:
-                proc = self.pool.procs[i]
-                # setdefault: of two threads here at once, one message is kept; both kill
-                self._timed_out.setdefault(i, BatchTimeout(
-                    f"do() ran longer than timeout={self.options.timeout:g}s on worker {i} "
-                    f"(pid {proc.pid}); the worker was killed and replaced"))
-                self.pool.kill(i)
+            if not busy or now - busy <= limit or proc in self._timed_out:
+                continue
+            if self.pool.procs[i] is not proc:
+                continue  # replaced since: ``busy`` may have been the dead one's
+            # setdefault: of two threads here at once, one message is kept; both kill
+            self._timed_out.setdefault(proc, BatchTimeout(
+                f"do() ran longer than timeout={self.options.timeout:g}s on worker {i} "
+                f"(pid {proc.pid}); the worker was killed and replaced"))
+            self.pool.kill_process(proc)
 
     def _on_death(self, i: int) -> None:
         proc = self.pool.procs[i]
@@ -444,7 +463,7 @@ class Collector(threading.Thread):
                               queued: list[Segment]) -> None:
         """Items a dead worker held and no replacement took: inside do() spent an attempt;
         the rest are re-sent."""
-        timed_out = self._timed_out.pop(i, None)
+        timed_out = self._timed_out.pop(proc, None)
         if self.stopping:  # close() gave up on them (timeout or a second Ctrl-C)
             self.dead_letter(inside + queued, self.stop_error or Closed("the Batcher closed"),
                              None)

@@ -1,8 +1,9 @@
 """The shared-memory load counters: one line of int64 cells per worker (caller and workers).
 
 The dispatcher reads them to route items and to pace add_many; the collector reads which
-items were inside do() when a worker died, and how long do() has run; each worker writes its
-own line. Every cell has one writer, so no lock is taken.
+items were inside do() when a worker died, and how long do() has run (as does a caller
+thread waiting on a worker's full pipe); each worker writes its own line. Every cell has one
+writer, so no lock is taken.
 
 This module is all a worker needs of the caller's bookkeeping: it imports nothing that a
 worker does not use (a worker's start, under forkserver and spawn, pays for every import).

@@ -235,10 +235,13 @@ class Pool:
             proc.join(timeout)
 
     def kill(self, i: int) -> None:
-        """SIGKILL worker i if it still runs (under the reap lock: see reap)."""
+        """SIGKILL worker i if it still runs."""
         proc = self.procs[i]
-        if proc is None:
-            return
+        if proc is not None:
+            self.kill_process(proc)
+
+    def kill_process(self, proc: Any) -> None:
+        """SIGKILL this worker process if it still runs (under the reap lock: see reap)."""
         with self._reap_lock, contextlib.suppress(OSError):  # it exited in between
             proc.kill()  # a no-op once its exit status was read
 

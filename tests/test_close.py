@@ -200,20 +200,31 @@ def _line_of(function, text):
     return first + next(n for n, line in enumerate(lines) if text in line)
 
 
-@pytest.mark.parametrize(("paused_at", "outcome", "counts"), [
+@pytest.mark.parametrize(("paused_at", "until", "outcome", "counts"), [
     # paused before its append: close() has taken the last items when it lands; refused
-    ("entries.append(pair)", "refused", (0, 0, 0)),
+    ("entries.append(pair)", "closed", "refused", (0, 0, 0)),
+    # the same, landing after close() flushed and before it takes the leftovers: refused
+    ("entries.append(pair)", "flushed", "refused", (0, 0, 0)),
     # paused after it: close() flushes it like any other item
-    ("if not self._fast and self._withdrawn", "accepted", (1, 1, 0)),
+    ("if not self._fast and self._withdrawn", "closed", "accepted", (1, 1, 0)),
 ])
 def test_a_lock_free_add_that_races_close_is_refused_or_finished(
-        batcher_factory, paused_at, outcome, counts):
+        batcher_factory, paused_at, until, outcome, counts):
     """add() checks that the Batcher runs, then appends without a lock. Paused in between
-    while close() ran, its item used to land in a chunk nobody would send: accepted, never
-    run, pending forever."""
+    while close() ran, its item used to land in a chunk nobody would send (accepted, never
+    run, pending forever), or one close() would dead-letter (accepted, never run)."""
     import sys
 
     b = batcher_factory(fns.double, workers=1).start()
+    if until == "flushed":  # resume the adder once close() has flushed, and wait for it
+        shutdown = b._shutdown
+
+        def resume_then_shutdown(error):
+            resume.set()
+            thread.join(30)
+            shutdown(error)
+
+        b._shutdown = resume_then_shutdown
     line = _line_of(mpbatch.Batcher.add, paused_at)
     paused, resume = threading.Event(), threading.Event()
 
@@ -244,5 +255,42 @@ def test_a_lock_free_add_that_races_close_is_refused_or_finished(
     resume.set()
     thread.join(30)
     assert seen == [outcome]
+    assert b.stats().dead_lettered == 0
     s = b.stats()
     assert (s.accepted, s.succeeded, s.pending) == counts
+
+
+def test_close_inside_a_callback_that_close_runs_returns(batcher_factory):
+    """close() gives up on the items (timeout) and runs on_dead_letter in its own thread:
+    a close() there ("stop at the first failure") used to wait for itself forever."""
+    calls = []
+
+    def on_dead_letter(letter):
+        calls.append(letter)
+        b.close()
+
+    b = batcher_factory(fns.raise_value_error, size=1, workers=1, max_attempts=3,
+                        retry_backoff=60, on_dead_letter=on_dead_letter)
+    for i in range(3):
+        b.add("k", i)
+    closer = threading.Thread(target=b.close, kwargs={"timeout": 0.3})
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive()
+    assert calls and b.stats().pending == 0
+
+
+def test_a_flush_in_another_thread_waits_while_close_gives_up(batcher_factory, tmp_path):
+    """close(timeout) dead-letters what is unfinished; a flush() waiting meanwhile used to
+    return before those items had their outcomes."""
+    gate = tmp_path / "gate"  # never opened: the items stay in do()
+    b = batcher_factory(fns.wait_for_file(str(gate)), size=1, workers=2)
+    futs = [b.submit(f"k{i}", i) for i in range(4)]
+    seen = []
+    flusher = threading.Thread(target=lambda: (b.flush(), seen.append(
+        (b.stats().pending, sum(f.done() for f in futs)))))
+    flusher.start()
+    flusher.join(0.3)  # it waits: nothing can finish
+    b.close(timeout=0.2)
+    flusher.join(20)
+    assert seen == [(0, 4)]

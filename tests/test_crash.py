@@ -119,22 +119,24 @@ def test_items_queued_in_a_dead_worker_are_resent_without_an_attempt(batcher_fac
     assert s.redelivered >= 1
 
 
+@pytest.mark.parametrize("failing", ["worker 1", "collector"])
 def test_a_first_start_that_fails_half_way_leaves_no_worker(batcher_factory, monkeypatch,
-                                                            start_method):
-    """Worker 0 started, worker 1 could not (EMFILE): worker 0 used to run on until the
-    Batcher was garbage-collected."""
+                                                            start_method, failing):
+    """Worker 1, or the collector's wakeup pipe, could not be made (EMFILE): the workers
+    already started used to run on until the Batcher was garbage-collected."""
     import psutil
 
-    from mpbatch import lifecycle
+    from mpbatch import batcher, lifecycle
 
-    real_start = lifecycle.Pool.start
+    def no_descriptors(*args):
+        raise OSError(24, "Too many open files")  # the fault: no descriptors left
 
-    def start(pool, i):
-        if i == 1:
-            raise OSError(24, "Too many open files")  # the fault: no descriptors left
-        real_start(pool, i)
-
-    monkeypatch.setattr(lifecycle.Pool, "start", start)
+    if failing == "collector":
+        monkeypatch.setattr(batcher, "Collector", no_descriptors)
+    else:
+        real_start = lifecycle.Pool.start
+        monkeypatch.setattr(lifecycle.Pool, "start", lambda pool, i: (
+            no_descriptors() if i == 1 else real_start(pool, i)))
     b = batcher_factory(fns.double, workers=2, start_method=start_method)
     with pytest.raises(OSError, match="Too many open files"):
         b.add("k", 1)
