@@ -265,6 +265,9 @@ class Batcher:
         as its own would).
         """
         _check_number("timeout", timeout, positive=False, optional=True)
+        if self._state is _RUNNING:  # refused before anything changes: the Batcher goes on
+            self._refuse_in_a_callback("close() cannot run", "it would wait for its own "
+                                       "callback; call it from the thread that adds items")
         with self._start_lock, self._lock:  # add() checks the state under _lock
             self._fast = False
             state = self._state
@@ -309,13 +312,21 @@ class Batcher:
         self._refuse_in_a_callback("close() cannot wait for another thread's close()",
                                    "it waits for this callback; call close() from the thread "
                                    "that adds items")
-        if self._closed.wait(timeout):
-            return
-        with self._lock:
-            self._cut_short = Closed(
-                f"close(timeout={timeout:g}) ran out before these items finished")
-            self._accounts.changed.notify_all()  # the first close() waits on it
+        try:
+            if self._closed.wait(timeout):
+                return
+        except KeyboardInterrupt:  # a Ctrl-C here, as in close()'s own wait: give up now
+            self._cut_close_short(Closed("close() was interrupted before these items "
+                                         "finished"))
+            raise
+        self._cut_close_short(Closed(
+            f"close(timeout={timeout:g}) ran out before these items finished"))
         self._closed.wait()
+
+    def _cut_close_short(self, error: Closed) -> None:
+        with self._lock:
+            self._cut_short = error
+            self._accounts.changed.notify_all()  # the first close() waits on it
 
     def _shutdown(self, error: BaseException | None) -> None:
         collector = self._collector
@@ -627,6 +638,9 @@ class Batcher:
         """Send every partial batch now; return when each item added before the call has
         its outcome recorded and its callback returned."""
         if self._state is _NEW:
+            return
+        if self._state is _CLOSING:  # every item gets its outcome when close() ends
+            self._await_close(None)
             return
         if self._state is not _RUNNING:
             raise Closed("flush() after close(); close() already flushed everything")

@@ -79,10 +79,17 @@ class Collector(threading.Thread):
         # broken, and every item held when it broke has its outcome: flush() may return
         self.halted = False
         self._waitables: dict[Any, tuple[str, int]] = {}
-        self._selector: selectors.BaseSelector = selectors.DefaultSelector()
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
         self._partial: dict[Any, bytearray] = {}  # result pipe -> bytes of a partial frame
-        self._rebuild_waitables()
+        try:  # epoll can fail as the pipe could (EMFILE): a failed start leaks no descriptor
+            self._selector: selectors.BaseSelector = selectors.DefaultSelector()
+            self._rebuild_waitables()
+        except BaseException:
+            if hasattr(self, "_selector"):
+                self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
         pool.on_stall = self.kill_overdue
 
     # -- the loop -------------------------------------------------------------------------

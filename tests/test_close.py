@@ -293,3 +293,39 @@ def test_a_flush_in_another_thread_waits_while_close_gives_up(batcher_factory, t
     b.close(timeout=0.2)
     flusher.join(20)
     assert seen == [(0, 4)]
+
+
+def test_close_inside_a_collector_callback_is_refused_and_the_batcher_goes_on(
+        batcher_factory):
+    """"Stop at the first failure" from on_dead_letter: close() there used to mark the
+    Batcher closing, fail joining its own thread, and leave items pending for good."""
+    refused = []
+
+    def on_dead_letter(letter):
+        try:
+            b.close()
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    b = batcher_factory(fns.kill_on(-1), size=1, workers=1, on_dead_letter=on_dead_letter)
+    bad = b.submit("k", -1)
+    assert isinstance(bad.exception(timeout=30), mpbatch.WorkerDied)
+    assert len(refused) == 1 and "close() cannot run inside" in str(refused[0])
+    assert b.submit("k", 2).result(timeout=30) == 4  # still running
+    b.close()
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (2, 1, 1, 0)
+
+
+def test_a_flush_during_close_waits_for_it(batcher_factory, tmp_path):
+    """It used to raise Closed("close() already flushed everything") with items pending."""
+    gate = tmp_path / "gate"
+    b = batcher_factory(fns.wait_for_file(str(gate)), size=1, workers=1)
+    fut = b.submit("k", 1)
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    _closing(b)
+    threading.Timer(0.3, gate.touch).start()  # opens the gate while flush() waits
+    b.flush()
+    assert fut.done() and b.stats().pending == 0
+    closer.join(30)
