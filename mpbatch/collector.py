@@ -85,10 +85,7 @@ class Collector(threading.Thread):
             self._selector: selectors.BaseSelector = selectors.DefaultSelector()
             self._rebuild_waitables()
         except BaseException:
-            if hasattr(self, "_selector"):
-                self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._close_descriptors()
             raise
         pool.on_stall = self.kill_overdue
 
@@ -113,10 +110,17 @@ class Collector(threading.Thread):
             self.exit()
             self.join()  # run() closes the pipe and the selector
             return
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._wake_r = self._wake_w = -1
+        self._close_descriptors()
+
+    def _close_descriptors(self) -> None:
+        """Close the epoll set (if made) and the wakeup pipe: once, at the end of run() or
+        of a construction that went no further."""
+        if hasattr(self, "_selector"):
+            self._selector.close()
+        wake_r, wake_w = self._wake_r, self._wake_w
+        self._wake_r = self._wake_w = -1  # poke() stops writing before the number is freed
+        os.close(wake_r)
+        os.close(wake_w)
 
     def run(self) -> None:
         while not self._exit:
@@ -125,11 +129,7 @@ class Collector(threading.Thread):
             except BaseException:  # a bug of ours (or a SystemExit from user code) must not
                 # silently stop every later outcome: flush() and close() would wait forever
                 log.exception("mpbatch collector: unexpected error; continuing")
-        self._selector.close()
-        wake_r, wake_w = self._wake_r, self._wake_w
-        self._wake_r = self._wake_w = -1
-        os.close(wake_r)
-        os.close(wake_w)
+        self._close_descriptors()
 
     def _step(self) -> None:
         for key, _ in self._selector.select(self._wait_seconds()):
