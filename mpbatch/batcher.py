@@ -242,8 +242,7 @@ class Batcher:
             raise
         self._counters, self._pool, self._workers = counters, pool, workers
         self._collector = collector
-        self._dispatcher.reject = lambda segments, error: collector.dead_letter(
-            segments, error, None)
+        self._dispatcher.reject = collector.reject
         collector.on_broken = self._stop_fast_path
         self._capacity = opts.buffer * workers
         self._state = _RUNNING
@@ -557,7 +556,7 @@ class Batcher:
                 if collector is not None and collector.broken is not None:
                     if not settle:
                         return False
-                    if collector.halted:
+                    if collector.halted and not collector.handing():
                         return ready()
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:

@@ -16,6 +16,7 @@ import random
 import selectors
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,11 @@ class Collector(threading.Thread):
         self._waitables: dict[Any, tuple[str, int]] = {}
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
         self._partial: dict[Any, bytearray] = {}  # result pipe -> bytes of a partial frame
+        # Items another thread could not send, for this thread to dead-letter (see reject).
+        self._handed: deque[tuple[list[Segment], BaseException]] = deque()
+        self._hand_lock = threading.Lock()
+        self._handed_in = self._handed_out = 0
+        self._ended = False  # run() has ended: a sender dead-letters its rejects itself
         try:  # epoll can fail as the pipe could (EMFILE): a failed start leaks no descriptor
             self._selector: selectors.BaseSelector = selectors.DefaultSelector()
             self._rebuild_waitables()
@@ -129,6 +135,8 @@ class Collector(threading.Thread):
             except BaseException:  # a bug of ours (or a SystemExit from user code) must not
                 # silently stop every later outcome: flush() and close() would wait forever
                 log.exception("mpbatch collector: unexpected error; continuing")
+        self._ended = True  # set before the last look: a later reject runs in its sender
+        self._take_handed()
         self._close_descriptors()
 
     def _step(self) -> None:
@@ -142,6 +150,8 @@ class Collector(threading.Thread):
                 self._drain(i)
             elif kind == "sentinel":
                 self._on_death(i)
+        if self._handed:
+            self._take_handed()
         self._timers()
 
     def _rebuild_waitables(self) -> None:
@@ -306,6 +316,39 @@ class Collector(threading.Thread):
             # A flush() waits for these: the FLUSH it sent went to the dead worker.
             for i in workers:
                 self.dispatcher.flush(i)
+
+    def reject(self, segments: list[Segment], error: BaseException) -> None:
+        """Dead-letter items a sender could not send (they no longer pickle, or the Batcher
+        stopped), in this thread like every other outcome: the sender may be an add() that
+        holds the Batcher's lock, where an on_dead_letter calling close() or flush() would
+        wait for itself."""
+        if threading.current_thread() is self:
+            self.dead_letter(segments, error, None)
+            return
+        with self._hand_lock:
+            self._handed.append((segments, error))
+            self._handed_in += 1
+        self.poke()
+        if self._ended:  # nobody else will take them (close() has joined this thread)
+            self._take_handed()
+
+    def handing(self) -> bool:
+        """Rejects handed over are still without their outcome."""
+        with self._hand_lock:
+            return self._handed_in != self._handed_out
+
+    def _take_handed(self) -> None:
+        while True:
+            try:
+                segments, error = self._handed.popleft()
+            except IndexError:  # (another thread may take the last one: both may run this)
+                return
+            try:
+                self.dead_letter(segments, error, None)
+            finally:
+                with self._hand_lock:
+                    self._handed_out += 1
+                self.accounts.wake()  # a flush() of a stopped Batcher looks at handing()
 
     def dead_letter(self, segments: list[Segment], error: BaseException,
                     worker: int | None) -> None:

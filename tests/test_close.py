@@ -329,3 +329,38 @@ def test_a_flush_during_close_waits_for_it(batcher_factory, tmp_path):
     b.flush()
     assert fut.done() and b.stats().pending == 0
     closer.join(30)
+
+
+def test_close_or_flush_in_on_dead_letter_for_an_item_rejected_at_sending(batcher_factory):
+    """A value changed after add() so that it no longer pickles is dead-lettered when its
+    chunk is sent, by the thread sending it (here flush()'s, holding the Batcher's lock).
+    on_dead_letter ran there, so a close() or flush() in it waited for itself forever; now
+    it runs in the collector thread, where both are refused, and the Batcher goes on."""
+    seen = []
+
+    def on_dead_letter(letter):
+        seen.append((threading.current_thread().name, list(letter.batch)))
+        for stop in (b.flush, b.close):
+            try:
+                stop()
+            except RuntimeError as exc:
+                seen.append(str(exc).split(" inside")[0])
+
+    b = batcher_factory(fns.double, size=100, interval=30, workers=1,
+                        on_dead_letter=on_dead_letter)
+    box = [1]
+    b.add("good", 1)
+    b.add("changed", box)
+    box.append(threading.Lock())  # after add(): it no longer pickles
+    flusher = threading.Thread(target=b.flush)
+    flusher.start()
+    flusher.join(20)
+    assert not flusher.is_alive(), "flush() waited for its own on_dead_letter"
+    assert seen == [("mpbatch-collector", ["changed"]), "flush() and close() cannot run",
+                    "close() cannot run"]
+    fut = b.submit("k", 2)  # still running
+    b.flush()
+    assert fut.result(timeout=0) == 4
+    b.close()
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (3, 2, 1, 0)
