@@ -183,6 +183,7 @@ class Batcher:
         self._interval_ns = int(self._options.interval * 1e9)
         self._open: list[_OpenChunk] = []
         self._collector: Collector | None = None
+        self._pool: Pool | None = None
         self._workers = 0
         self._capacity = 0  # buffer x workers, once started
         self._fast = False  # add() may take its inlined path: running, one open chunk
@@ -267,6 +268,11 @@ class Batcher:
         if self._state is _RUNNING:  # refused before anything changes: the Batcher goes on
             self._refuse_in_a_callback("close() cannot run", "it would wait for its own "
                                        "callback; call it from the thread that adds items")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is not None and self._pool is not None:
+            # An add() writing to the full pipe of a worker stuck in C (holding the GIL)
+            # holds the lock below: it gives that worker up at the deadline.
+            self._pool.give_up_by(deadline)
         with self._start_lock, self._lock:  # add() checks the state under _lock
             self._fast = False
             state = self._state
@@ -279,15 +285,14 @@ class Batcher:
             self._await_close(timeout)
         else:
             try:
-                self._close(timeout)
+                self._close(timeout, deadline)
             finally:
                 self._closed.set()
 
-    def _close(self, timeout: float | None) -> None:
+    def _close(self, timeout: float | None, deadline: float | None) -> None:
         error: BaseException | None = None
         try:
-            flushed = self._flush(None if timeout is None else time.monotonic() + timeout,
-                                  closing=True)
+            flushed = self._flush(deadline, closing=True)
             # A stopped Batcher's workers hold nothing it waits for: they are killed.
             if not flushed or self._collector.broken:  # type: ignore[union-attr]
                 error = self._collector.broken or self._cut_short or Closed(  # type: ignore

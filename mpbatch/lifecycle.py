@@ -82,7 +82,7 @@ def default_workers() -> int:
 
 
 def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int,
-           stalled: Callable[[], None]) -> bool:
+           stalled: Callable[[], bool]) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
     worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung).
 
@@ -91,7 +91,8 @@ def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int,
     holds the GIL, in C, for long keeps the reader from it. Then the pipe stays full, and
     whoever waits here calls ``stalled`` every WRITE_POLL: the timeout= watch, which this
     wait may keep from the collector (it waits for this writer's locks), kills a do() that
-    ran too long, and the write ends in EPIPE. A pending Ctrl-C gives the worker up.
+    ran too long, and the write ends in EPIPE; past close(timeout)'s deadline, ``stalled``
+    returns False and the worker is given up. So does a pending Ctrl-C.
     """
     view = memoryview(frame)
     stuck = 0.0
@@ -110,8 +111,8 @@ def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int,
             stuck += WRITE_POLL
         room = select.poll()  # not select(): it fails on descriptors past 1024
         room.register(fd, select.POLLOUT)
-        if not room.poll(WRITE_POLL * 1000):
-            stalled()
+        if not room.poll(WRITE_POLL * 1000) and not stalled():
+            return False
     return True
 
 
@@ -165,6 +166,9 @@ class Pool:
         self._reap_lock = threading.Lock()
         # Called by a write waiting on a full pipe: the collector's timeout= watch.
         self.on_stall: Callable[[], None] = lambda: None
+        # close(timeout)'s deadline (monotonic s): a write still waiting then gives its
+        # worker up, or close() could not even take the lock that writer holds.
+        self.give_up_at: float | None = None
 
     def start(self, i: int) -> None:
         """Start a process for slot i (first start or replacement); hold send_locks[i].
@@ -222,12 +226,23 @@ class Pool:
             # the frame, unless the worker reads nothing for STUCK_WRITE s after it.
             with held_interrupt() as hold:
                 if not _write(conn.fileno(), frame, hold, self.drains[i].fileno(),
-                              self.on_stall):
+                              self._stalled):
                     self.kill(i)  # its ledger's items are re-sent when the collector sees it
                     return False
         except (OSError, ValueError):  # EPIPE from a dead worker; OSError: closed here
             return False
         return True
+
+    def _stalled(self) -> bool:
+        """A write waits on a full pipe: watch timeout=; False once close() gives up."""
+        self.on_stall()
+        give_up_at = self.give_up_at
+        return give_up_at is None or time.monotonic() < give_up_at
+
+    def give_up_by(self, deadline: float) -> None:
+        """close(timeout) ends at ``deadline``: writes waiting then give their workers up."""
+        if self.give_up_at is None or deadline < self.give_up_at:
+            self.give_up_at = deadline
 
     def reap(self, proc: Any, timeout: float | None = None) -> None:
         """Join ``proc`` (a worker process, current or replaced) from any thread."""

@@ -1,7 +1,11 @@
 """One row per way a batch can fail inside a worker; the others items and the Batcher go on."""
 
+import array
+import fcntl
 import os
 import signal
+import termios
+import threading
 import time
 
 import pytest
@@ -349,3 +353,55 @@ def test_a_replacement_that_cannot_start_stops_the_batcher_and_loses_nothing(
     s = b.stats()
     assert s.pending == 0 and s.accepted == 8 == s.succeeded + s.dead_lettered
     assert s.dead_lettered >= 2  # at least the batch that killed the worker
+
+
+def test_close_timeout_ends_while_another_thread_waits_on_a_full_pipe(
+        batcher_factory, tmp_path, start_method):
+    """No timeout=: a do() holding the GIL in C keeps its pipe full, and an add() in another
+    thread waits in the write holding the Batcher's lock. close(timeout) used to wait for
+    that lock for good; now the writer gives the worker up at close()'s deadline."""
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)
+    reader = fns.fifo_reader(fifo)
+    b = batcher_factory(fns.hold_gil_on("stuck", str(fifo)), workers=1, size=1,
+                        start_method=start_method)
+    b.add("stuck", b"")
+    reader.readline()  # the worker is inside do(), holding the GIL
+    reader.close()
+    refused = []
+
+    def adder():
+        try:
+            for _ in range(40):  # 2.6 MB: more than the pipe holds
+                b.add("k", bytes(64 * 1024))
+        except mpbatch.Closed as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=adder)
+    thread.start()
+    while not _writer_waits_on_full_pipe(b):
+        time.sleep(0.01)  # polling a pipe's fill: nothing signals it
+    began = time.monotonic()
+    b.close(timeout=1)
+    took = time.monotonic() - began
+    thread.join(20)
+    assert not thread.is_alive() and took < 10, took
+    s = b.stats()
+    assert s.pending == 0 and s.accepted == s.succeeded + s.dead_lettered, s
+    letters = b.dead_letters()
+    assert any("stuck" in letter.batch for letter in letters)
+    assert all(isinstance(letter.error, mpbatch.Closed) for letter in letters), letters
+
+
+def _writer_waits_on_full_pipe(b):
+    """Worker 0's item pipe is (about) full and another thread holds the Batcher's lock."""
+    fd = b._pool.items[0].fileno()
+    queued = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, queued)
+    # Partly filled pages keep a pipe's bytes short of its size (F_GETPIPE_SZ = 1032).
+    if queued[0] < fcntl.fcntl(fd, 1032) * 3 // 4:
+        return False
+    free = b._lock.acquire(blocking=False)
+    if free:
+        b._lock.release()
+    return not free
