@@ -70,6 +70,7 @@ class Collector(threading.Thread):
         self.stop_error: BaseException | None = None  # why items left at stop fail
         self.sleep_until_ns = 0  # when the collector wakes up next (under accounts.lock)
         self._exit = False
+        self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._retries: list[tuple[int, int, list[Segment]]] = []  # (due_ns, tie, segments)
@@ -99,10 +100,13 @@ class Collector(threading.Thread):
 
     def poke(self) -> None:
         """Wake the collector (new open chunk, flush, close); safe from any thread."""
-        if self._wake_w < 0:
-            return  # the thread has stopped: nobody to wake, and the fd number may be reused
-        with contextlib.suppress(OSError):  # a wakeup already pending
-            os.write(self._wake_w, b"!")
+        # Under the lock that closing takes: a number checked here and closed before the
+        # write could be reused by then, and the byte would land in someone else's file.
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # the thread has stopped: nobody to wake
+            with contextlib.suppress(OSError):  # a wakeup already pending
+                os.write(self._wake_w, b"!")
 
     def exit(self) -> None:
         self._exit = True
@@ -123,10 +127,10 @@ class Collector(threading.Thread):
         of a construction that went no further."""
         if hasattr(self, "_selector"):
             self._selector.close()
-        wake_r, wake_w = self._wake_r, self._wake_w
-        self._wake_r = self._wake_w = -1  # poke() stops writing before the number is freed
-        os.close(wake_r)
-        os.close(wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def run(self) -> None:
         while not self._exit:
