@@ -94,7 +94,7 @@ class Options:
     on_result: Callable[[Any, list, list | None], None] | None
     on_dead_letter: Callable[[DeadLetter], None] | None
     init: Callable[[], Any] | None
-    start_method: str
+    start_method: str | None
     isolate_poison: bool
     max_batches_per_worker: int | None
     max_rss: int | None
@@ -122,7 +122,9 @@ class Batcher:
     on_result(key, values, results) / on_dead_letter(dead_letter): run in the caller, on
         the collector thread; keep them quick. Exceptions are logged, not raised.
     init: called once per worker process; its return value is do()'s second argument.
-    start_method: "forkserver" (default where available), "spawn" or "fork".
+    start_method: "zygote" (a fork of the caller, made before its threads, forks every
+        worker: the default while the process has one thread), "forkserver" (the default
+        otherwise), "spawn" or "fork".
     isolate_poison: when a batch kills its worker or times out, re-run its halves as
         batches of their own (recursively, within a budget) so that only the item that
         crashes is charged an attempt (default True).
@@ -219,7 +221,9 @@ class Batcher:
         counters = LoadCounters(workers)
         pool = collector = None
         try:
-            pool = Pool(workers, opts.start_method, counters.name, blob)
+            # The default is chosen now: whether this process has other threads decides it.
+            pool = Pool(workers, opts.start_method or default_start_method(), counters.name,
+                        blob)
             self._router = Router(opts.routing, counters)
             # add_many's blocks go to the least-loaded worker: pace them by work, not count.
             self._pacer = (Pacer(counters, opts.size, 2 * _block_limit(opts.size))
@@ -986,9 +990,9 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _check_start_method(value: Any) -> str:
+def _check_start_method(value: Any) -> str | None:
     if value is None:
-        return default_start_method()
+        return None  # chosen when the workers start (default_start_method)
     return _check_choice("start_method", value, START_METHODS)
 
 

@@ -470,7 +470,7 @@ class Collector(threading.Thread):
         return False
 
     def _start_advice(self, cause: BaseException | None, exitcode: int | None) -> str:
-        if cause is None and exitcode == 1 and self.pool.start_method != "fork":
+        if cause is None and exitcode == 1 and self.pool.start_method in ("spawn", "forkserver"):
             # Died in multiprocessing's bootstrap, before our code ran: under spawn and
             # forkserver that is where a child imports the caller's main module.
             return (f"under {self.pool.start_method} each worker first imports your main "

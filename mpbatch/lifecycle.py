@@ -24,23 +24,29 @@ from typing import Any
 import psutil
 
 from . import transport as tp
-from . import worker
+from . import worker, zygote
 from .interrupts import held_interrupt
 
-START_METHODS = ("fork", "spawn", "forkserver")
+START_METHODS = ("fork", "spawn", "forkserver", "zygote")
 WORKER_MODULE = worker.__name__  # "mpbatch.worker": what the fork server preloads
 WRITE_POLL = 0.1  # s between looks at a full item pipe (and at a pending Ctrl-C)
 STUCK_WRITE = 1.0  # s a worker may read nothing after a Ctrl-C before it is given up
 
 
 def default_start_method() -> str:
-    """forkserver where the platform has it, else spawn.
+    """zygote if this process has one thread now, else forkserver where the platform has
+    it, else spawn (called when the workers start).
 
     The caller runs a collector thread, and forking a process that has threads can copy a
-    lock in a held state into the child (CPython warns about it from 3.12). forkserver forks
-    from a single-threaded server and starts a worker in milliseconds once the server runs;
-    it is also the Linux default from Python 3.14. ``do`` travels by cloudpickle either way.
+    lock in a held state into the child (CPython warns about it from 3.12). A zygote is
+    forked before that thread exists and forks every worker from one thread (zygote.py),
+    in milliseconds; a fork server must first boot an interpreter (~150 ms here, for every
+    short program). With other threads running already (a notebook, a server, a BLAS pool),
+    the zygote would be such a fork: then forkserver, the Linux default from Python 3.14.
+    ``do`` travels by cloudpickle either way.
     """
+    if zygote.available() and zygote.single_threaded():
+        return "zygote"
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
 
@@ -149,12 +155,17 @@ class Pool:
                  config_blob: bytes) -> None:
         self.workers = workers
         self.start_method = start_method
-        self.ctx: BaseContext = multiprocessing.get_context(start_method)
+        self.zygote: zygote.Zygote | None = None
+        self.ctx: BaseContext = multiprocessing.get_context(
+            "fork" if start_method == "zygote" else start_method)
         if start_method == "forkserver":
             _preload_in_fork_server(self.ctx)
         self.counters_name = counters_name
         self.config_blob = config_blob
         self.caller_pid = os.getpid()
+        if start_method == "zygote":  # first: it must not hold copies of the pipes below
+            self.zygote = zygote.Zygote(worker.main, (
+                counters_name, workers, config_blob, self.caller_pid, worker.PACKAGE_DIR))
         self.procs: list[Any] = [None] * workers
         self.items: list[Connection | None] = [None] * workers
         self.drains: list[Connection | None] = [None] * workers  # wakes a busy worker's reader
@@ -200,10 +211,6 @@ class Pool:
 
     def _launch(self, i: int, items_r: Connection, items_w: Connection, drain_r: Connection,
                 drain_w: Connection, results_r: Connection, results_w: Connection) -> Any:
-        proc = self.ctx.Process(
-            target=worker.main, name=f"mpbatch-worker-{i}",
-            args=(i, items_r, drain_r, results_w, self.counters_name, self.workers,
-                  self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
         for conn in (items_w, results_r):
             _widen(conn)
         # Writes wait for room in poll(), where a pending Ctrl-C can end the wait (_write).
@@ -212,6 +219,13 @@ class Pool:
         # The collector reads what is there and never blocks: with fork, a sibling holding a
         # copy of the write end would keep a dead worker's pipe from ever reaching EOF.
         os.set_blocking(results_r.fileno(), False)
+        if self.zygote is not None:
+            return self.zygote.launch(i, [items_r.fileno(), drain_r.fileno(),
+                                          results_w.fileno()])
+        proc = self.ctx.Process(
+            target=worker.main, name=f"mpbatch-worker-{i}",
+            args=(i, items_r, drain_r, results_w, self.counters_name, self.workers,
+                  self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
         proc.start()
         return proc
 
@@ -290,3 +304,5 @@ class Pool:
         for conn in self.items + self.drains + self.results:
             if conn is not None:
                 conn.close()
+        if self.zygote is not None:  # its workers are reaped: nothing more to fork
+            self.zygote.close()

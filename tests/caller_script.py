@@ -36,7 +36,10 @@ import mpbatch  # noqa: E402 - after the hook above, on purpose
 
 def do(batch):
     if os.environ.get("QUIET") is None:
-        print("batch", os.getpid(), flush=True)
+        # One write: workers' stdout writes through, and print() writes each part and its end apart,
+        # which would interleave with the caller's lines.
+        sys.stdout.write(f"batch {os.getpid()}\n")
+        sys.stdout.flush()
     time.sleep(float(os.environ.get("BATCH_SECONDS", "0.3")))  # the work itself
     return {k: [v * 2 for v in vs] for k, vs in batch.items()}
 
@@ -65,6 +68,8 @@ def main():
                         init=hang if mode == "stuck" else None)
     b.start()
     print("pids", *[p.pid for p in b._pool.procs], flush=True)
+    zygote = b._pool.zygote
+    print("method", b._pool.start_method, zygote.pid if zygote else 0, flush=True)
     if mode == "noclose":
         REPORT.append((done, b))  # printed after mpbatch's atexit hook flushed and joined
         b.add_many(("k", i) for i in range(items))

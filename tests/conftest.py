@@ -9,7 +9,7 @@ import mpbatch
 
 # Helpers multiprocessing starts once per test session; they are not our workers.
 HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
-START_METHODS = ("fork", "spawn", "forkserver")
+START_METHODS = ("fork", "spawn", "forkserver", "zygote")
 
 
 def cmdline(p):

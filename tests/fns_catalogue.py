@@ -23,6 +23,15 @@ C_EXIT_CODE = 8
 BAD = -1  # the culprit value of rows whose do() (or its result) misbehaves
 
 
+_IMPORTED_BY = os.getpid()
+
+
+def in_a_worker():
+    """Spawned or forkserver children know their parent; forks (fork, zygote) keep the
+    caller's import of this module, under another pid."""
+    return multiprocessing.parent_process() is not None or os.getpid() != _IMPORTED_BY
+
+
 def misbehave(how, where):
     """Do ``how`` now; ``where`` goes into the message of "raise"."""
     if how == "raise":
@@ -91,7 +100,7 @@ class PicklesBadly:
         self.how = how
 
     def __reduce__(self):
-        if multiprocessing.parent_process() is not None:
+        if in_a_worker():
             misbehave(self.how, "result pickled in the worker")
         return (PicklesBadly, (self.how,))
 

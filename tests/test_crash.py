@@ -285,7 +285,8 @@ def test_poison_isolation_is_bounded_when_everything_crashes(batcher_factory):
 
 def test_a_worker_running_another_copy_of_mpbatch_is_refused_clearly(tmp_path):
     """Python 3.11's fork server imports from its working directory: a second copy of
-    mpbatch there must end in a clear error, not in frames the two copies misread."""
+    mpbatch there must end in a clear error, not in frames the two copies misread. (A
+    zygote, the default in a one-thread script, is a fork of the caller: one copy.)"""
     import shutil
     import subprocess
     import sys
@@ -293,7 +294,7 @@ def test_a_worker_running_another_copy_of_mpbatch_is_refused_clearly(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shutil.copytree(os.path.join(root, "mpbatch"), tmp_path / "mpbatch")
     code = ("import mpbatch, sys\n"
-            "b = mpbatch.Batcher(lambda batch: None, workers=1)\n"
+            "b = mpbatch.Batcher(lambda batch: None, workers=1, start_method='forkserver')\n"
             "f = b.submit('k', 1)\n"
             "print(type(f.exception(timeout=60)).__name__, f.exception(), flush=True)\n"
             "b.close()\n")

@@ -28,7 +28,7 @@ from tests import fns_fuzz
 from tests.conftest import HELPERS, cmdline
 
 ROUTINGS = ("least-loaded", "key", "round-robin")  # SPEC.md
-START_METHODS = ("fork", "spawn", "forkserver")
+START_METHODS = ("fork", "spawn", "forkserver", "zygote")
 FLUSH_LIMIT = 30.0  # seconds; flush() of a few small items takes milliseconds
 # A passing run takes seconds; a failing one restarts the Batcher for each failing example
 # hypothesis tries while it shrinks (a broken Batcher may have lost items), which takes longer.

@@ -26,10 +26,13 @@ def start_caller(mode, **env):
 
 
 def read_until(proc, prefix):
+    seen = []
     for line in proc.stdout:
         if line.startswith(prefix):
             return line.split()
-    raise AssertionError(f"caller ended before printing {prefix!r}: {proc.stderr.read()}")
+        seen.append(line)
+    raise AssertionError(f"caller ended (exit code {proc.wait(10)}) before printing "
+                         f"{prefix!r} (after {seen}): {proc.stderr.read()}")
 
 
 def _zombie(p):

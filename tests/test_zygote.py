@@ -1,0 +1,72 @@
+"""start_method="zygote": a fork of the caller, made before its threads, forks the workers."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+import mpbatch
+from tests import fns
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code):
+    script = "import mpbatch, threading\nif __name__ == '__main__':\n" + textwrap.indent(
+        textwrap.dedent(code), "    ")
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
+
+
+def test_the_default_is_a_zygote_while_the_caller_has_one_thread():
+    """pytest runs a watchdog thread (faulthandler_timeout): a fresh interpreter is needed."""
+    code = """
+    b = mpbatch.Batcher(lambda batch: {k: [v + 1 for v in vs] for k, vs in batch.items()},
+                        workers=2)
+    f = b.submit("k", 1)
+    b.close()
+    print(b._pool.start_method, f.result())
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+    b = mpbatch.Batcher(lambda batch: None, workers=1)
+    b.start()
+    print(b._pool.start_method)
+    b.close()
+    """
+    assert _run(code) == ["zygote", "2", "forkserver"]
+
+
+def test_the_zygote_forks_replacements_and_ends_with_close(batcher_factory):
+    b = batcher_factory(fns.kill_on(-1), workers=1, size=1, start_method="zygote").start()
+    zygote = psutil.Process(b._pool.zygote.pid)
+    first = b._pool.procs[0].pid
+    bad = b.submit("k", -1)
+    assert isinstance(bad.exception(timeout=30), mpbatch.WorkerDied)
+    assert "killed by SIGKILL" in str(bad.exception())  # its exit code, read by the zygote
+    assert b.submit("k", 2).result(timeout=30) == 4
+    replacement = b._pool.procs[0].pid
+    assert replacement != first
+    assert {p.pid for p in zygote.children()} == {replacement}  # the zygote forked both
+    b.close()
+    assert not zygote.is_running() or zygote.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_zygote_stops_the_batcher_at_the_next_replacement(batcher_factory):
+    """Nothing is lost: the next death finds no zygote to fork a replacement; the Batcher
+    stops and dead-letters what it held, naming the cause."""
+    b = batcher_factory(fns.kill_on(-1), workers=1, size=1, start_method="zygote").start()
+    assert b.submit("k", 1).result(timeout=30) == 2
+    os.kill(b._pool.zygote.pid, signal.SIGKILL)
+    bad = b.submit("k", -1)
+    error = bad.exception(timeout=30)
+    assert isinstance(error, mpbatch.WorkerDied), error
+    with pytest.raises(mpbatch.Closed, match="could not be started"):
+        b.submit("k", 3)
+    b.close()
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (2, 1, 1, 0)
