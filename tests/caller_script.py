@@ -65,7 +65,8 @@ def main():
     done = []
     b = mpbatch.Batcher(do, size=int(os.environ.get("SIZE", "5")), workers=2, interval=0.05,
                         on_result=lambda k, vs, rs: done.extend(rs),
-                        init=hang if mode == "stuck" else None)
+                        init=hang if mode == "stuck" else None,
+                        start_method=os.environ.get("START_METHOD"))
     b.start()
     print("pids", *[p.pid for p in b._pool.procs], flush=True)
     zygote = b._pool.zygote

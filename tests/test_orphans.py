@@ -10,10 +10,11 @@ from tests.test_signals import assert_gone_within, read_until, start_caller
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("busy", [True, False], ids=["busy-workers", "idle-workers"])
 def test_caller_sigkill_takes_the_workers_along(busy):
-    caller = start_caller("wait", ITEMS=200 if busy else 0, BATCH_SECONDS=30)
+    caller = start_caller("wait", ITEMS=200 if busy else 0, BATCH_SECONDS=30,
+                          START_METHOD="zygote")
     workers = [int(p) for p in read_until(caller, "pids")[1:]]
     _, method, zygote = read_until(caller, "method")
-    assert method == "zygote"  # the default in a script with one thread
+    assert method == "zygote"
     read_until(caller, "added")
     if busy:
         read_until(caller, "batch")  # a worker is 30 s into a do() call
@@ -24,7 +25,7 @@ def test_caller_sigkill_takes_the_workers_along(busy):
 
 @pytest.mark.timeout(60)
 def test_caller_os_exit_takes_the_workers_along():
-    caller = start_caller("exit", ITEMS=200, BATCH_SECONDS=30)
+    caller = start_caller("exit", ITEMS=200, BATCH_SECONDS=30, START_METHOD="zygote")
     workers = [int(p) for p in read_until(caller, "pids")[1:]]
     zygote = int(read_until(caller, "method")[2])
     assert caller.wait(10) == 0
