@@ -159,10 +159,10 @@ class Pool:
         self.counters_name = counters_name
         self.config_blob = config_blob
         self.caller_pid = os.getpid()
-        if start_method == "zygote" and not zygote.available():
-            raise ValueError("start_method='zygote' needs os.fork, pidfds and fd passing "
-                             "(Linux 5.3+); use 'forkserver'")
         if start_method == "zygote":  # first: it must not hold copies of the pipes below
+            if not zygote.available():
+                raise ValueError("start_method='zygote' needs os.fork, pidfds and fd "
+                                 "passing (Linux 5.3+); use 'forkserver'")
             self.zygote = zygote.Zygote(worker.main, (
                 counters_name, workers, config_blob, self.caller_pid, worker.PACKAGE_DIR))
         self.procs: list[Any] = [None] * workers
