@@ -4,6 +4,7 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   pids <worker pids>      the workers are up
   added                   every item is accepted
   batch <pid>             a worker entered do() (printed by the worker)
+  interrupted             (mode "wait") the first Ctrl-C landed; close() runs next
   closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
   streaming               (mode "stream") the stream reached item AT; adding goes on
 MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy), "noclose"
@@ -86,7 +87,11 @@ def main():
             print("added", flush=True)
             if mode == "exit":
                 os._exit(0)
-            threading.Event().wait()
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)  # the with block's close() comes next
+                raise
     finally:
         print("closed", len(done), b.stats(), flush=True)
 
