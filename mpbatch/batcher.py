@@ -122,9 +122,9 @@ class Batcher:
     on_result(key, values, results) / on_dead_letter(dead_letter): run in the caller, on
         the collector thread; keep them quick. Exceptions are logged, not raised.
     init: called once per worker process; its return value is do()'s second argument.
-    start_method: "forkserver" (default where available), "spawn", "fork" or "zygote" (a
-        fork of the caller, made before its threads, forks every worker: no fork server
-        to boot; Linux).
+    start_method: "zygote" (a fork of the caller, made before its threads, forks every
+        worker: the default while the process has one thread), "forkserver" (the default
+        otherwise), "spawn" or "fork".
     isolate_poison: when a batch kills its worker or times out, re-run its halves as
         batches of their own (recursively, within a budget) so that only the item that
         crashes is charged an attempt (default True).
@@ -221,6 +221,7 @@ class Batcher:
         counters = LoadCounters(workers)
         pool = collector = None
         try:
+            # The default is chosen now: whether this process has other threads decides it.
             pool = Pool(workers, opts.start_method or default_start_method(), counters.name,
                         blob)
             self._router = Router(opts.routing, counters)

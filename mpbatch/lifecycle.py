@@ -34,15 +34,19 @@ STUCK_WRITE = 1.0  # s a worker may read nothing after a Ctrl-C before it is giv
 
 
 def default_start_method() -> str:
-    """forkserver where the platform has it, else spawn.
+    """zygote if this process has one thread now, else forkserver where the platform has
+    it, else spawn (called when the workers start).
 
     The caller runs a collector thread, and forking a process that has threads can copy a
-    lock in a held state into the child (CPython warns about it from 3.12). forkserver forks
-    from a single-threaded server and starts a worker in milliseconds once the server runs;
-    it is also the Linux default from Python 3.14. "zygote" (zygote.py) skips the server's
-    boot; it is not the default yet (see the issue notes). ``do`` travels by cloudpickle
-    either way.
+    lock in a held state into the child (CPython warns about it from 3.12). A zygote is
+    forked before that thread exists and forks every worker from one thread (zygote.py),
+    in milliseconds; a fork server must first boot an interpreter (~150 ms here, for every
+    short program). With other threads running already (a notebook, a server, a BLAS pool),
+    the zygote would be such a fork: then forkserver, the Linux default from Python 3.14.
+    ``do`` travels by cloudpickle either way.
     """
+    if zygote.available() and zygote.single_threaded():
+        return "zygote"
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
 

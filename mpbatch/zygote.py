@@ -42,6 +42,18 @@ def available() -> bool:
             and hasattr(signal, "pidfd_send_signal") and hasattr(socket, "send_fds"))
 
 
+def single_threaded() -> bool:
+    """No other thread in this process, Python's or C's (a BLAS pool, a watchdog)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1]) == 1
+    except (OSError, ValueError):
+        pass
+    return threading.active_count() == 1
+
+
 class Zygote:
     """The caller's handle on its zygote process."""
 

@@ -2,12 +2,43 @@
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import psutil
 import pytest
 
 import mpbatch
 from tests import fns
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code):
+    script = "import mpbatch, threading\nif __name__ == '__main__':\n" + textwrap.indent(
+        textwrap.dedent(code), "    ")
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
+
+
+def test_the_default_is_a_zygote_while_the_caller_has_one_thread():
+    """pytest runs a watchdog thread (faulthandler_timeout): a fresh interpreter is needed."""
+    code = """
+    b = mpbatch.Batcher(lambda batch: {k: [v + 1 for v in vs] for k, vs in batch.items()},
+                        workers=2)
+    f = b.submit("k", 1)
+    b.close()
+    print(b._pool.start_method, f.result())
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+    b = mpbatch.Batcher(lambda batch: None, workers=1)
+    b.start()
+    print(b._pool.start_method)
+    b.close()
+    """
+    assert _run(code) == ["zygote", "2", "forkserver"]
 
 
 def test_the_zygote_forks_replacements_and_ends_with_close(batcher_factory):
