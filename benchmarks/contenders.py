@@ -308,7 +308,11 @@ def _stats(batcher):
     snap = batcher.stats()
     names = ("accepted", "succeeded", "dead_lettered", "pending", "batches", "retries",
              "worker_restarts")
-    return {name: getattr(snap, name, None) for name in names}
+    out = {name: getattr(snap, name, None) for name in names}
+    # The start method it resolved to (the default depends on the caller's threads): not
+    # public API, so read defensively.
+    out["start_method"] = getattr(getattr(batcher, "_pool", None), "start_method", None)
+    return out
 
 
 def mpbatch_add_stream(job):
