@@ -160,7 +160,7 @@ def _serve_forever(sock: socket.socket, caller_end: socket.socket,
     """The zygote's whole life: never returns, never runs the caller's atexit hooks."""
     code = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+        _reset_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         caller_end.close()
         gc.freeze()  # the caller's objects copied here are never collected (nor their fds)
@@ -170,6 +170,23 @@ def _serve_forever(sock: socket.socket, caller_end: socket.socket,
         code = 1
     finally:
         os._exit(code)
+
+
+def _reset_signals() -> None:
+    """The caller's signal handlers are not the zygote's, nor its workers'.
+
+    A handler the caller set in Python would run here: a SIGCHLD handler that reaps every
+    child would take the zygote's workers from it (their exit codes lost, the zygote ended
+    by the ECHILD), SIGCHLD ignored would reap them in the kernel, and a SIGTERM handler
+    meant to wind the caller down would keep the zygote alive. As in a fork server's
+    workers, every handler is the default again; Ctrl-C is the caller's to handle."""
+    signal.set_wakeup_fd(-1)  # the caller's event loop's, shared by the fork
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL, SIGSTOP, RT signals
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _serve(sock: socket.socket, target: Callable[..., None], args: tuple) -> None:

@@ -41,6 +41,36 @@ def test_the_default_is_a_zygote_while_the_caller_has_one_thread():
     assert _run(code) == ["zygote", "2", "forkserver"]
 
 
+def test_the_callers_signal_handlers_do_not_run_in_the_zygote():
+    """A server's SIGCHLD handler that reaps every child would take the zygote's workers
+    from it, and its SIGTERM handler would keep the zygote alive."""
+    code = """
+    import os, signal
+    import psutil
+    from tests import fns
+
+    def reap_every_child(signum, frame):
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+
+    signal.signal(signal.SIGCHLD, reap_every_child)
+    signal.signal(signal.SIGTERM, lambda *_: print("handler-ran-in", os.getpid(), flush=True))
+    b = mpbatch.Batcher(fns.kill_on(-1), workers=1, size=1)
+    b.start()
+    died = b.submit("k", -1).exception(timeout=30)
+    print(b._pool.start_method, type(died).__name__, "SIGKILL" in str(died))
+    print(b.submit("k", 2).result(timeout=30))  # a replacement the zygote forked
+    zygote = psutil.Process(b._pool.zygote.pid)
+    zygote.terminate()
+    print("zygote-ended", not psutil.wait_procs([zygote], timeout=10)[1])
+    b.close()
+    """
+    assert _run(code) == ["zygote", "WorkerDied", "True", "4", "zygote-ended", "True"]
+
+
 def test_the_zygote_forks_replacements_and_ends_with_close(batcher_factory):
     b = batcher_factory(fns.kill_on(-1), workers=1, size=1, start_method="zygote").start()
     zygote = psutil.Process(b._pool.zygote.pid)
