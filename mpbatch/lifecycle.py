@@ -303,9 +303,35 @@ class Pool:
         self.close_pipes()
 
     def close_pipes(self) -> None:
-        """Close our ends of every pipe; only once the collector thread has stopped."""
+        """Close our ends of every pipe, and the descriptors of the reaped workers; only
+        once the collector thread has stopped."""
         for conn in self.items + self.drains + self.results:
             if conn is not None:
                 conn.close()
+        # A closed Batcher the program keeps (in a list, in a traceback) must not keep its
+        # workers' sentinels or pidfds open: a few hundred of them would exhaust the fds.
+        for i, proc in enumerate(self.procs):
+            if proc is not None and proc.exitcode is not None:
+                self.procs[i] = Ended(proc.pid, proc.exitcode)
+                proc.close()
         if self.zygote is not None:  # its workers are reaped: nothing more to fork
             self.zygote.close()
+
+
+class Ended:
+    """A worker reaped at close(): its pid and exit code, and no descriptor."""
+
+    sentinel = None
+
+    def __init__(self, pid: int, exitcode: int) -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass

@@ -140,8 +140,16 @@ class ZygoteProcess:
         return self.exitcode is None
 
     def kill(self) -> None:
+        if self.sentinel < 0:
+            return
         with contextlib.suppress(ProcessLookupError, OSError):  # it has exited
             signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the pidfd (the worker has been reaped); kill() is a no-op after it."""
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
 
     def _exited(self, timeout: float | None) -> bool:
         poller = select.poll()
@@ -149,8 +157,8 @@ class ZygoteProcess:
         return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
     def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.sentinel)
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: no pidfd came
+            self.close()
 
 
 # -- the zygote process -------------------------------------------------------------------

@@ -13,12 +13,13 @@ def test_close_flushes_joins_and_unlinks(batcher_factory):
     b = batcher_factory(fns.double, size=1000, interval=60)
     futs = [b.submit("k", i) for i in range(10)]
     name = b._counters.name
-    procs = list(b._pool.procs)
+    pids = [p.pid for p in b._pool.procs]
     assert os.path.exists(f"/dev/shm/{name}")
     b.close()
     assert [f.result(timeout=0) for f in futs] == [2 * i for i in range(10)]
     assert not os.path.exists(f"/dev/shm/{name}")
-    assert [p.exitcode for p in procs] == [0] * len(procs)
+    # What is left of each worker: its pid and exit code (its descriptors are closed).
+    assert [(p.pid, p.exitcode) for p in b._pool.procs] == [(pid, 0) for pid in pids]
     b.close()  # idempotent
     assert b.stats().pending == 0
 
@@ -364,3 +365,24 @@ def test_close_or_flush_in_on_dead_letter_for_an_item_rejected_at_sending(batche
     b.close()
     s = b.stats()
     assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (3, 2, 1, 0)
+
+
+@pytest.mark.timeout(60)
+def test_closed_batchers_hold_no_descriptors(start_method):
+    """A program may keep closed Batchers (in a list, a traceback): their workers'
+    sentinels, pidfds and pipes must not stay open, or a few hundred exhaust the fds."""
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    first = mpbatch.Batcher(fns.double, workers=2, start_method=start_method)
+    first.submit("k", 1).result(timeout=30)
+    first.close()  # a fork server or resource tracker starts once per process: not counted
+    before = open_fds()
+    kept = []
+    for i in range(3):
+        b = mpbatch.Batcher(fns.double, workers=2, start_method=start_method)
+        assert b.submit("k", i).result(timeout=30) == 2 * i
+        b.close()
+        kept.append(b)
+    assert open_fds() == before, [os.readlink(f"/proc/self/fd/{f}")
+                                  for f in os.listdir("/proc/self/fd")]
