@@ -105,7 +105,7 @@ def _exit_with_caller(caller_pid: int) -> None:
     """Exit at once when the caller process dies, however it dies (no orphans).
 
     A pidfd turns the caller's exit into an event on Linux >= 5.3, for every start method
-    (under forkserver our parent is the fork server, not the caller, so neither the parent
+    (under forkserver and the zygote our parent is not the caller, so neither the parent
     pid nor PR_SET_PDEATHSIG names the right process). Elsewhere, poll the caller's pid.
     """
     try:

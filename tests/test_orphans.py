@@ -7,29 +7,34 @@ import pytest
 from tests.test_signals import assert_gone_within, read_until, start_caller
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("busy", [True, False], ids=["busy-workers", "idle-workers"])
-def test_caller_sigkill_takes_the_workers_along(busy):
-    caller = start_caller("wait", ITEMS=200 if busy else 0, BATCH_SECONDS=30,
-                          START_METHOD="zygote")
+def _ours(caller, start_method):
+    """The caller's workers, and its zygote under that start method."""
     workers = [int(p) for p in read_until(caller, "pids")[1:]]
     _, method, zygote = read_until(caller, "method")
-    assert method == "zygote"
+    assert method == start_method
+    return [*workers, int(zygote)] if method == "zygote" else workers
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("busy", [True, False], ids=["busy-workers", "idle-workers"])
+def test_caller_sigkill_takes_the_workers_along(busy, start_method):
+    caller = start_caller("wait", ITEMS=200 if busy else 0, BATCH_SECONDS=30,
+                          START_METHOD=start_method)
+    ours = _ours(caller, start_method)
     read_until(caller, "added")
     if busy:
         read_until(caller, "batch")  # a worker is 30 s into a do() call
     caller.send_signal(signal.SIGKILL)
     assert caller.wait(10) == -signal.SIGKILL
-    assert_gone_within([*workers, int(zygote)], 1)
+    assert_gone_within(ours, 1)
 
 
 @pytest.mark.timeout(60)
-def test_caller_os_exit_takes_the_workers_along():
-    caller = start_caller("exit", ITEMS=200, BATCH_SECONDS=30, START_METHOD="zygote")
-    workers = [int(p) for p in read_until(caller, "pids")[1:]]
-    zygote = int(read_until(caller, "method")[2])
+def test_caller_os_exit_takes_the_workers_along(start_method):
+    caller = start_caller("exit", ITEMS=200, BATCH_SECONDS=30, START_METHOD=start_method)
+    ours = _ours(caller, start_method)
     assert caller.wait(10) == 0
-    assert_gone_within([*workers, zygote], 1)
+    assert_gone_within(ours, 1)
 
 
 @pytest.mark.timeout(60)
