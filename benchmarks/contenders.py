@@ -374,16 +374,33 @@ def mpbatch_submit_paced(job):
     return pacer.outcome(stats=_stats(b))
 
 
+# --- the reference floor: a hand-written minimal pipe pool (bare.py) ------------------------------
+
+
+def bare_stream(job):
+    import bare  # imports this module: not at the top
+
+    return bare.bare_stream(job)
+
+
+def bare_paced(job):
+    import bare
+
+    return bare.bare_paced(job)
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 # name -> (kind, streamed, paced). Kinds: "serial" (the baseline), "peer" (what ratios are
-# taken against), "mpbatch" (the library under test).
+# taken against), "reference" (the machine's floor, not something users write), "mpbatch"
+# (the library under test).
 CONTENDERS = {
     "serial": ("serial", serial_stream, serial_paced),
     "pool": ("peer", pool_stream, pool_paced),
     "ppe": ("peer", ppe_stream, ppe_paced),
     "joblib": ("peer", joblib_stream, joblib_paced),
     "mpire": ("peer", mpire_stream, mpire_paced),
+    "bare": ("reference", bare_stream, bare_paced),
     "mpbatch-add": ("mpbatch", mpbatch_add_stream, mpbatch_add_paced),
     "mpbatch-add_many": ("mpbatch", mpbatch_add_many_stream, mpbatch_add_many_paced),
     "mpbatch-submit": ("mpbatch", mpbatch_submit_stream, mpbatch_submit_paced),
@@ -397,6 +414,7 @@ LIBRARIES = {
     "ppe": ("concurrent.futures.process",),
     "joblib": ("joblib", "joblib.externals.loky"),
     "mpire": ("mpire",),
+    "bare": ("bare", "multiprocessing.connection"),
     # `import mpbatch` alone imports nothing (PEP 562 lazy names): the Batcher's modules are
     # imported on first use, which put ~60-90 ms of imports inside mpbatch's timed run.
     "mpbatch-add": ("mpbatch", "mpbatch.batcher"),

@@ -51,9 +51,9 @@ BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of t
 BUSY_SECONDS = 0.3  # and that work took this many CPU seconds
 
 # MEM measures the bulk path: mpbatch through add_many, and each peer fed the same generator.
-MEM_CONTENDERS = ("serial", "pool", "ppe", "joblib", "mpire", "mpbatch-add_many")
+MEM_CONTENDERS = ("serial", "pool", "ppe", "joblib", "mpire", "bare", "mpbatch-add_many")
 # PPE.map turns the whole stream into futures up front: 10M of them would need gigabytes.
-MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "mpbatch-add_many")
+MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "bare", "mpbatch-add_many")
 
 # workload -> [(metric, label, higher is better)]; the first one is the headline score.
 SCORES = {
@@ -513,7 +513,8 @@ def chart(args, done):
     matplotlib.use("Agg")  # no display on CI or this machine
     import matplotlib.pyplot as plt
 
-    colors = {"serial": "#999999", "peer": "#4c78a8", "mpbatch": "#f58518"}
+    colors = {"serial": "#999999", "peer": "#4c78a8", "reference": "#54a24b",
+              "mpbatch": "#f58518"}
     cols = min(3, len(done))
     rows = -(-len(done) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)

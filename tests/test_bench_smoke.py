@@ -7,8 +7,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The peers that need no extra install; joblib and mpire come with the bench extra.
-CONTENDERS = "serial,pool,ppe,mpbatch-add,mpbatch-add_many,mpbatch-submit"
+# The peers (and the bare floor) that need no extra install; joblib and mpire come with the
+# bench extra.
+CONTENDERS = "serial,pool,ppe,bare,mpbatch-add,mpbatch-add_many,mpbatch-submit"
 
 
 @pytest.mark.slow
