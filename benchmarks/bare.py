@@ -1,12 +1,20 @@
-"""The reference floor: a hand-written minimal pipe pool, what this machine allows.
+"""The reference floor: hand-written minimal pipe pools, what this machine allows.
 
-No library, no keys, no retries, no ledger: one pipe each way per worker, values pickled in
-chunks, results pickled back as lists, and one caller thread that feeds and drains the pipes
-without ever blocking on either (a blocking write would deadlock against a worker blocked on
-writing its results back). Each worker keeps DEPTH chunks in hand, so it never idles while
-the caller prepares the next one. What it scores on a workload is the ceiling every library
-on this machine works under; its ratios are taken against the best peer like everyone's, but
-it is not a peer (a user does not write it), so it never sets the bar.
+No library, no retries, no ledger: one pipe each way per worker, items pickled in chunks,
+results pickled back, and one caller thread that feeds and drains the pipes without ever
+blocking on either (a blocking write would deadlock against a worker blocked on writing its
+results back). Each worker keeps DEPTH chunks in hand, so it never idles while the caller
+prepares the next one. Two of them:
+
+- ``bare``: values only, ``[fn(v) for v in chunk]``, as Pool's contender (no keys at all).
+- ``bare-keyed``: mpbatch's shape without its guarantees. The caller splits (key, value)
+  pairs into two columns, the worker groups them by key and calls the workload's ``do(batch)``
+  once per chunk, and sends the batch's values back with the results, so the caller can make
+  the same per-key call mpbatch's ``on_result(key, values, results)`` gets.
+
+What they score on a workload is the ceiling a library works under on this machine, with and
+without keys. Their ratios are taken against the best peer like everyone's, but they are not
+peers (a user does not write them), so they never set the bar.
 """
 
 import contextlib
@@ -34,12 +42,32 @@ def _serve(fn, items, results):
         send(dumps([fn(v) for v in loads(data)], pickle.HIGHEST_PROTOCOL))
 
 
+def _serve_keyed(do, items, results):
+    """Worker: group each chunk of (keys, values) by key, run do(batch) once, and send back
+    (batch, one list of results per key, in the batch's key order)."""
+    recv, send, loads, dumps = items.recv_bytes, results.send_bytes, pickle.loads, pickle.dumps
+    while True:
+        data = recv()
+        if not data:
+            return
+        keys, values = loads(data)
+        batch = {}
+        for key, value in zip(keys, values, strict=True):
+            group = batch.get(key)
+            if group is None:
+                batch[key] = [value]
+            else:
+                group.append(value)
+        out = do(batch)
+        send(dumps((batch, [out[key] for key in batch]), pickle.HIGHEST_PROTOCOL))
+
+
 class PipePool:
     """Workers and their pipes, driven by the caller's single thread through ``pump``."""
 
-    def __init__(self, job, on_results):
+    def __init__(self, job, serve, on_results):
         ctx = _context(job)
-        self.on_results = on_results  # (worker, list of results) for each chunk done
+        self.on_results = on_results  # (worker, what serve sent back) for each chunk done
         self.procs, self.conns, self.item_fds, self.result_fds = [], [], [], []
         self.outbox = []  # bytes still to write, per worker
         self.inbox = []  # bytes read, not yet a whole frame, per worker
@@ -47,8 +75,8 @@ class PipePool:
         for w in range(job.workers):
             item_r, item_w = ctx.Pipe(duplex=False)
             result_r, result_w = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_serve, args=(job.workload.fn, item_r, result_w),
-                               daemon=True)
+            function = job.workload.do if serve is _serve_keyed else job.workload.fn
+            proc = ctx.Process(target=serve, args=(function, item_r, result_w), daemon=True)
             proc.start()
             item_r.close()
             result_w.close()
@@ -66,8 +94,8 @@ class PipePool:
         w = min(range(len(self.procs)), key=self.inflight.__getitem__)
         return None if limit is not None and self.inflight[w] >= limit else w
 
-    def send(self, w, values):
-        self._queue(w, pickle.dumps(values, pickle.HIGHEST_PROTOCOL))
+    def send(self, w, chunk):
+        self._queue(w, pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
         self.inflight[w] += 1
 
     def _queue(self, w, payload):
@@ -104,10 +132,10 @@ class PipePool:
             (n,) = _LENGTH.unpack_from(box, pos)
             if len(box) - pos - 4 < n:
                 break
-            results = pickle.loads(memoryview(box)[pos + 4:pos + 4 + n])
+            answer = pickle.loads(memoryview(box)[pos + 4:pos + 4 + n])
             pos += 4 + n
             self.inflight[w] -= 1
-            self.on_results(w, results)
+            self.on_results(w, answer)
         del box[:pos]
 
     def finish(self):
@@ -120,11 +148,39 @@ class PipePool:
             self.pump(None)
         self.close()
 
+    def abort(self):
+        for proc in self.procs:
+            proc.kill()
+        self.close()
+
     def close(self):
         for conn in self.conns:
             conn.close()
         for proc in self.procs:
             proc.join()
+
+
+def _columns(pairs, n):
+    """Up to n pairs as (keys, values) columns; None when the stream is done."""
+    keys, values = [], []
+    add_key, add_value = keys.append, values.append
+    for key, value in islice(pairs, n):
+        add_key(key)
+        add_value(value)
+    return (keys, values) if keys else None
+
+
+def _stream(job, serve, chunks, on_results):
+    pool = PipePool(job, serve, on_results)
+    try:
+        for chunk in chunks:
+            while (w := pool.least_busy(DEPTH)) is None:
+                pool.pump(None)
+            pool.send(w, chunk)
+        pool.finish()
+    except BaseException:
+        pool.abort()
+        raise
 
 
 def bare_stream(job):
@@ -134,52 +190,62 @@ def bare_stream(job):
         tally.count += len(results)
         tally.total += sum(results)
 
-    pool = PipePool(job, on_results)
-    try:
-        values = job.values()
-        for chunk in iter(lambda: list(islice(values, job.chunk)), []):
-            while (w := pool.least_busy(DEPTH)) is None:
-                pool.pump(None)
-            pool.send(w, chunk)
-        pool.finish()
-    except BaseException:
-        for proc in pool.procs:
-            proc.kill()
-        pool.close()
-        raise
+    values = job.values()
+    _stream(job, _serve, iter(lambda: list(islice(values, job.chunk)), []), on_results)
     return tally.outcome()
 
 
-def bare_paced(job):
+def bare_keyed_stream(job):
+    tally = Tally()
+
+    def on_results(_, answer):
+        batch, grouped = answer
+        for (key, values), results in zip(batch.items(), grouped, strict=True):
+            tally.on_result(key, values, results)  # the call mpbatch's contenders get
+
+    pairs = job.pairs()
+    _stream(job, _serve_keyed, iter(lambda: _columns(pairs, job.chunk), None), on_results)
+    return tally.outcome()
+
+
+def _paced(job, serve, one, results_of):
     """W4: each item goes to the least busy worker at its due time; the caller reads results
-    while it waits for the next due time, so a result is seen as soon as it arrives."""
+    while it waits for the next due time, so a result is seen as soon as it arrives.
+    ``one(key, value)`` is the chunk an item travels in; ``results_of(answer)`` its results."""
     pacer = Pacer(job)
     waiting = [deque() for _ in range(job.workers)]  # item indices, in the order sent
 
-    def on_results(w, results):
-        for result in results:
+    def on_results(w, answer):
+        for result in results_of(answer):
             pacer.record(waiting[w].popleft(), result)
 
-    pool = PipePool(job, on_results)
+    pool = PipePool(job, serve, on_results)
     try:
-        for j, (_, value) in enumerate(job.warmups()):
+        for j, (key, value) in enumerate(job.warmups()):
             waiting[j % job.workers].append(value[0])
-            pool.send(j % job.workers, [value])
+            pool.send(j % job.workers, one(key, value))
         while any(pool.inflight):
             pool.pump(None)
         pacer.t0 = time.monotonic()
-        for i, (_, value) in enumerate(job.pairs()):
+        for i, (key, value) in enumerate(job.pairs()):
             while (delay := pacer.due(i) - time.monotonic()) > 0:
                 pool.pump(delay)
             if delay < -pacer.period:
                 pacer.behind += 1
             w = pool.least_busy()
             waiting[w].append(i)
-            pool.send(w, [value])
+            pool.send(w, one(key, value))
         pool.finish()
     except BaseException:
-        for proc in pool.procs:
-            proc.kill()
-        pool.close()
+        pool.abort()
         raise
     return pacer.outcome()
+
+
+def bare_paced(job):
+    return _paced(job, _serve, lambda key, value: [value], lambda results: results)
+
+
+def bare_keyed_paced(job):
+    return _paced(job, _serve_keyed, lambda key, value: ([key], [value]),
+                  lambda answer: [r for results in answer[1] for r in results])

@@ -374,7 +374,7 @@ def mpbatch_submit_paced(job):
     return pacer.outcome(stats=_stats(b))
 
 
-# --- the reference floor: a hand-written minimal pipe pool (bare.py) ------------------------------
+# --- the reference floors: hand-written minimal pipe pools (bare.py) ------------------------------
 
 
 def bare_stream(job):
@@ -389,6 +389,18 @@ def bare_paced(job):
     return bare.bare_paced(job)
 
 
+def bare_keyed_stream(job):
+    import bare
+
+    return bare.bare_keyed_stream(job)
+
+
+def bare_keyed_paced(job):
+    import bare
+
+    return bare.bare_keyed_paced(job)
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 # name -> (kind, streamed, paced). Kinds: "serial" (the baseline), "peer" (what ratios are
@@ -401,6 +413,7 @@ CONTENDERS = {
     "joblib": ("peer", joblib_stream, joblib_paced),
     "mpire": ("peer", mpire_stream, mpire_paced),
     "bare": ("reference", bare_stream, bare_paced),
+    "bare-keyed": ("reference", bare_keyed_stream, bare_keyed_paced),
     "mpbatch-add": ("mpbatch", mpbatch_add_stream, mpbatch_add_paced),
     "mpbatch-add_many": ("mpbatch", mpbatch_add_many_stream, mpbatch_add_many_paced),
     "mpbatch-submit": ("mpbatch", mpbatch_submit_stream, mpbatch_submit_paced),
@@ -415,6 +428,7 @@ LIBRARIES = {
     "joblib": ("joblib", "joblib.externals.loky"),
     "mpire": ("mpire",),
     "bare": ("bare", "multiprocessing.connection"),
+    "bare-keyed": ("bare", "multiprocessing.connection"),
     # `import mpbatch` alone imports nothing (PEP 562 lazy names): the Batcher's modules are
     # imported on first use, which put ~60-90 ms of imports inside mpbatch's timed run.
     "mpbatch-add": ("mpbatch", "mpbatch.batcher"),

@@ -51,9 +51,11 @@ BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of t
 BUSY_SECONDS = 0.3  # and that work took this many CPU seconds
 
 # MEM measures the bulk path: mpbatch through add_many, and each peer fed the same generator.
-MEM_CONTENDERS = ("serial", "pool", "ppe", "joblib", "mpire", "bare", "mpbatch-add_many")
+MEM_CONTENDERS = ("serial", "pool", "ppe", "joblib", "mpire", "bare", "bare-keyed",
+                  "mpbatch-add_many")
 # PPE.map turns the whole stream into futures up front: 10M of them would need gigabytes.
-MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "bare", "mpbatch-add_many")
+MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "bare", "bare-keyed",
+                     "mpbatch-add_many")
 
 # workload -> [(metric, label, higher is better)]; the first one is the headline score.
 SCORES = {

@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The peers (and the bare floor) that need no extra install; joblib and mpire come with the
 # bench extra.
-CONTENDERS = "serial,pool,ppe,bare,mpbatch-add,mpbatch-add_many,mpbatch-submit"
+CONTENDERS = "serial,pool,ppe,bare,bare-keyed,mpbatch-add,mpbatch-add_many,mpbatch-submit"
 
 
 @pytest.mark.slow
