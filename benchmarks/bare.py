@@ -65,7 +65,7 @@ def _serve_keyed(do, items, results):
 class PipePool:
     """Workers and their pipes, driven by the caller's single thread through ``pump``."""
 
-    def __init__(self, job, serve, on_results):
+    def __init__(self, job, serve, function, on_results):
         ctx = _context(job)
         self.on_results = on_results  # (worker, what serve sent back) for each chunk done
         self.procs, self.conns, self.item_fds, self.result_fds = [], [], [], []
@@ -75,7 +75,6 @@ class PipePool:
         for w in range(job.workers):
             item_r, item_w = ctx.Pipe(duplex=False)
             result_r, result_w = ctx.Pipe(duplex=False)
-            function = job.workload.do if serve is _serve_keyed else job.workload.fn
             proc = ctx.Process(target=serve, args=(function, item_r, result_w), daemon=True)
             proc.start()
             item_r.close()
@@ -170,8 +169,8 @@ def _columns(pairs, n):
     return (keys, values) if keys else None
 
 
-def _stream(job, serve, chunks, on_results):
-    pool = PipePool(job, serve, on_results)
+def _stream(job, serve, function, chunks, on_results):
+    pool = PipePool(job, serve, function, on_results)
     try:
         for chunk in chunks:
             while (w := pool.least_busy(DEPTH)) is None:
@@ -191,7 +190,8 @@ def bare_stream(job):
         tally.total += sum(results)
 
     values = job.values()
-    _stream(job, _serve, iter(lambda: list(islice(values, job.chunk)), []), on_results)
+    chunks = iter(lambda: list(islice(values, job.chunk)), [])
+    _stream(job, _serve, job.workload.fn, chunks, on_results)
     return tally.outcome()
 
 
@@ -204,11 +204,12 @@ def bare_keyed_stream(job):
             tally.on_result(key, values, results)  # the call mpbatch's contenders get
 
     pairs = job.pairs()
-    _stream(job, _serve_keyed, iter(lambda: _columns(pairs, job.chunk), None), on_results)
+    chunks = iter(lambda: _columns(pairs, job.chunk), None)
+    _stream(job, _serve_keyed, job.workload.do, chunks, on_results)
     return tally.outcome()
 
 
-def _paced(job, serve, one, results_of):
+def _paced(job, serve, function, one, results_of):
     """W4: each item goes to the least busy worker at its due time; the caller reads results
     while it waits for the next due time, so a result is seen as soon as it arrives.
     ``one(key, value)`` is the chunk an item travels in; ``results_of(answer)`` its results."""
@@ -219,7 +220,7 @@ def _paced(job, serve, one, results_of):
         for result in results_of(answer):
             pacer.record(waiting[w].popleft(), result)
 
-    pool = PipePool(job, serve, on_results)
+    pool = PipePool(job, serve, function, on_results)
     try:
         for j, (key, value) in enumerate(job.warmups()):
             waiting[j % job.workers].append(value[0])
@@ -243,9 +244,10 @@ def _paced(job, serve, one, results_of):
 
 
 def bare_paced(job):
-    return _paced(job, _serve, lambda key, value: [value], lambda results: results)
+    return _paced(job, _serve, job.workload.fn, lambda key, value: [value],
+                  lambda results: results)
 
 
 def bare_keyed_paced(job):
-    return _paced(job, _serve_keyed, lambda key, value: ([key], [value]),
+    return _paced(job, _serve_keyed, job.workload.do, lambda key, value: ([key], [value]),
                   lambda answer: [r for results in answer[1] for r in results])
