@@ -22,7 +22,6 @@ import os
 import pickle
 import select
 import struct
-import time
 from collections import deque
 from itertools import islice
 
@@ -186,8 +185,7 @@ def bare_stream(job):
     tally = Tally()
 
     def on_results(_, results):
-        tally.count += len(results)
-        tally.total += sum(results)
+        tally.on_result(None, None, results)
 
     values = job.values()
     chunks = iter(lambda: list(islice(values, job.chunk)), [])
@@ -227,15 +225,13 @@ def _paced(job, serve, function, one, results_of):
             pool.send(j % job.workers, one(key, value))
         while any(pool.inflight):
             pool.pump(None)
-        pacer.t0 = time.monotonic()
-        for i, (key, value) in enumerate(job.pairs()):
-            while (delay := pacer.due(i) - time.monotonic()) > 0:
-                pool.pump(delay)
-            if delay < -pacer.period:
-                pacer.behind += 1
+
+        def offer(i, key, value):
             w = pool.least_busy()
             waiting[w].append(i)
             pool.send(w, one(key, value))
+
+        pacer.offer_all(job, offer, sleep=pool.pump)
         pool.finish()
     except BaseException:
         pool.abort()

@@ -90,11 +90,13 @@ class Pacer:
     def due(self, i):
         return self.t0 + i * self.period
 
-    def offer_all(self, job, offer):
-        """Call offer(i, key, value) for every item on schedule; open loop, no catch-up skips."""
+    def offer_all(self, job, offer, sleep=time.sleep):
+        """Call offer(i, key, value) for every item on schedule; open loop, no catch-up skips.
+        ``sleep(seconds)`` waits for the next due time; it may return early (the bare floor
+        reads results while it waits), and is called again until the item is due."""
         self.t0 = time.monotonic()
         for i, (key, value) in enumerate(job.pairs()):
-            self.wait(i)
+            self.wait(i, sleep)
             offer(i, key, value)
 
     def paced(self, job):
@@ -104,12 +106,13 @@ class Pacer:
             self.wait(i)
             yield pair
 
-    def wait(self, i):
+    def wait(self, i, sleep=time.sleep):
         delay = self.due(i) - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        elif delay < -self.period:
+        if delay < -self.period:
             self.behind += 1
+        while delay > 0:
+            sleep(delay)
+            delay = self.due(i) - time.monotonic()
 
     def record(self, i, result):
         now = time.monotonic()
