@@ -99,14 +99,21 @@ class Options:
     max_batches_per_worker: int | None
     max_rss: int | None
 
+    @property
+    def batch_items(self) -> int:
+        """Items a worker runs as a full batch: ``size``, or ``buffer`` if that is smaller,
+        since a worker holds at most ``buffer`` items and a larger batch would never fill."""
+        return min(self.size, self.buffer)
+
 
 class Batcher:
     """Run ``do(batch)`` in worker processes on items added by key.
 
     do: callable(batch) -> None | {key: [result per value]}; with ``init``, do(batch, state).
         Shipped with cloudpickle, so lambdas and closures work.
-    size: flush a worker's batch at this many items, all keys together (default 100); at
-        most ``buffer`` (a batch a worker could never reach is refused).
+    size: flush a worker's batch at this many items, all keys together (default 100); a
+        worker holds at most ``buffer`` items, so with a smaller buffer its batches run at
+        ``buffer`` items.
     max_bytes: also flush at this many bytes of pickled values; a larger value alone is
         refused at add() with ItemTooLarge (default None: no byte limit).
     interval: seconds an accepted item may wait before its batch starts (default 0.1).
@@ -175,13 +182,12 @@ class Batcher:
                                               1, optional=True),
             max_rss=_check_int("max_rss", max_rss, 1, optional=True),
         )
-        _check_size_fits(self._options)
         self._state = _NEW
         self._start_lock = threading.Lock()
         self._accounts = Accounts()
         self._lock = self._accounts.lock
         self._epoch = 0
-        self._chunk_items = max(1, min(self._options.size, CHUNK_ITEMS))
+        self._chunk_items = min(self._options.batch_items, CHUNK_ITEMS)
         self._interval_ns = int(self._options.interval * 1e9)
         self._open: list[_OpenChunk] = []
         self._collector: Collector | None = None
@@ -208,7 +214,7 @@ class Batcher:
     def _start(self) -> None:
         opts = self._options
         workers = opts.workers or default_workers()
-        config = WorkerConfig(self._do, opts.init, opts.size, opts.max_bytes,
+        config = WorkerConfig(self._do, opts.init, opts.batch_items, opts.max_bytes,
                               want_values=opts.on_result is not None,
                               max_batches=opts.max_batches_per_worker, max_rss=opts.max_rss)
         try:
@@ -226,7 +232,8 @@ class Batcher:
                         blob)
             self._router = Router(opts.routing, counters)
             # add_many's blocks go to the least-loaded worker: pace them by work, not count.
-            self._pacer = (Pacer(counters, opts.size, 2 * _block_limit(opts.size))
+            batch = opts.batch_items
+            self._pacer = (Pacer(counters, batch, 2 * _block_limit(batch))
                            if opts.routing == "least-loaded" else None)
             self._dispatcher = Dispatcher(pool, counters, self._router)
             sized = opts.max_bytes is not None
@@ -263,8 +270,11 @@ class Batcher:
         Idempotent. If ``timeout`` seconds pass first, the unfinished items are dead-lettered
         with Closed and the workers are killed; a callback still running then, and
         on_dead_letter for those items, run to their end first (a thread cannot be
-        interrupted), so keep callbacks quick. A KeyboardInterrupt while waiting (a second
-        Ctrl-C) does the same at once and says how many items were left. A close() while
+        interrupted), so keep callbacks quick. Ctrl-C: a first one while close() waits
+        changes nothing but what happens at the end (it says on stderr how many items it is
+        finishing, and raises KeyboardInterrupt once they have their outcomes); a second one
+        (or the first, if close() runs because of one) gives up at once as a timeout would,
+        and says how many items were left. A close() while
         another thread's runs waits for that one to end (with ``timeout``, cutting it short
         as its own would).
         """
@@ -295,20 +305,51 @@ class Batcher:
 
     def _close(self, timeout: float | None, deadline: float | None) -> None:
         error: BaseException | None = None
+        first: list[KeyboardInterrupt] = []
         try:
-            flushed = self._flush(deadline, closing=True)
-            # A stopped Batcher's workers hold nothing it waits for: they are killed.
-            if not flushed or self._collector.broken:  # type: ignore[union-attr]
-                error = self._collector.broken or self._cut_short or Closed(  # type: ignore
-                    f"close(timeout={timeout:g}) ran out before these items finished")
-        except BaseException:
+            flushed = self._flush_through_first_interrupt(deadline, first)
+        except BaseException:  # a second Ctrl-C, wherever it lands in there, or an error
+            self._give_up()
+            raise
+        # A stopped Batcher's workers hold nothing it waits for: they are killed.
+        if not flushed or self._collector.broken:  # type: ignore[union-attr]
+            error = self._collector.broken or self._cut_short or Closed(  # type: ignore
+                f"close(timeout={timeout:g}) ran out before these items finished")
+        self._shutdown(error)
+        if first:
+            raise first[0]  # everything has its outcome: the program stops, as asked
+
+    def _flush_through_first_interrupt(self, deadline: float | None,
+                                       first: list[KeyboardInterrupt]) -> bool:
+        """close()'s flush. A first Ctrl-C means "finish, then stop" wherever it lands: also
+        here, where a `with` block that only adds spends most of its run. It is noted in
+        ``first`` and the flush goes on; the next one is raised. If close() runs because of
+        a Ctrl-C (a `with` block or a `finally` that it passes through), any is the second.
+        """
+        if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            return self._flush(deadline, closing=True)
+        while True:
+            try:
+                if first:
+                    print(f"mpbatch: Ctrl-C: close() is finishing {self.stats().pending} "
+                          f"items; press Ctrl-C again to give up and dead-letter them",
+                          file=sys.stderr)
+                return self._flush(deadline, closing=True)
+            except KeyboardInterrupt as exc:
+                if first:
+                    raise
+                first.append(exc)
+
+    def _give_up(self) -> None:
+        """A second Ctrl-C (or an error) in close()'s wait: stop now, dead-letter the rest.
+        A Ctrl-C during this waits for its end: half a shutdown would leave workers that
+        the interpreter's exit then waits for."""
+        with held_interrupt():
             before = self.stats().dead_lettered  # counted after: some finish while we stop
             self._shutdown(Closed("close() was interrupted before these items finished"))
             left = self.stats().dead_lettered - before
             print(f"mpbatch: interrupted during close(); {left} unfinished items were "
                   f"dead-lettered (see dead_letters())", file=sys.stderr)
-            raise
-        self._shutdown(error)
 
     def _await_close(self, timeout: float | None) -> None:
         """Another thread's close() runs: wait for it; at ``timeout``, have it give up.
@@ -381,7 +422,8 @@ class Batcher:
             chunk = self._open[0]
             entries = chunk.entries
             n = len(entries)
-            if self._accounts.outstanding + n < self._capacity:
+            room = self._capacity - self._accounts.outstanding - n
+            if room > 0:
                 try:
                     pair = (key, value)
                     entries.append(pair)
@@ -393,10 +435,10 @@ class Batcher:
                         chunk.nbytes += len(value)  # a hint for sealing: a lost update is harmless
                         due = due or chunk.nbytes >= CHUNK_BYTES
                     if not chunk.opened:
-                        self._opened(chunk, wake=not due)
-                    if due:
+                        self._opened(chunk, wake=not due and room > 1)
+                    if due or room == 1:  # full: no item can join it until one finishes
                         with self._lock:
-                            self._seal(chunk)
+                            self._seal(chunk, full=room == 1)
                 except BaseException:
                     self._unsealed()
                     raise
@@ -444,15 +486,28 @@ class Batcher:
                 if self._state is not _RUNNING:  # close() began while we waited
                     self._ensure_running()
             try:
+                if self._overflows(chunk, nbytes):
+                    self._seal(chunk, full=True)  # a full batch by bytes: it runs now
                 n = chunk.add(key, value, fut, nbytes)
-                due = n >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
+                limit = self._options.max_bytes
+                full = self._is_full(chunk) or (limit is not None and chunk.nbytes >= limit)
+                due = full or n >= self._chunk_items or chunk.nbytes >= CHUNK_BYTES
                 if not chunk.opened:
                     self._opened(chunk, wake=not due)
                 if due:
-                    self._seal(chunk)
+                    self._seal(chunk, full=full)
             except BaseException:
                 self._unsealed()
                 raise
+
+    def _overflows(self, chunk: _OpenChunk, nbytes: int | None) -> bool:
+        """The open chunk is a full batch by max_bytes: this item would take it past.
+
+        The worker runs a batch once the next item would not fit, so a chunk that stopped
+        short of max_bytes must say it is full (hold the lock)."""
+        limit = self._options.max_bytes
+        return (limit is not None and bool(chunk.entries)
+                and chunk.nbytes + (nbytes or 0) > limit)
 
     def _opened(self, chunk: _OpenChunk, wake: bool = True) -> None:
         """The first item of an open chunk: set its deadlines, wake the collector's timer.
@@ -618,8 +673,9 @@ class Batcher:
         self._accounts.seal(len(keys), self._epoch)
         return Segment(keys, values, sizes, futures, 0, self._epoch, deadline)
 
-    def _seal(self, chunk: _OpenChunk) -> None:
-        """Send an open chunk to its worker (hold the lock)."""
+    def _seal(self, chunk: _OpenChunk, full: bool = False) -> None:
+        """Send an open chunk to its worker (hold the lock). ``full``: no more items can
+        join its batch (max_bytes, or the buffer is full), so the worker runs it at once."""
         if self._sealed_off:
             return  # the workers are gone; a late add() takes its item back (_withdrawn)
         with held_interrupt():  # from the open chunk to a ledger, whole or not at all
@@ -627,7 +683,7 @@ class Batcher:
             if seg is None:
                 return  # (once the Batcher stopped, the dispatcher dead-letters what it gets)
             i = chunk.worker if self._options.routing == "key" else self._router.for_chunk()
-            self._dispatcher.send(i, [seg])
+            self._dispatcher.send(i, [seg], full=full)
 
     def _next_seal_ns(self) -> int | None:
         """When the oldest open chunk must be sent (hold the lock)."""
@@ -777,7 +833,7 @@ class _Bulk:
         # for the last, and must not wait past interval. (A tighter cap, 2 ms, kept halving
         # blocks whenever the collector took the GIL mid-pull, and cost W1 40 %.)
         budget = b._options.interval / 4
-        limit = _block_limit(b._options.size)
+        limit = _block_limit(b._options.batch_items)
         while True:
             room = self._paced(self._room())
             started = time.monotonic()
@@ -912,26 +968,6 @@ def _show(value: Any) -> str:
         return repr(value)
     except ValueError:  # int over sys.get_int_max_str_digits()
         return f"<int of {value.bit_length()} bits>"
-
-
-def _check_size_fits(opts: Options) -> None:
-    """Refuse a size no worker can reach: every batch would wait out interval (W1 with
-    size=50_000 and the default buffer ran 30x slower).
-
-    A worker holds at most about buffer items: under "key" that is its own room, and under
-    the other routings the shared room (buffer x workers) is spread evenly. Only a batch
-    that arrives whole, as one chunk (size <= CHUNK_ITEMS) into the shared room, fills
-    beyond buffer.
-    """
-    if opts.size <= opts.buffer:
-        return
-    shared = opts.routing != "key" and opts.size <= CHUNK_ITEMS
-    if shared and opts.size <= opts.buffer * (opts.workers or default_workers()):
-        return
-    raise ValueError(
-        f"size={opts.size} is larger than buffer={opts.buffer}: a worker never holds enough "
-        f"items to fill a batch, so every batch would wait out interval; lower size= or "
-        f"raise buffer= to at least {opts.size}")
 
 
 def _check_int(name: str, value: Any, low: int, optional: bool = False) -> Any:

@@ -26,12 +26,13 @@ from .counters import B_END, B_START, BUSY_NS, LoadCounters
 from .deadletters import DeadLetter
 from .dispatch import Dispatcher
 from .errors import (
-    BatchFailed,
     BatchTimeout,
     Closed,
     SerializationError,
     WorkerDied,
+    described,
     reraise_copy,
+    shown,
     signal_name,
 )
 from .ledger import Isolation, Segment, WorkerLedger, halves, merged_batch, split_at
@@ -232,13 +233,15 @@ class Collector(threading.Thread):
             segments = self.dispatcher.ledgers[i].take(start, n)
             if not segments:  # as in _finished
                 return
+            worker: int | None = i
             try:
                 error = tp.payload_of(frame, tp.TO_CALLER_SIZE)
-            except Exception as exc:
-                error = BatchFailed(f"worker {i} reported a failure that cannot be unpickled "
-                                    f"({type(exc).__name__}: {exc})", type(exc).__name__)
+            except BaseException as exc:  # user code: even SystemExit must not end us
+                worker, error = None, SerializationError(
+                    f"worker {i} reported a failure that cannot be unpickled in the caller "
+                    f"({described(exc)})")
             self.accounts.bump(batches=1)
-            self._attempt_failed(segments, error, i)
+            self._attempt_failed(segments, error, worker)
             self.accounts.wake()
         elif kind == tp.READY:
             self.pool.ready[i] = True
@@ -252,11 +255,12 @@ class Collector(threading.Thread):
             return
         try:
             batch, grouped, items = tp.payload_of(frame, tp.TO_CALLER_SIZE)
-        except Exception as exc:
+        except BaseException as exc:  # __reduce__ of a result is user code: even a
+            # SystemExit or KeyboardInterrupt it raises costs only this batch, not this thread
             self.accounts.bump(batches=1)
             error = SerializationError(
                 f"the results of a batch of {n} items from worker {i} cannot be unpickled in "
-                f"the caller ({type(exc).__name__}: {exc}); return plain data from do()")
+                f"the caller ({described(exc)}); return plain data from do()")
             self._attempt_failed(segments, error, None)
             return
         # on_result first: once fut.result() returns, its batch's on_result has run. The
@@ -273,8 +277,8 @@ class Collector(threading.Thread):
             try:
                 on_result(key, values, got)
             except BaseException:  # sys.exit() too: it would end this thread, and every outcome
-                log.exception("mpbatch: on_result raised for key %r; the item still "
-                              "counts as succeeded", key)
+                log.exception("mpbatch: on_result raised for key %s; the item still "
+                              "counts as succeeded", shown(key))
 
     # -- failures, retries, dead letters --------------------------------------------------
 
@@ -532,10 +536,10 @@ class Collector(threading.Thread):
 
     def _death_error(self, i: int, proc: Any, inside: list[Segment]) -> WorkerDied:
         n = sum(len(s) for s in inside)
-        keys = list(dict.fromkeys(k for s in inside for k in s.keys))
-        shown = ", ".join(repr(k) for k in keys[:2])
+        keys = _distinct([k for s in inside for k in s.keys])
+        names = ", ".join(shown(k) for k in keys[:2])
         if len(keys) > 2:
-            shown += f", +{len(keys) - 2} more"
+            names += f", +{len(keys) - 2} more"
         attempt = max(s.attempts for s in inside) + 1
         how = signal_name(proc.exitcode)
         verb = f"was killed by {how}" if proc.exitcode and proc.exitcode < 0 else f"exited ({how})"
@@ -543,7 +547,7 @@ class Collector(threading.Thread):
                 "or max_bytes=" if proc.exitcode == -9 else "")
         return WorkerDied(
             f"worker {i} (pid {proc.pid}) {verb} while running a batch of {n} items "
-            f"(keys {shown}), "
+            f"(keys {names}), "
             f"attempt {attempt} of {self.options.max_attempts}{hint}", proc.pid, proc.exitcode)
 
     def _fail_everything(self, error: BaseException, locked: bool = False) -> None:
@@ -560,6 +564,15 @@ class Collector(threading.Thread):
     def abandon(self, error: BaseException) -> None:
         """After the thread stopped: everything still held fails with ``error``."""
         self._fail_everything(error)
+
+
+def _distinct(keys: list) -> list:
+    """The keys without repeats, in order; as they are if comparing them raises (user code
+    on this thread: even SystemExit must not end it)."""
+    try:
+        return list(dict.fromkeys(keys))
+    except BaseException:
+        return keys
 
 
 def _orphans(left: list[tuple[int, Segment]],

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from .counters import CELLS, DONE, SENT, WORK_NS, LoadCounters
-from .errors import SerializationError
+from .errors import SerializationError, described, shown
 from .ledger import Segment, WorkerLedger
 from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame
 
@@ -151,15 +151,16 @@ class Dispatcher:
         return self.ledgers[i].held
 
     def send(self, i: int, segments: list[Segment], solo: bool = False,
-             frame: bytes | None = None, unlock: Any = None) -> None:
-        """Write ``segments`` to worker i as one chunk (``frame``: already pickled).
+             frame: bytes | None = None, unlock: Any = None, full: bool = False) -> None:
+        """Write ``segments`` to worker i as one chunk (``frame``: already pickled; ``full``:
+        the worker runs what it holds once this chunk is in, see transport.FULL).
 
         ``unlock``: a lock the caller holds once, released as soon as worker i's send lock
         is taken, so that the write (which may wait for a busy worker) does not hold it up;
         what is sent to worker i stays in order, under its send lock.
         """
         if frame is None:
-            segments, frame = self._frame(segments, solo)
+            segments, frame = self._frame(segments, solo, full)
             if frame is None:
                 if unlock is not None:
                     unlock.release()
@@ -195,7 +196,14 @@ class Dispatcher:
             return [i]
         by_worker: dict[int, list[Segment]] = {}
         for seg in segments:
-            for i, part in _split_by_key_owner(seg, self.router):
+            try:
+                parts = _split_by_key_owner(seg, self.router)
+            except BaseException as exc:  # a key's hash, == or pickle raised (user code)
+                self.reject([seg], SerializationError(
+                    f"items could not be routed by key again ({described(exc)}); a key must "
+                    f"hash, compare and pickle the same way every time"))
+                continue
+            for i, part in parts:
                 by_worker.setdefault(i, []).append(part)
         for i, parts in by_worker.items():
             self.send(i, parts, solo)
@@ -206,24 +214,28 @@ class Dispatcher:
         with self.pool.send_locks[i]:
             self.pool.send(i, FLUSH_WIRE)
 
-    def _frame(self, segments: list[Segment], solo: bool) -> tuple[list[Segment], bytes | None]:
+    def _frame(self, segments: list[Segment], solo: bool,
+               full: bool = False) -> tuple[list[Segment], bytes | None]:
         """The CHUNK frame; items that no longer pickle are split off and rejected."""
         try:
-            return segments, self.chunk_of(segments, solo)
-        except Exception as exc:
+            return segments, self.chunk_of(segments, solo, full)
+        # A value's __reduce__ is user code, and may raise anything (SystemExit too): on the
+        # collector thread that must cost only its item. (No Ctrl-C is raised here: senders
+        # on the main thread hold it, see interrupts.py.)
+        except BaseException as exc:
             good = self._drop_unpicklable(segments)
             if len(good) == sum(len(s) for s in segments):
                 # each pickles alone, not together (depth): give up
                 self.reject(segments, SerializationError(
-                    f"a chunk of {len(good)} items cannot be pickled ({type(exc).__name__}: "
-                    f"{exc}); the items were dead-lettered"))
+                    f"a chunk of {len(good)} items cannot be pickled ({described(exc)}); the "
+                    f"items were dead-lettered"))
                 return [], None
             if not good:
                 return good, None
-            return self._frame(good, solo)
+            return self._frame(good, solo, full)
 
     @staticmethod
-    def chunk_of(segments: list[Segment], solo: bool = False) -> bytes:
+    def chunk_of(segments: list[Segment], solo: bool = False, full: bool = False) -> bytes:
         """The CHUNK frame of these segments, as one chunk; raises if an item does not
         pickle."""
         if len(segments) == 1:
@@ -236,7 +248,7 @@ class Dispatcher:
             sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]
         deadline = min(s.deadline_ns for s in segments)
         futures = any(s.futures is not None for s in segments)
-        return chunk_frame(keys, values, sizes, deadline, solo, futures)
+        return chunk_frame(keys, values, sizes, deadline, solo, futures, full)
 
     def _drop_unpicklable(self, segments: list[Segment]) -> list[Segment]:
         """The slow path: an item that passed add() no longer pickles (mutated since)."""
@@ -247,12 +259,12 @@ class Dispatcher:
                 try:
                     pickle.dumps((key, value), PROTOCOL)
                     keep.append(j)
-                except Exception as exc:
+                except BaseException as exc:
                     bad = seg.part(j, j + 1)
                     self.reject([bad], SerializationError(
-                        f"the item with key {key!r} ({type(value).__name__}) no longer pickles "
-                        f"when its chunk is sent ({type(exc).__name__}: {exc}); do not change "
-                        f"a value after add()"))
+                        f"the item with key {shown(key)} ({type(value).__name__}) no longer "
+                        f"pickles when its chunk is sent ({described(exc)}); an item must "
+                        f"pickle every time: do not change a value after add()"))
             for j in keep:
                 good.append(seg.part(j, j + 1))
         return good

@@ -127,6 +127,28 @@ class BatchTimeout(MpbatchError, TimeoutError):
     """do() ran longer than ``timeout=`` seconds; its worker was killed and replaced."""
 
 
+def shown(obj: Any, limit: int = 80) -> str:
+    """repr(obj) for a message, cut at ``limit``; never raises. User objects reach messages
+    made on the collector thread, where a repr() that raises (even SystemExit) must not end
+    the thread."""
+    try:
+        text = repr(obj)
+    except ValueError:  # an int over sys.get_int_max_str_digits()
+        return f"<int of {obj.bit_length()} bits>" if isinstance(obj, int) else "<unprintable>"
+    except BaseException as exc:
+        return f"<{type(obj).__name__} whose repr() raised {type(exc).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def described(exc: BaseException) -> str:
+    """'Type: message' for an exception raised by user code; never raises."""
+    try:
+        text = str(exc)
+    except BaseException:
+        text = "<str() of it raised>"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def reraise_copy(error: BaseException) -> BaseException:
     """A fresh error of the same type and message, for each future of a dead-lettered item.
 

@@ -14,6 +14,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from .deadletters import UncomparableKey
+
 
 @dataclass(slots=True)
 class Segment:
@@ -97,11 +99,23 @@ def halves(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
 
 
 def merged_batch(segments: list[Segment]) -> dict[Any, list[Any]]:
-    """key -> values of all these items, as do() would receive them (for a DeadLetter)."""
+    """key -> values of all these items, as do() would receive them (for a DeadLetter).
+
+    If grouping raises (a key's hash() or == is user code, and may raise anything, even
+    SystemExit, on the thread that dead-letters), each key object keeps its own entry,
+    under an UncomparableKey that holds it: the items are kept, never lost.
+    """
     grouped: dict[Any, list[Any]] = {}
-    for seg in segments:
-        for key, value in seg.pairs():
-            grouped.setdefault(key, []).append(value)
+    try:
+        for seg in segments:
+            for key, value in seg.pairs():
+                grouped.setdefault(key, []).append(value)
+    except BaseException:
+        by_object: dict[int, tuple[Any, list[Any]]] = {}
+        for seg in segments:
+            for key, value in seg.pairs():
+                by_object.setdefault(id(key), (key, []))[1].append(value)
+        return {UncomparableKey(key): values for key, values in by_object.values()}
     return grouped
 
 

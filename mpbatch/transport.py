@@ -10,7 +10,8 @@ items it was about.
 
 caller -> worker (item pipe i)
     CHUNK  flags, n, deadline_ns | pickle((keys, values, sizes))  n items, as columns;
-                                                            sizes None unless max_bytes
+                                                            sizes None unless max_bytes;
+                                                            flags SOLO, ITEM_RESULTS, FULL
     FLUSH  -                                                run what you hold now
     STOP   -                                                run what you hold, then exit
 worker -> caller (result pipe i)
@@ -44,6 +45,7 @@ SMALL_FRAME_ITEMS = 16  # frames of up to this many items pickle the plain way
 CHUNK, FLUSH, STOP = 1, 2, 3
 SOLO = 1  # flag: run this chunk as a batch of its own (a retry), not merged with others
 ITEM_RESULTS = 2  # flag: some item has a Future: report results item by item, in order
+FULL = 4  # flag: no more items can join this chunk's batch (max_bytes, a full buffer): run it
 _TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
 
 # worker -> caller
@@ -99,13 +101,13 @@ def split_frames(pending: bytearray) -> list[bytes]:
 
 
 def chunk_frame(keys: list, values: list, sizes: list | None, deadline_ns: int,
-                solo: bool = False, item_results: bool = False) -> bytes:
+                solo: bool = False, item_results: bool = False, full: bool = False) -> bytes:
     """A CHUNK frame for items given as columns, on the wire; raises if one does not pickle.
 
     Columns, not a list of pairs: the worker then unpickles two lists instead of a tuple
     per item (3x faster, and no tuple for its cyclic GC to track).
     """
-    flags = (SOLO if solo else 0) | (ITEM_RESULTS if item_results else 0)
+    flags = (SOLO if solo else 0) | (ITEM_RESULTS if item_results else 0) | (FULL if full else 0)
     head = _TO_WORKER.pack(CHUNK, flags, len(keys), deadline_ns)
     return _dumps_after(head, (keys, values, sizes), len(keys))
 

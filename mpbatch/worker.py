@@ -397,6 +397,14 @@ class _Loop:
             self.pos += n
             self.held_start = self.pos
             return
+        end = self.pos + n
+        try:
+            self._hold_chunk(keys, values, sizes, flags, deadline)
+        except BaseException as exc:  # grouping hashes and compares keys: user code
+            self._fail_held(exc, end)
+
+    def _hold_chunk(self, keys: list, values: list, sizes: list | None, flags: int,
+                    deadline: int) -> None:
         want = bool(flags & tp.ITEM_RESULTS)
         if flags & tp.SOLO:
             self._flush()
@@ -406,6 +414,20 @@ class _Loop:
             self._hold_by_count(keys, values, deadline, want)
         else:
             self._hold_by_bytes(keys, values, sizes, deadline, want)
+        if flags & tp.FULL:  # the caller knows no more items can join this batch
+            self._flush()
+
+    def _fail_held(self, exc: BaseException, end: int) -> None:
+        """A key's hash() or == raised while items were grouped: fail every item held and
+        the rest of the chunk (stream positions [held_start, end)), as if do() had raised
+        on them. Were the exception to end the worker instead, the items would count as
+        only queued there, and be re-sent to the next worker without end."""
+        start = self.held_start
+        self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
+        self.held_parts, self.held_want = [], False
+        self.pos = self.held_start = end
+        error = _failure(exc, "grouping items by key in the worker")
+        self._send(tp.caller_frame(tp.FAILED, start, end - start, error), end - start)
 
     def _start_holding(self, deadline: int) -> None:
         if not self.held_n:

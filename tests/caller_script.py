@@ -7,21 +7,29 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   interrupted             (mode "wait") the first Ctrl-C landed; close() runs next
   closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
   streaming               (mode "stream") the stream reached item AT; adding goes on
-MODE: "wait" (block until a signal), "exit" (os._exit while workers are busy), "noclose"
-(return from main without close(): atexit must flush), "stream" (add items without end,
-through ADD=add or ADD=add_many, until a signal lands wherever the adding thread is),
-"stuck" (init() never returns and holds the GIL, in C, so not even the worker's reader
-thread drains the item pipes; add_many of 64 MB then waits for room in a full pipe; prints
-"adding" once the pipes are full).
+  closing                 (mode "closing") every item is accepted; close() runs next
+MODE: "wait" (block until a signal), "closing" (leave the with block at once: close()
+flushes for most of the run, where a first Ctrl-C must still flush), "exit" (os._exit while
+workers are busy), "noclose" (return from main without close(): atexit must flush), "stream"
+(add items without end, through ADD=add or ADD=add_many, until a signal lands wherever the
+adding thread is), "stuck" (init() never returns and holds the GIL, in C, so not even the
+worker's reader thread drains the item pipes; add_many of 64 MB then waits for room in a
+full pipe; prints "adding" once the pipes are full).
 """
 
 import atexit
 import ctypes
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
+
+# Started in the background by a non-interactive shell, this process inherits SIGINT as
+# ignored, and Python then never raises KeyboardInterrupt: the Ctrl-C tests would wait out
+# their timeouts. Ctrl-C is what these tests are about, so take Python's own handler back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPORT = []  # filled in "noclose" mode: (done, batcher)
 
@@ -85,6 +93,9 @@ def main():
                 b.add_many(stuck_items())
             b.add_many(("k", i) for i in range(items))
             print("added", flush=True)
+            if mode == "closing":
+                print("closing", flush=True)
+                return
             if mode == "exit":
                 os._exit(0)
             try:

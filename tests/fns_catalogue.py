@@ -9,6 +9,8 @@ Each way to misbehave is a ``how``:
     "c-exit"  C exit(C_EXIT_CODE) through ctypes (runs C atexit handlers, skips Python's)
     "segv"    faulthandler._sigsegv(): a real SIGSEGV
     "hang"    wait forever
+    "sys-exit"   raise SystemExit("poison: <where>")
+    "interrupt"  raise KeyboardInterrupt("poison: <where>")
 """
 
 import contextlib
@@ -49,6 +51,10 @@ def misbehave(how, where):
         faulthandler._sigsegv()
     if how == "hang":
         threading.Event().wait()
+    if how == "sys-exit":
+        raise SystemExit(f"poison: {where}")
+    if how == "interrupt":
+        raise KeyboardInterrupt(f"poison: {where}")
     raise ValueError(f"unknown way to misbehave: {how!r}")
 
 
@@ -173,6 +179,74 @@ class RaisingDo:
         if any(BAD in vs for vs in batch.values()):
             raise self.kind()
         return double_all(batch)
+
+
+# -- user objects the collector thread meets: values re-sent, keys in messages ---------------
+
+def _on_a_caller_thread():
+    """True off the main thread of the caller (the collector thread); the main thread adds
+    items and a worker runs do() on its main thread: there these objects behave."""
+    return threading.current_thread() is not threading.main_thread()
+
+
+class PicklesOnTheMainThread:
+    """A value that pickles at add() (the caller's main thread) and misbehaves (``how``)
+    when pickled on any other thread: the collector re-sending it for a retry."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def __reduce__(self):
+        if _on_a_caller_thread():
+            misbehave(self.how, "value pickled by the collector")
+        return (PicklesOnTheMainThread, (self.how,))
+
+    def __repr__(self):
+        return f"PicklesOnTheMainThread({self.how!r})"
+
+
+class TouchyKey:
+    """A key that hashes, pickles and compares by ``name``; its repr() and == misbehave
+    (``how``) off the main thread: in the collector thread's messages and groupings."""
+
+    def __init__(self, name, how):
+        self.name = name
+        self.how = how
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __eq__(self, other):
+        if _on_a_caller_thread():
+            misbehave(self.how, "key compared by the collector")
+        return isinstance(other, TouchyKey) and other.name == self.name
+
+    def __repr__(self):
+        if _on_a_caller_thread():
+            misbehave(self.how, "key repr()'d by the collector")
+        return f"TouchyKey({self.name!r})"
+
+    def __reduce__(self):
+        return (TouchyKey, (self.name, self.how))
+
+
+class ComparesBadlyInWorkers:
+    """A key that hashes by ``name`` everywhere and whose == raises in a worker, where
+    items are grouped by key: two such keys that are equal meet there."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __eq__(self, other):
+        if in_a_worker():
+            misbehave("raise", "key compared in a worker")
+        return isinstance(other, ComparesBadlyInWorkers) and other.name == self.name
+
+    def __repr__(self):
+        return f"ComparesBadlyInWorkers({self.name!r})"
 
 
 def one_item(do, key, value):

@@ -65,9 +65,6 @@ def test_errors_pickle_with_their_attributes(error):
     ({"workers": 0}, ValueError, "workers must be >= 1"),
     ({"workers": 2.0}, TypeError, "workers must be an int or None"),
     ({"buffer": -1}, ValueError, "buffer must be >= 1 (got -1)"),
-    ({"size": 50_000}, ValueError, "size=50000 is larger than buffer=10000"),
-    ({"size": 20, "buffer": 10, "routing": "key"}, ValueError, "raise buffer= to at least 20"),
-    ({"size": 500, "buffer": 100, "workers": 2}, ValueError, "size=500 is larger than buffer=100"),
     ({"routing": "fastest"}, ValueError, "routing must be one of"),
     ({"routing": 1}, TypeError, "routing must be a str"),
     ({"max_attempts": 0}, ValueError, "max_attempts must be >= 1"),
@@ -86,14 +83,33 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, error, text):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("routing", ["least-loaded", "round-robin"])
-def test_a_batch_that_arrives_whole_may_exceed_buffer(batcher_factory, routing):
-    # The workers share buffer x workers of room: a chunk of 200 items is a whole batch,
-    # even with buffer=150 (interval=30: a batch that did not fill would show).
+@pytest.mark.parametrize("routing", ["least-loaded", "round-robin", "key"])
+def test_size_above_buffer_runs_batches_at_the_buffer_bound(batcher_factory, routing):
+    # A worker holds at most buffer=150 items, so a batch of size=200 could never fill:
+    # what a worker may hold is a full batch, and runs at once (interval=30 would show).
     b = batcher_factory(fns.batch_shape, size=200, buffer=150, workers=2, routing=routing,
                         interval=30)
-    futs = [b.submit(f"k{i % 3}", i, block=True) for i in range(1000)]
-    assert all(f.result(timeout=20)[1] == 200 for f in futs)
+    futs = [b.submit(f"k{i % 3}", i, block=True) for i in range(900)]
+    shapes = [f.result(timeout=20)[1] for f in futs]
+    assert max(shapes) <= 150
+    assert shapes.count(150) >= 600, shapes  # full batches, not partial ones on a timer
+
+
+@pytest.mark.timeout(30)
+def test_a_small_buffer_bounds_items_not_the_batch_size(gated):
+    """Batcher(do, buffer=3) with the default size=100: accepted; the three items it may
+    hold run at once as a full batch (not after interval=60), and a fourth add() finds the
+    buffer full."""
+    b, started = gated(workers=1, buffer=3, interval=60)
+    futs = [b.submit("k", i) for i in range(3)]
+    started.readline()  # do() began: the batch did not wait for interval
+    with pytest.raises(mpbatch.Full, match="buffer=3 x 1 workers"):
+        b.add("k", 3)
+    gated.gate()
+    assert [f.result(timeout=10) for f in futs] == [0, 2, 4]
+    b.add("k", 3, block=True, timeout=10)
+    b.flush()
+    assert b.stats().succeeded == 4
 
 
 def test_do_must_be_callable():

@@ -29,7 +29,8 @@ MAX_ATTEMPTS = 2
 INTERVAL = 2  # seconds; see the docstring, and the flush() test at the end
 WAIT = 15  # seconds flush() may take before the test fails; a row passes in under 3
 DEATHS = (mpbatch.WorkerDied, mpbatch.BatchTimeout)  # errors that cost a worker its life
-CALLER_SIDE = {"result-unpickle-raises"}  # no worker was at fault: DeadLetter.worker is None
+CALLER_SIDE = {"result-unpickle-raises", "result-unpickle-sys-exit",
+               "result-unpickle-interrupts"}  # no worker was at fault: DeadLetter.worker is None
 EXIT = f"exited (exit code {fc.EXIT_CODE})"
 C_EXIT = f"exited (exit code {fc.C_EXIT_CODE})"
 
@@ -66,6 +67,14 @@ ROWS = [  # (id, do, culprit value, error its future raises, text its message mu
      mpbatch.SerializationError,
      "cannot be unpickled in the caller (RuntimeError: poison: result unpickled in the caller)",
      {}),
+    # Unpickling the result in the caller ends the thread that does it (the collector).
+    ("result-unpickle-sys-exit", fc.BadResultDo(fc.poison_result, "sys-exit"), fc.BAD,
+     mpbatch.SerializationError,
+     "cannot be unpickled in the caller (SystemExit: poison: result unpickled in the caller)",
+     {}),
+    ("result-unpickle-interrupts", fc.BadResultDo(fc.poison_result, "interrupt"), fc.BAD,
+     mpbatch.SerializationError, "cannot be unpickled in the caller (KeyboardInterrupt: "
+     "poison: result unpickled in the caller)", {}),
     # do() raises an exception that cannot cross the pipe as itself.
     ("exception-unpicklable", fc.RaisingDo(fc.Unpicklable), fc.BAD, mpbatch.BatchFailed,
      "fns_catalogue.Unpicklable: holds a lock", {}),
@@ -77,8 +86,9 @@ BY_ID = {row[0]: row for row in ROWS}
 
 
 def make_batcher(factory, do, options, **more):
-    return factory(do, size=SIZE, workers=2, routing="round-robin", interval=INTERVAL,
-                   max_attempts=MAX_ATTEMPTS, retry_backoff=0, **options, **more)
+    settings = {"size": SIZE, "workers": 2, "routing": "round-robin", "interval": INTERVAL,
+                "max_attempts": MAX_ATTEMPTS, "retry_backoff": 0}
+    return factory(do, **{**settings, **options, **more})
 
 
 def submit_good(b, first, batches):
@@ -202,6 +212,113 @@ def test_crash_without_futures_is_still_accounted(batcher_factory, row_id):
     s = b.stats()
     assert s.accepted == 20 == s.succeeded + s.dead_lettered and s.pending == 0
     assert 1 <= s.dead_lettered <= SIZE
+
+
+# -- user code the collector thread runs besides unpickling: each may raise SystemExit or
+# KeyboardInterrupt there, and must cost only its own items, never the thread -------------
+
+BASE_EXCEPTIONS = [("sys-exit", "SystemExit"), ("interrupt", "KeyboardInterrupt")]
+
+
+@pytest.mark.parametrize(("how", "name"), BASE_EXCEPTIONS)
+def test_a_retry_whose_value_fails_to_pickle_in_the_collector(batcher_factory, how, name):
+    """The first attempt fails; the collector pickles the batch again for the retry, and
+    the culprit's pickling raises there: it alone is dead-lettered, its mates retried."""
+    b = make_batcher(batcher_factory, fc.CrashOnKey("raise", "bad"), {})
+    ahead = submit_good(b, 0, 2)
+    culprit = b.submit("bad", fc.PicklesOnTheMainThread(how))
+    mates = [(v, b.submit("mate", v)) for v in (100, 101, 103)]
+    flush_within(b)
+    with pytest.raises(mpbatch.SerializationError,
+                       match=f"no longer pickles.*{name}: poison: value pickled by the collector"):
+        culprit.result()
+    assert_all_succeed(ahead, "ahead of")
+    assert_all_succeed(mates, "sharing")  # their retry went without the culprit
+    later = submit_good(b, 300, 2)
+    flush_within(b)
+    assert_all_succeed(later, "after")
+    b.close()
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (20, 19, 1, 0)
+
+
+@pytest.mark.parametrize(("how", "name"), BASE_EXCEPTIONS)
+def test_a_key_whose_repr_raises_in_a_death_message(batcher_factory, how, name):
+    """A worker dies on a batch: the collector names its keys in WorkerDied; a repr() that
+    raises there is named instead of ending the collector."""
+    key = fc.TouchyKey("bad", how)
+    b = make_batcher(batcher_factory, fc.CrashOnKey("exit", key), {}, isolate_poison=False)
+    ahead = submit_good(b, 0, 2)
+    culprit = b.submit(key, 1)
+    mates = [(v, b.submit("mate", v)) for v in (100, 101, 103)]
+    flush_within(b)
+    with pytest.raises(mpbatch.WorkerDied, match=re.escape(EXIT)) as info:
+        culprit.result()
+    assert f"repr() raised {name}" in str(info.value)
+    assert_all_succeed(ahead, "ahead of")
+    assert all(isinstance(f.exception(), mpbatch.WorkerDied) for _, f in mates)
+    b.close()
+    s = b.stats()
+    assert (s.accepted, s.dead_lettered, s.pending) == (12, 4, 0)
+
+
+@pytest.mark.parametrize(("how", "name"), BASE_EXCEPTIONS)
+def test_a_key_whose_repr_raises_while_on_result_fails(batcher_factory, how, name):
+    """on_result raises for a key whose repr() raises too: the log line that names the key
+    must not end the collector; the items still succeed."""
+    key = fc.TouchyKey("k", how)
+
+    def on_result(k, values, results):
+        raise ValueError("on_result failed")
+
+    b = make_batcher(batcher_factory, fc.double_all, {}, on_result=on_result)
+    futs = [b.submit(key, v) for v in range(SIZE)]
+    flush_within(b)
+    assert [f.result() for f in futs] == [0, 2, 4, 6]
+    assert b.stats().succeeded == SIZE
+
+
+@pytest.mark.parametrize(("how", "name"), BASE_EXCEPTIONS)
+def test_equal_keys_whose_comparison_raises_in_a_dead_letter(batcher_factory, how, name):
+    """Two equal keys (distinct objects) meet when the collector groups a dead letter's
+    items by key; an == that raises there must not lose them."""
+    first, second = fc.TouchyKey("bad", how), fc.TouchyKey("bad", how)
+    b = make_batcher(batcher_factory, fc.CrashOnKey("raise", first), {}, max_attempts=1)
+    futs = [b.submit(first, 1), b.submit(second, 2), b.submit("mate", 3),
+            b.submit("mate", 4)]
+    flush_within(b)
+    for fut in futs:
+        assert isinstance(fut.exception(), mpbatch.BatchFailed)
+    (letter,) = b.dead_letters()
+    values = sorted(v for vs in letter.batch.values() for v in vs)
+    assert values == [1, 2, 3, 4]
+    b.close()
+    s = b.stats()
+    assert (s.accepted, s.dead_lettered, s.pending) == (4, 4, 0)
+
+
+def test_keys_whose_comparison_raises_in_the_worker(batcher_factory):
+    """Grouping by key runs the key's == in the worker: when it raises, the items held and
+    the chunk fail like a batch whose do() raised, instead of ending the worker (which
+    would re-send them, as only queued, to the next worker without end)."""
+    b = make_batcher(batcher_factory, fc.double_all, {})
+    ahead = submit_good(b, 0, 2)
+    culprits = [b.submit(fc.ComparesBadlyInWorkers("bad"), v) for v in (1, 2)]
+    for v in (100, 101):
+        b.submit("mate", v)
+    flush_within(b)
+    for fut in culprits:
+        with pytest.raises(mpbatch.BatchFailed, match="grouping items by key in the worker "
+                           "raised RuntimeError: poison: key compared in a worker"):
+            fut.result()
+    assert_all_succeed(ahead, "ahead of")
+    later = submit_good(b, 300, 2)
+    flush_within(b)
+    assert_all_succeed(later, "after")
+    b.close()
+    s = b.stats()
+    assert s.accepted == 20 and s.pending == 0 and s.worker_restarts == 0
+    assert s.succeeded + s.dead_lettered == 20 and 2 <= s.dead_lettered <= 4
 
 
 def test_flush_does_not_wait_out_interval_for_items_queued_behind_a_crash(batcher_factory):

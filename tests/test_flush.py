@@ -1,5 +1,6 @@
 """A batch starts on size, on max_bytes, on interval, and at once on flush()."""
 
+import threading
 import time
 
 import pytest
@@ -33,6 +34,40 @@ def test_max_bytes_flushes_before_the_limit(batcher_factory):
     # Each value pickles to ~105 bytes: two fit under 300, a third would not.
     result = shapes(b, [("k", "x" * 100) for _ in range(6)])
     assert {n for _, n in result} == {2}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["add", "submit", "add_many"])
+def test_a_batch_full_by_max_bytes_starts_at_once(batcher_factory, how):
+    """Three 300-byte values fill max_bytes=1000 (a fourth would not fit): each such batch
+    must reach its worker and start at once, not wait out interval=60 in the caller."""
+    value = bytes(300)
+    done = []
+    three = threading.Event()
+
+    def on_result(key, values, results):
+        done.append(len(values))
+        if len(done) == 6:
+            three.set()
+
+    b = batcher_factory(fns.nothing, size=1000, max_bytes=1000, interval=60, workers=1,
+                        on_result=on_result)
+    items = [("k", value) for _ in range(20)]
+    if how == "add":
+        for key, v in items:
+            b.add(key, v)
+    elif how == "submit":
+        futs = [b.submit(key, v) for key, v in items]
+    else:
+        b.add_many(items)
+    # 6 full batches of 3 items ran without flush(); 2 items wait for more (or interval).
+    assert three.wait(15), f"full batches waited in the caller: {done}, {b.stats()}"
+    assert done == [3] * 6
+    assert b.stats().succeeded == 18
+    b.flush()
+    assert done == [3] * 6 + [2]
+    if how == "submit":
+        assert [f.result() for f in futs] == [None] * 20
 
 
 def test_item_larger_than_max_bytes_is_refused(batcher_factory):

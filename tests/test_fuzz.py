@@ -22,8 +22,6 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import mpbatch
-from mpbatch.batcher import CHUNK_ITEMS
-from mpbatch.lifecycle import default_workers
 from tests import fns_fuzz
 from tests.conftest import HELPERS, cmdline
 
@@ -155,22 +153,6 @@ def _names(name, value, message):
     return repr(value) in message or type(value).__name__ in message
 
 
-def _size_within_buffer(options, verdicts):
-    """A size no worker can reach is refused (a batch could never fill): over buffer, unless
-    one chunk (<= CHUNK_ITEMS) brings the whole batch into the room the workers share (not
-    under routing="key"). Any of the options involved that was given may be the one named."""
-    involved = ("size", "buffer", "workers", "routing")
-    if not all(verdicts.get(n, "ok") in ("ok", "edge") for n in involved):
-        return
-    size, buffer = options.get("size", 100), options.get("buffer", 10_000)
-    shared = buffer * (options.get("workers") or default_workers())
-    whole = options.get("routing") != "key" and size <= CHUNK_ITEMS and size <= shared
-    if size > buffer and not whole:
-        for name in involved:
-            if name in options:
-                verdicts[name] = ValueError
-
-
 def _call(fn, *args, **kwargs):
     """(what ``fn`` returned, None) or (None, what it raised): the test judges either."""
     try:
@@ -200,7 +182,6 @@ def test_constructor_takes_good_options_and_names_bad_ones(options):
     options = dict(options)
     do = options.pop("do")
     verdicts = {name: _expected(name, value) for name, value in {"do": do, **options}.items()}
-    _size_within_buffer(options, verdicts)
     bad = {n for n, v in verdicts.items() if v in (TypeError, ValueError)}
     edge = {n for n, v in verdicts.items() if v == "edge"}
     values = {"do": do, **options}

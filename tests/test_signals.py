@@ -17,11 +17,18 @@ from mpbatch.interrupts import held_interrupt
 SCRIPT = os.path.join(os.path.dirname(__file__), "caller_script.py")
 
 
-def start_caller(mode, **env):
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_caller(mode, sigint_ignored=False, **env):
+    """``sigint_ignored``: start it as a background job of a non-interactive shell would be
+    started, with SIGINT ignored (the script must take the default handler back)."""
     root = os.path.dirname(os.path.dirname(__file__))
     return subprocess.Popen(
         [sys.executable, SCRIPT, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,  # its own process group, like a terminal job
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
         env=dict(os.environ, PYTHONPATH=root, **{k: str(v) for k, v in env.items()}))
 
 
@@ -70,6 +77,81 @@ def test_ctrl_c_still_flushes_every_item(to, start_method):
     assert closed[1] == "40", closed  # every item finished: no worker died mid-batch
     assert "dead_lettered=0" in " ".join(closed)
     assert "KeyboardInterrupt" in caller.stderr.read()
+    assert_gone_within(workers, 1)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_reaches_a_caller_started_with_sigint_ignored():
+    """A runner started in the background by a non-interactive shell passes SIGINT on as
+    ignored; the caller script must still take Ctrl-C, or every test here hangs."""
+    caller = start_caller("wait", sigint_ignored=True, ITEMS=10, BATCH_SECONDS=0)
+    try:
+        workers = [int(p) for p in read_until(caller, "pids")[1:]]
+        read_until(caller, "added")
+        os.killpg(caller.pid, signal.SIGINT)
+        out, err = caller.communicate(timeout=20)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(caller.pid, signal.SIGKILL)
+        raise
+    assert "KeyboardInterrupt" in err, (out, err[-2000:])
+    assert "closed 10 " in out, out  # it flushed on the way out
+    assert_gone_within(workers, 1)
+
+
+def read_err_until(proc, text):
+    """Read the caller's stderr up to the line that holds ``text``."""
+    seen = []
+    for line in proc.stderr:
+        if text in line:
+            return line
+        seen.append(line)
+    raise AssertionError(f"caller ended (exit code {proc.wait(10)}) before saying {text!r} "
+                         f"on stderr (after {seen})")
+
+
+def interrupt_inside_close(caller):
+    """Ctrl-C once the caller is inside close(): it left the with block ("closing") and a
+    batch began after that (the batches before it take 0.5 s), so close() is waiting."""
+    read_until(caller, "closing")
+    read_until(caller, "batch")
+    os.killpg(caller.pid, signal.SIGINT)
+
+
+@pytest.mark.timeout(60)
+def test_first_ctrl_c_inside_close_still_flushes_every_item(start_method):
+    """with Batcher(...) as b: b.add_many(items) spends most of its run in close(): one
+    Ctrl-C there means what it means anywhere else: finish the work, then stop."""
+    caller = start_caller("closing", ITEMS=40, BATCH_SECONDS=0.5, START_METHOD=start_method)
+    workers = [int(p) for p in read_until(caller, "pids")[1:]]
+    interrupt_inside_close(caller)
+    said = read_err_until(caller, "Ctrl-C again")
+    closed = read_until(caller, "closed")
+    assert caller.wait(20) != 0
+    assert closed[1] == "40", (closed, said)  # every item finished
+    assert "dead_lettered=0" in " ".join(closed)
+    assert re.search(r"finishing \d+ items", said), said
+    assert "KeyboardInterrupt" in caller.stderr.read()  # the program still stops
+    assert_gone_within(workers, 1)
+
+
+@pytest.mark.timeout(60)
+def test_second_ctrl_c_inside_close_gives_up(start_method):
+    caller = start_caller("closing", ITEMS=200, BATCH_SECONDS=0.5,  # ~10 s of work
+                          START_METHOD=start_method)
+    workers = [int(p) for p in read_until(caller, "pids")[1:]]
+    interrupt_inside_close(caller)
+    read_err_until(caller, "Ctrl-C again")
+    started = time.monotonic()
+    os.killpg(caller.pid, signal.SIGINT)  # second: give up now
+    closed = read_until(caller, "closed")
+    assert time.monotonic() - started < 3.0  # well under the ~9 s of work left
+    caller.wait(10)
+    stderr = caller.stderr.read()
+    left = re.search(r"(\d+) unfinished items were dead-lettered", stderr)
+    stats = " ".join(closed)
+    assert left and f"dead_lettered={left.group(1)}," in stats, (stderr, stats)
+    assert "pending=0" in stats and "dead_lettered=0" not in stats
     assert_gone_within(workers, 1)
 
 
