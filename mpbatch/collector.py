@@ -41,7 +41,7 @@ from .stats import Accounts
 from .worker import EXIT_RECYCLED
 
 if TYPE_CHECKING:
-    from .batcher import Options
+    from .options import Options
 
 log = logging.getLogger("mpbatch")
 
@@ -62,8 +62,8 @@ class Collector(threading.Thread):
         self.dispatcher = dispatcher
         self.accounts = accounts
         self.options = options
-        self.next_seal = next_seal  # the Batcher's: when its oldest open chunk is due
-        self.seal_due = seal_due  # the Batcher's: send the open chunks due by now
+        self.next_seal = next_seal  # the intake's: when its oldest open chunk is due
+        self.seal_due = seal_due  # the intake's: send the open chunks due by now
         self.dead_letters: list[DeadLetter] = []
         self.broken: BaseException | None = None  # set when workers cannot start
         self.on_broken: Callable[[], None] = lambda: None  # the Batcher stops taking items

@@ -127,17 +127,17 @@ class BatchTimeout(MpbatchError, TimeoutError):
     """do() ran longer than ``timeout=`` seconds; its worker was killed and replaced."""
 
 
-def shown(obj: Any, limit: int = 80) -> str:
+def shown(obj: Any, limit: int | None = 80) -> str:
     """repr(obj) for a message, cut at ``limit``; never raises. User objects reach messages
     made on the collector thread, where a repr() that raises (even SystemExit) must not end
-    the thread."""
+    the thread, and an int too long to print becomes its size."""
     try:
         text = repr(obj)
     except ValueError:  # an int over sys.get_int_max_str_digits()
         return f"<int of {obj.bit_length()} bits>" if isinstance(obj, int) else "<unprintable>"
     except BaseException as exc:
         return f"<{type(obj).__name__} whose repr() raised {type(exc).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
 def described(exc: BaseException) -> str:

@@ -1,0 +1,185 @@
+"""add_many()'s paths (caller process): blocks pulled, checked, pickled and sent whole.
+
+The block path serves "least-loaded" and "round-robin" without max_bytes: a block of pairs
+is pulled from the iterator as key and value columns, pickled as one chunk and sent to the
+least-loaded worker, paced by the work the workers report (dispatch.Pacer). "key" routing
+and max_bytes take add_each(): the checked add() path, one item at a time, still chunked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Iterable
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from .errors import Full, SerializationError
+from .intake import PLAIN, check_item
+from .interrupts import held_interrupt
+from .ledger import Segment
+from .transport import chunk_frame
+
+if TYPE_CHECKING:
+    from .batcher import Batcher
+
+BLOCK_ITEMS = 4096  # most items in one block
+PACE_WAIT = 1.0  # s add_many waits for the pacer at most (liveness, should a wake-up be missed)
+
+
+class Bulk:
+    """One add_many() call on the block path: pull, check, pickle and send blocks."""
+
+    def __init__(self, batcher: Batcher, items: Any, deadline: float | None) -> None:
+        self.b = batcher
+        self.items = items
+        self.deadline = deadline
+        self.accepted = 0
+        # Adapts: a block grows while pulling it from the iterator is quick, and shrinks when
+        # it is not, since the first item of a block waits for the last (a slow iterator,
+        # e.g. items arriving at 1,000/s, must not hold an item back for a whole block).
+        self.block = 1
+
+    def run(self) -> int:
+        b = self.b
+        # A block may take a quarter of interval to pull: the first item of a block waits
+        # for the last, and must not wait past interval. (A tighter cap, 2 ms, kept halving
+        # blocks whenever the collector took the GIL mid-pull, and cost W1 40 %.)
+        budget = b._options.interval / 4
+        limit = block_limit(b._options.batch_items)
+        while True:
+            room = self._paced(self._room())
+            started = time.monotonic()
+            keys, values, bad = self._pull(min(room, self.block))
+            if keys:
+                grow = time.monotonic() - started <= budget
+                self.block = min(limit, self.block * 2) if grow else max(1, self.block // 2)
+                self._send(keys, values, int(started * 1e9) + b._intake.interval_ns)
+            if bad is not None:
+                raise TypeError(f"add_many() takes (key, value) pairs; item {self.accepted} is "
+                                f"{type(bad[0]).__name__}: {bad[0]!r:.80}")
+            if not keys:
+                return self.accepted
+
+    def _pull(self, n: int) -> tuple[list, list, tuple | None]:
+        """Up to n items from the iterator as (keys, values) columns, and (item,) if one
+        of them is not a pair (the pull stops there).
+
+        Unpacking as we pull frees each pair at once, as a loop over the iterator would:
+        a pair kept in a list until the block is pickled cost a GC-tracked tuple per item.
+        """
+        keys: list = []
+        values: list = []
+        add_key, add_value = keys.append, values.append
+        for item in islice(self.items, n):
+            try:
+                key, value = item
+            except (TypeError, ValueError):
+                return keys, values, (item,)
+            add_key(key)
+            add_value(value)
+        return keys, values, None
+
+    def _room(self) -> int:
+        b, acc = self.b, self.b._accounts
+        cap = b._options.buffer * b._workers
+
+        def free() -> int:
+            return cap - acc.outstanding
+
+        with b._lock:
+            if free() <= 0:
+                b._refuse_to_wait_for_room_in_a_callback("add_many()")
+            if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
+                b._ensure_running()  # raises Closed if close() or a failure stopped us
+                raise Full(f"add_many() waited past its timeout with {cap} items unfinished "
+                           f"(buffer={b._options.buffer} x {b._workers} workers); "
+                           f"{self.accepted} items went in", self.accepted)
+            return free()
+
+    def _paced(self, room: int) -> int:
+        """Items to pull now: ``room``, but not further ahead of the workers than the pacer
+        allows. A soft limit, apart from timeout= (which is about room): after PACE_WAIT a
+        block goes anyway."""
+        b, pacer = self.b, self.b._pacer
+        if pacer is None:
+            return room
+        with b._lock:
+            allowed = pacer.allowance()
+            if allowed <= 0:
+                b._wait_until(lambda: pacer.allowance() > 0, time.monotonic() + PACE_WAIT)
+                allowed = pacer.allowance()
+        # After PACE_WAIT without a wake-up, a batch and a half goes anyway: not one item.
+        return min(room, allowed if allowed > 0 else pacer.floor)
+
+    def _send(self, keys: list, values: list, deadline_ns: int) -> None:
+        try:
+            if not PLAIN.issuperset(map(type, keys)):
+                dict.fromkeys(keys)  # every key hashable
+            frame = chunk_frame(keys, values, None, deadline_ns)
+        except Exception:
+            self._send_good_prefix(keys, values, deadline_ns)
+            return
+        b = self.b
+        with held_interrupt():  # counted as accepted, recorded in a ledger and written, or not
+            b._lock.acquire()
+            try:
+                b._ensure_running()  # close() began or it stopped: raise Closed, nothing of
+                # this block taken
+                seg = Segment(keys, values, None, None, 0, b._intake.epoch, deadline_ns)
+                b._accounts.seal(len(keys), b._intake.epoch)
+                i = b._router.for_chunk()
+            except BaseException:
+                b._lock.release()
+                raise
+            # The write happens outside the Batcher's lock (the collector settles outcomes
+            # under it) but inside worker i's send lock, taken first: a flush() or close()
+            # that follows still writes after this chunk.
+            b._dispatcher.send(i, [seg], frame=frame, unlock=b._lock)
+            self.accepted += len(keys)
+
+    def _send_good_prefix(self, keys: list, values: list, deadline_ns: int) -> None:
+        """The block did not check out: send the items before the first bad one, raise for it."""
+        for j, (key, value) in enumerate(zip(keys, values, strict=True)):
+            try:
+                check_item(key, value, self.b._options.max_bytes)
+            except Exception as exc:
+                if j:
+                    self._send(keys[:j], values[:j], deadline_ns)
+                if isinstance(exc, SerializationError):
+                    exc.args = (exc.args[0], self.accepted)
+                    exc.accepted = self.accepted
+                raise
+        # Each item pickles alone but the block does not (a pickling side effect): go one by one.
+        for key, value in zip(keys, values, strict=True):
+            self.b._accept(key, value, None, True, None)
+            self.accepted += 1
+
+
+def block_limit(size: int) -> int:
+    """Most items in one add_many block. A block goes to one worker: a few batches' worth at
+    most, so that a run of costly items (hot keys) cannot pin seconds of work to one worker
+    while another idles."""
+    return min(BLOCK_ITEMS, max(4 * size, 64))
+
+
+def pair(item: Any, index: int) -> tuple[Hashable, Any]:
+    try:
+        key, value = item
+    except (TypeError, ValueError):
+        raise TypeError(f"add_many() takes (key, value) pairs; item {index} is "
+                        f"{type(item).__name__}: {item!r:.80}") from None
+    return key, value
+
+
+def add_each(b: Batcher, pairs: Iterable[tuple[Hashable, Any]], deadline: float | None) -> int:
+    """add_many for "key" routing and max_bytes: per-item checks, still chunked."""
+    accepted = 0
+    for item in pairs:
+        key, value = pair(item, accepted)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            b._accept(key, value, None, True, left)
+        except (Full, SerializationError) as exc:
+            raise type(exc)(str(exc), accepted) from exc
+        accepted += 1
+    return accepted

@@ -1,0 +1,133 @@
+"""The Batcher's options, checked (caller process).
+
+A wrong type raises TypeError and a value out of range ValueError, each naming the argument
+and the value given, before anything starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .deadletters import DeadLetter
+from .dispatch import ROUTINGS
+from .errors import shown
+from .lifecycle import START_METHODS
+
+MAX_SECONDS = 1e9  # about 31 years: past that a duration is a mistake, and ns overflow int64
+
+
+@dataclass(frozen=True)
+class Options:
+    """The Batcher's knobs, checked; see Batcher for units and defaults."""
+
+    size: int
+    max_bytes: int | None
+    interval: float
+    workers: int | None
+    buffer: int
+    routing: str
+    max_attempts: int
+    retry_backoff: float
+    timeout: float | None
+    on_result: Callable[[Any, list, list | None], None] | None
+    on_dead_letter: Callable[[DeadLetter], None] | None
+    init: Callable[[], Any] | None
+    start_method: str | None
+    isolate_poison: bool
+    max_batches_per_worker: int | None
+    max_rss: int | None
+
+    @property
+    def batch_items(self) -> int:
+        """Items a worker runs as a full batch: ``size``, or ``buffer`` if that is smaller,
+        since a worker holds at most ``buffer`` items and a larger batch would never fill."""
+        return min(self.size, self.buffer)
+
+
+def checked(*, size: Any, max_bytes: Any, interval: Any, workers: Any, buffer: Any,
+            routing: Any, max_attempts: Any, retry_backoff: Any, timeout: Any,
+            on_result: Any, on_dead_letter: Any, init: Any, start_method: Any,
+            isolate_poison: Any, max_batches_per_worker: Any, max_rss: Any) -> Options:
+    """Options from the Batcher's keyword arguments; raises for the first bad one."""
+    return Options(
+        size=check_int("size", size, 1),
+        max_bytes=check_int("max_bytes", max_bytes, 1, optional=True),
+        interval=check_number("interval", interval, positive=True),
+        workers=check_int("workers", workers, 1, optional=True),
+        buffer=check_int("buffer", buffer, 1),
+        routing=check_choice("routing", routing, ROUTINGS),
+        max_attempts=check_int("max_attempts", max_attempts, 1),
+        retry_backoff=check_number("retry_backoff", retry_backoff, positive=False),
+        timeout=check_number("timeout", timeout, positive=True, optional=True),
+        on_result=check_callable("on_result", on_result),
+        on_dead_letter=check_callable("on_dead_letter", on_dead_letter),
+        init=check_callable("init", init),
+        start_method=check_start_method(start_method),
+        isolate_poison=check_bool("isolate_poison", isolate_poison),
+        max_batches_per_worker=check_int("max_batches_per_worker", max_batches_per_worker, 1,
+                                         optional=True),
+        max_rss=check_int("max_rss", max_rss, 1, optional=True),
+    )
+
+
+def check_int(name: str, value: Any, low: int, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        none = " or None" if optional else ""
+        raise TypeError(f"{name} must be an int{none} (got {type(value).__name__}: "
+                        f"{shown(value, None)})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low} (got {shown(value, None)})")
+    return value
+
+
+def check_number(name: str, value: Any, positive: bool, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        none = " or None" if optional else ""
+        raise TypeError(f"{name} must be a number of seconds{none} "
+                        f"(got {type(value).__name__}: {shown(value, None)})")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound} (got {shown(value, None)})")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:g} seconds "
+                         f"(got {shown(value, None)})")
+    return seconds
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False (got {type(value).__name__}: {value!r})")
+    return value
+
+
+def check_callable(name: str, value: Any, optional: bool = True) -> Any:
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be callable (got {type(value).__name__}: {value!r:.80})")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices} (got {type(value).__name__})")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices} (got {value!r})")
+    return value
+
+
+def check_start_method(value: Any) -> str | None:
+    if value is None:
+        return None  # chosen when the workers start (default_start_method)
+    return check_choice("start_method", value, START_METHODS)
