@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import sys
 import threading
 import time
 import weakref
@@ -46,25 +45,18 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
-import cloudpickle
-
 from . import options
-from .bulk import Bulk, add_each, block_limit
+from .bulk import Bulk, add_each
+from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
 from .collector import Collector
-from .counters import LoadCounters
 from .deadletters import DeadLetter
-from .dispatch import Dispatcher, Pacer, Router
-from .errors import Closed, Full, SerializationError
+from .engine import Engine
+from .errors import Closed, Full
 from .intake import CHUNK_BYTES, PLAIN, Intake, OpenChunk, check_item
 from .interrupts import held_interrupt
-from .lifecycle import Pool, default_start_method, default_workers
+from .lifecycle import Pool
 from .options import check_callable, check_number
 from .stats import Accounts, Stats
-from .worker import WorkerConfig
-
-STOP_GRACE = 5.0  # seconds close() gives idle workers to exit before killing them
-
-_NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
 
 class Batcher:
@@ -130,7 +122,7 @@ class Batcher:
             timeout=timeout, on_result=on_result, on_dead_letter=on_dead_letter, init=init,
             start_method=start_method, isolate_poison=isolate_poison,
             max_batches_per_worker=max_batches_per_worker, max_rss=max_rss)
-        self._state = _NEW
+        self._state = NEW
         self._start_lock = threading.Lock()
         self._accounts = Accounts()
         self._lock = self._accounts.lock
@@ -142,82 +134,31 @@ class Batcher:
         self._workers = 0
         self._capacity = 0  # buffer x workers, once started
         self._fast = False  # add() may take its inlined path: running, one open chunk
-        self._closed = threading.Event()  # close() has ended (in whichever thread ran it)
-        self._closer: int | None = None  # the thread running close()
-        self._cut_short: Closed | None = None  # a second close(timeout) ran out
+        self._closing = Closing(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> Batcher:
         """Start the workers now (the first add/submit does it otherwise); returns self."""
         with self._start_lock:
-            if self._state is _NEW:
+            if self._state is NEW:
                 self._start()
-            elif self._state is not _RUNNING:
+            elif self._state is not RUNNING:
                 raise Closed("this Batcher is closed; create a new one")
         return self
 
     def _start(self) -> None:
-        opts = self._options
-        workers = opts.workers or default_workers()
-        blob = self._worker_config()
-        counters = LoadCounters(workers)
-        pool = None
-        try:
-            # The default is chosen now: whether this process has other threads decides it.
-            pool = Pool(workers, opts.start_method or default_start_method(), counters.name,
-                        blob)
-            self._collector = self._start_workers(pool, counters)
-        except BaseException:
-            if pool is not None:
-                pool.discard()
-            counters.unlink()
-            raise
-        self._counters, self._pool, self._workers = counters, pool, workers
+        engine = Engine(self._do, self._options, self._accounts, self._intake,
+                        self._stop_fast_path)
+        self._engine = engine
+        # Read on every add(): attributes of their own, not lookups through the engine.
+        self._counters, self._pool, self._workers = engine.counters, engine.pool, engine.workers
+        self._router, self._pacer = engine.router, engine.pacer
+        self._dispatcher, self._collector = engine.dispatcher, engine.collector
         self._capacity = self._intake.capacity
-        self._state = _RUNNING
-        self._fast = opts.routing != "key" and opts.max_bytes is None
+        self._state = RUNNING
+        self._fast = self._options.routing != "key" and self._options.max_bytes is None
         _LIVE.add(self)
-
-    def _worker_config(self) -> bytes:
-        """What every worker needs (do, init and the batch limits), pickled once."""
-        opts = self._options
-        config = WorkerConfig(self._do, opts.init, opts.batch_items, opts.max_bytes,
-                              want_values=opts.on_result is not None,
-                              max_batches=opts.max_batches_per_worker, max_rss=opts.max_rss)
-        try:
-            return cloudpickle.dumps(config)
-        except Exception as exc:
-            raise SerializationError(
-                f"do= or init= cannot be pickled for the workers ({type(exc).__name__}: {exc}); "
-                f"they travel with cloudpickle, so they must not hold locks, sockets or open "
-                f"files: create those in init= instead") from exc
-
-    def _start_workers(self, pool: Pool, counters: LoadCounters) -> Collector:
-        """Route, pace, start every worker and the collector thread; on a failure, the
-        collector made so far is discarded (the caller discards the pool)."""
-        opts = self._options
-        self._router = Router(opts.routing, counters)
-        # add_many's blocks go to the least-loaded worker: pace them by work, not count.
-        batch = opts.batch_items
-        self._pacer = (Pacer(counters, batch, 2 * block_limit(batch))
-                       if opts.routing == "least-loaded" else None)
-        self._dispatcher = Dispatcher(pool, counters, self._router)
-        self._intake.attach(pool.workers, self._router, self._dispatcher)
-        for i in range(pool.workers):
-            pool.start(i)
-        # Its wakeup pipe and epoll set may fail as a worker's pipes can (EMFILE).
-        collector = Collector(pool, counters, self._dispatcher, self._accounts, opts,
-                              self._intake.next_seal_ns, self._intake.seal_due)
-        try:
-            collector.start()
-        except BaseException:
-            collector.discard()
-            raise
-        self._intake.collector = collector
-        self._dispatcher.reject = collector.reject
-        collector.on_broken = self._stop_fast_path
-        return collector
 
     def _stop_fast_path(self) -> None:
         self._fast = False
@@ -236,125 +177,20 @@ class Batcher:
         another thread's runs waits for that one to end (with ``timeout``, cutting it short
         as its own would).
         """
-        check_number("timeout", timeout, positive=False, optional=True)
-        if self._state is _RUNNING:  # refused before anything changes: the Batcher goes on
-            self._refuse_in_a_callback("close() cannot run", "it would wait for its own "
-                                       "callback; call it from the thread that adds items")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if deadline is not None and self._pool is not None:
-            # An add() writing to the full pipe of a worker stuck in C (holding the GIL)
-            # holds the lock below: it gives that worker up at the deadline.
-            self._pool.give_up_by(deadline)
-        with self._start_lock, self._lock:  # add() checks the state under _lock
-            self._fast = False
-            state = self._state
-            if state is _RUNNING or state is _NEW:
-                self._state = _CLOSING if state is _RUNNING else _CLOSED
-                self._closer = threading.get_ident()
-        if state is _NEW:
-            self._closed.set()
-        elif state is not _RUNNING:
-            self._await_close(timeout)
-        else:
-            try:
-                self._close(timeout, deadline)
-            finally:
-                self._closed.set()
-
-    def _close(self, timeout: float | None, deadline: float | None) -> None:
-        error: BaseException | None = None
-        first: list[KeyboardInterrupt] = []
-        try:
-            flushed = self._flush_through_first_interrupt(deadline, first)
-        except BaseException:  # a second Ctrl-C, wherever it lands in there, or an error
-            self._give_up()
-            raise
-        # A stopped Batcher's workers hold nothing it waits for: they are killed.
-        if not flushed or self._collector.broken:  # type: ignore[union-attr]
-            error = self._collector.broken or self._cut_short or Closed(  # type: ignore
-                f"close(timeout={timeout:g}) ran out before these items finished")
-        self._shutdown(error)
-        if first:
-            raise first[0]  # everything has its outcome: the program stops, as asked
-
-    def _flush_through_first_interrupt(self, deadline: float | None,
-                                       first: list[KeyboardInterrupt]) -> bool:
-        """close()'s flush. A first Ctrl-C means "finish, then stop" wherever it lands: also
-        here, where a `with` block that only adds spends most of its run. It is noted in
-        ``first`` and the flush goes on; the next one is raised. If close() runs because of
-        a Ctrl-C (a `with` block or a `finally` that it passes through), any is the second.
-        """
-        if isinstance(sys.exc_info()[1], KeyboardInterrupt):
-            return self._flush(deadline, closing=True)
-        while True:
-            try:
-                if first:
-                    print(f"mpbatch: Ctrl-C: close() is finishing {self.stats().pending} "
-                          f"items; press Ctrl-C again to give up and dead-letter them",
-                          file=sys.stderr)
-                return self._flush(deadline, closing=True)
-            except KeyboardInterrupt as exc:
-                if first:
-                    raise
-                first.append(exc)
-
-    def _give_up(self) -> None:
-        """A second Ctrl-C (or an error) in close()'s wait: stop now, dead-letter the rest.
-        A Ctrl-C during this waits for its end: half a shutdown would leave workers that
-        the interpreter's exit then waits for."""
-        with held_interrupt():
-            before = self.stats().dead_lettered  # counted after: some finish while we stop
-            self._shutdown(Closed("close() was interrupted before these items finished"))
-            left = self.stats().dead_lettered - before
-            print(f"mpbatch: interrupted during close(); {left} unfinished items were "
-                  f"dead-lettered (see dead_letters())", file=sys.stderr)
-
-    def _await_close(self, timeout: float | None) -> None:
-        """Another thread's close() runs: wait for it; at ``timeout``, have it give up.
-
-        In the closing thread itself (a callback that close() runs: on_dead_letter for the
-        items it gives up, a Future's done-callback) there is nothing to wait for."""
-        if self._closed.is_set() or self._closer == threading.get_ident():
-            return
-        self._refuse_in_a_callback("close() cannot wait for another thread's close()",
-                                   "it waits for this callback; call close() from the thread "
-                                   "that adds items")
-        try:
-            if self._closed.wait(timeout):
-                return
-        except KeyboardInterrupt:  # a Ctrl-C here, as in close()'s own wait: give up now
-            self._cut_close_short(Closed("close() was interrupted before these items "
-                                         "finished"))
-            raise
-        self._cut_close_short(Closed(
-            f"close(timeout={timeout:g}) ran out before these items finished"))
-        self._closed.wait()
-
-    def _cut_close_short(self, error: Closed) -> None:
-        with self._lock:
-            self._cut_short = error
-            self._accounts.changed.notify_all()  # the first close() waits on it
+        self._closing.close(timeout)
 
     def _shutdown(self, error: BaseException | None) -> None:
+        """Stop the workers and the collector; everything still held gets its outcome."""
+        abandon = self._engine.stop(error)
         collector = self._collector
         assert collector is not None
-        collector.stop_error = error
-        collector.stopping = True  # read under send_locks: no replacement after this
-        if error is not None:
-            for i in range(self._workers):
-                self._pool.kill(i)
-        self._pool.stop(0 if error is not None else STOP_GRACE)
-        collector.exit()
-        collector.join()
-        self._pool.close_pipes()
-        abandon = error or Closed("the Batcher closed before these items finished")
         with held_interrupt():  # every item gets its outcome and the memory is freed, or none
             with self._lock:
                 leftovers = self._intake.take_all()
             collector.dead_letter(leftovers, abandon, None)  # its callbacks may call stats()
             collector.abandon(abandon)
             self._counters.unlink()
-            self._state = _CLOSED  # last: a flush() in another thread waits until here
+            self._state = CLOSED  # last: a flush() in another thread waits until here
             _LIVE.discard(self)
 
     def __enter__(self) -> Batcher:
@@ -408,7 +244,7 @@ class Batcher:
         will run it (close() has flushed, or will dead-letter it): it is taken back, and
         the add is refused (True). If close()'s flush took it, it runs (False)."""
         with self._lock, held_interrupt():  # the rotation below must not drop an entry
-            if self._state is _RUNNING:
+            if self._state is RUNNING:
                 return False
             entries = chunk.entries
             found = False
@@ -431,17 +267,17 @@ class Batcher:
                 timeout: float | None) -> None:
         if timeout is not None:
             check_number("timeout", timeout, positive=False)
-        if self._state is not _RUNNING or self._collector.broken:  # type: ignore[union-attr]
+        if self._state is not RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         nbytes = check_item(key, value, self._options.max_bytes)
         intake = self._intake
         with self._lock:
-            if self._state is not _RUNNING:  # close() began since the check above
+            if self._state is not RUNNING:  # close() began since the check above
                 self._ensure_running()
             chunk = intake.chunk_for(key)
             if intake.is_full(chunk):
                 self._wait_for_room(chunk, block, timeout)
-                if self._state is not _RUNNING:  # close() began while we waited
+                if self._state is not RUNNING:  # close() began while we waited
                     self._ensure_running()
             try:
                 intake.append(chunk, key, value, fut, nbytes)
@@ -450,9 +286,9 @@ class Batcher:
                 raise
 
     def _ensure_running(self) -> None:
-        if self._state is _NEW:
+        if self._state is NEW:
             self.start()
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise Closed("add() after close(): this Batcher no longer takes items; "
                          "create a new one")
         collector = self._collector
@@ -499,9 +335,9 @@ class Batcher:
         try:
             while not ready():
                 # close() ends waits for room (the item is refused), not a flush's wait
-                if self._state is not _RUNNING and (not settle or self._state is not _CLOSING):
+                if self._state is not RUNNING and (not settle or self._state is not CLOSING):
                     return False
-                if closing and self._cut_short is not None:
+                if closing and self._closing.cut_short is not None:
                     return False
                 collector = self._collector
                 if collector is not None and collector.broken is not None:
@@ -525,7 +361,7 @@ class Batcher:
         raises Full whose ``.accepted`` counts the items that went in; a bad item raises
         (SerializationError, ItemTooLarge, TypeError) after the items before it went in.
         """
-        if self._state is not _RUNNING or self._collector.broken:  # type: ignore[union-attr]
+        if self._state is not RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         deadline = None if timeout is None else time.monotonic() + timeout
         if len(self._open) > 1 or self._options.max_bytes is not None:
@@ -539,12 +375,12 @@ class Batcher:
     def flush(self) -> None:
         """Send every partial batch now; return when each item added before the call has
         its outcome recorded and its callback returned."""
-        if self._state is _NEW:
+        if self._state is NEW:
             return
-        if self._state is _CLOSING:  # every item gets its outcome when close() ends
-            self._await_close(None)
+        if self._state is CLOSING:  # every item gets its outcome when close() ends
+            self._closing.await_close(None)
             return
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise Closed("flush() after close(); close() already flushed everything")
         self._flush(None)
 

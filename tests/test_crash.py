@@ -130,13 +130,13 @@ def test_a_first_start_that_fails_half_way_leaves_no_worker(batcher_factory, mon
     already started used to run on until the Batcher was garbage-collected."""
     import psutil
 
-    from mpbatch import batcher, lifecycle
+    from mpbatch import engine, lifecycle
 
     def no_descriptors(*args):
         raise OSError(24, "Too many open files")  # the fault: no descriptors left
 
     if failing == "collector":
-        monkeypatch.setattr(batcher, "Collector", no_descriptors)
+        monkeypatch.setattr(engine, "Collector", no_descriptors)
     else:
         real_start = lifecycle.Pool.start
         monkeypatch.setattr(lifecycle.Pool, "start", lambda pool, i: (

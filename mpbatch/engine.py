@@ -1,0 +1,105 @@
+"""The running parts of one Batcher: what start() builds and close() takes down (caller).
+
+Shared-memory load counters, the worker processes (lifecycle.Pool), routing and pacing, the
+dispatcher with its ledgers, and the collector thread, started in that order and stopped in
+the reverse one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from .bulk import block_limit
+from .collector import Collector
+from .counters import LoadCounters
+from .dispatch import Dispatcher, Pacer, Router
+from .errors import Closed, SerializationError
+from .intake import Intake
+from .lifecycle import Pool, default_start_method, default_workers
+from .options import Options
+from .stats import Accounts
+from .worker import WorkerConfig
+
+STOP_GRACE = 5.0  # seconds close() gives idle workers to exit before killing them
+
+
+def worker_config(do: Callable[..., Any], opts: Options) -> bytes:
+    """What every worker needs (do, init and the batch limits), pickled once."""
+    config = WorkerConfig(do, opts.init, opts.batch_items, opts.max_bytes,
+                          want_values=opts.on_result is not None,
+                          max_batches=opts.max_batches_per_worker, max_rss=opts.max_rss)
+    try:
+        return cloudpickle.dumps(config)
+    except Exception as exc:
+        raise SerializationError(
+            f"do= or init= cannot be pickled for the workers ({type(exc).__name__}: {exc}); "
+            f"they travel with cloudpickle, so they must not hold locks, sockets or open "
+            f"files: create those in init= instead") from exc
+
+
+class Engine:
+    """Counters, pool, router, pacer, dispatcher and collector of a started Batcher."""
+
+    def __init__(self, do: Callable[..., Any], opts: Options, accounts: Accounts,
+                 intake: Intake, on_broken: Callable[[], None]) -> None:
+        """Start everything; on a failure, stop what did start and raise."""
+        self.workers = opts.workers or default_workers()
+        blob = worker_config(do, opts)
+        self.counters = LoadCounters(self.workers)
+        pool = None
+        try:
+            # The default is chosen now: whether this process has other threads decides it.
+            pool = Pool(self.workers, opts.start_method or default_start_method(),
+                        self.counters.name, blob)
+            self.collector = self._start(pool, opts, accounts, intake)
+        except BaseException:
+            if pool is not None:
+                pool.discard()
+            self.counters.unlink()
+            raise
+        self.pool = pool
+        self.collector.on_broken = on_broken
+
+    def _start(self, pool: Pool, opts: Options, accounts: Accounts,
+               intake: Intake) -> Collector:
+        """Route, pace, start every worker and the collector thread; on a failure, the
+        collector made so far is discarded (the caller discards the pool)."""
+        counters = self.counters
+        self.router = Router(opts.routing, counters)
+        # add_many's blocks go to the least-loaded worker: pace them by work, not count.
+        batch = opts.batch_items
+        self.pacer = (Pacer(counters, batch, 2 * block_limit(batch))
+                      if opts.routing == "least-loaded" else None)
+        self.dispatcher = Dispatcher(pool, counters, self.router)
+        intake.attach(pool.workers, self.router, self.dispatcher)
+        for i in range(pool.workers):
+            pool.start(i)
+        # Its wakeup pipe and epoll set may fail as a worker's pipes can (EMFILE).
+        collector = Collector(pool, counters, self.dispatcher, accounts, opts,
+                              intake.next_seal_ns, intake.seal_due)
+        try:
+            collector.start()
+        except BaseException:
+            collector.discard()
+            raise
+        intake.collector = collector
+        self.dispatcher.reject = collector.reject
+        return collector
+
+    def stop(self, error: BaseException | None) -> Closed | BaseException:
+        """Stop the workers (at once if ``error``, else once they ran what they hold) and
+        the collector; returns the error for what is still held."""
+        collector = self.collector
+        collector.stop_error = error
+        collector.stopping = True  # read under send_locks: no replacement after this
+        if error is not None:
+            for i in range(self.workers):
+                self.pool.kill(i)
+        self.pool.stop(0 if error is not None else STOP_GRACE)
+        collector.exit()
+        collector.join()
+        self.pool.close_pipes()
+        return error or Closed("the Batcher closed before these items finished")
