@@ -60,8 +60,10 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-_MODULES = frozenset({"batcher", "collector", "counters", "deadletters", "dispatch", "errors",
-                      "interrupts", "ledger", "lifecycle", "stats", "transport", "worker"})
+_MODULES = frozenset({"batcher", "bulk", "closing", "collector", "counters", "deadletters",
+                      "dispatch", "engine", "errors", "inlet", "intake", "interrupts", "ledger",
+                      "lifecycle", "options", "outcomes", "recovery", "results", "stats",
+                      "transport", "worker", "zygote"})
 
 
 def __getattr__(name: str) -> Any:

@@ -188,7 +188,7 @@ class Batcher:
             with self._lock:
                 leftovers = self._intake.take_all()
             collector.dead_letter(leftovers, abandon, None)  # its callbacks may call stats()
-            collector.abandon(abandon)
+            collector.recovery.abandon(abandon)
             self._counters.unlink()
             self._state = CLOSED  # last: a flush() in another thread waits until here
             _LIVE.discard(self)
@@ -414,7 +414,7 @@ class Batcher:
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every DeadLetter so far, oldest first (a copy)."""
-        return [] if self._collector is None else list(self._collector.dead_letters)
+        return [] if self._collector is None else list(self._collector.outcomes.letters)
 
     def __repr__(self) -> str:
         s = self.stats()

@@ -61,7 +61,7 @@ class Engine:
             self.counters.unlink()
             raise
         self.pool = pool
-        self.collector.on_broken = on_broken
+        self.collector.recovery.on_broken = on_broken
 
     def _start(self, pool: Pool, opts: Options, accounts: Accounts,
                intake: Intake) -> Collector:
@@ -93,8 +93,8 @@ class Engine:
         """Stop the workers (at once if ``error``, else once they ran what they hold) and
         the collector; returns the error for what is still held."""
         collector = self.collector
-        collector.stop_error = error
-        collector.stopping = True  # read under send_locks: no replacement after this
+        collector.recovery.stop_error = error
+        collector.recovery.stopping = True  # read under send_locks: no replacement after this
         if error is not None:
             for i in range(self.workers):
                 self.pool.kill(i)

@@ -2,7 +2,7 @@
 
 Runs in worker process i. The main thread reads the item pipe when it waits for items,
 groups them and runs batches; when the caller finds the pipe full, a reader thread drains it
-(see _Inlet), so the caller does not wait on a worker that runs a long batch or a slow
+(see Inlet), so the caller does not wait on a worker that runs a long batch or a slow
 init() (unless that holds the GIL throughout, in C code). Failed attempts are reported,
 never retried here: the caller's collector owns retries, so a batch may be retried on
 another worker.
@@ -16,9 +16,8 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing.connection import Connection
@@ -29,11 +28,12 @@ import cloudpickle
 from . import transport as tp
 from .counters import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, WORK_NS, LoadCounters
 from .errors import BatchFailed, SerializationError
+from .inlet import TICK, Inlet
+from .results import checked_results, failure, in_stream_order, unpicklable
 
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 70  # the caller died; see _exit_with_caller
 EXIT_RECYCLED = 75  # max_batches_per_worker or max_rss reached: replace me
-POLL_MAX_MS = 0x7FFFFFFF  # poll() refuses a longer timeout (~24.8 days; interval may exceed it)
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,19 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
     try:
         config: WorkerConfig = cloudpickle.loads(config_blob)
     except BaseException as exc:  # e.g. do() needs a module this process cannot import
-        _init_failed(results, _failure(exc, "unpickling do and init in the worker"))
+        _init_failed(results, failure(exc, "unpickling do and init in the worker"))
     counters = LoadCounters.attach(counters_name, workers)
     # The reader drains a full item pipe from now on: while init() loads a model for
     # seconds, neither the caller's adds nor the collector re-sending a replaced worker's
     # items to this one wait on it.
-    inlet = _Inlet(items, drain)
+    inlet = Inlet(items, drain)
     inlet.start()
     state = None
     if config.init is not None:
         try:
             state = config.init()
         except BaseException as exc:
-            _init_failed(results, _failure(exc, "init()"))
+            _init_failed(results, failure(exc, "init()"))
     tp.write_all(results.fileno(), tp.caller_frame(tp.READY, os.getpid(), 0))
     try:
         recycle = _Loop(index, inlet, results, counters, config, state).run()
@@ -131,177 +131,8 @@ def _exit_with_caller(caller_pid: int) -> None:
     threading.Thread(target=watch, name="mpbatch-watchdog", daemon=True).start()
 
 
-_TICK = object()  # the held batch's interval ran out
 _append = list.append
 _consume = deque(maxlen=0).extend  # runs an iterator to its end, in C
-
-
-class _Inlet:
-    """The item pipe: read by the main thread when it waits for items, drained by a reader
-    thread when the caller finds it full.
-
-    An idle worker's main thread waits in poll() on the pipe itself, so an item that
-    arrives wakes the thread that runs do(): one wake-up. Handing every frame over from a
-    reader thread, as before, cost a second wake-up and a GIL hand-over per item (~20-40
-    us of an idle worker's latency here).
-
-    The reader thread keeps the caller from waiting on a worker that runs a long batch:
-    when a write finds the pipe full, the caller writes a byte to this worker's drain pipe,
-    and the reader moves everything in the item pipe to ``frames`` while do() runs. It
-    costs nothing when pipes do not fill: no wake-up of the reader per batch.
-
-    ``lock`` goes with the item pipe and the partial frame in ``pending``: one thread
-    reads at a time, and frames keep their order.
-    """
-
-    def __init__(self, items: Connection, drain: Connection) -> None:
-        self.fd = items.fileno()
-        os.set_blocking(self.fd, False)  # the reader drains it until it is empty
-        self.drain_fd = drain.fileno()
-        self.pending = bytearray()
-        self.frames: deque = deque()  # read, not yet taken; None marks EOF
-        self.lock = threading.Lock()
-        self._poll = select.poll()  # the main thread's; not select(): it fails past fd 1024
-        self._poll.register(self.fd, select.POLLIN)
-        self.reader = threading.Thread(target=self._drain, name="mpbatch-reader", daemon=True)
-
-    def start(self) -> None:
-        self.reader.start()
-
-    def next(self, wait: float | None) -> Any:
-        """The next frame, None at EOF, or _TICK once ``wait`` seconds pass (main thread)."""
-        if self.frames:
-            return self.frames.popleft()
-        deadline = None if wait is None else time.monotonic() + wait
-        # Held by the reader for one read at a time, when it drains a full pipe.
-        if not self.lock.acquire(timeout=-1 if wait is None else max(0.0, wait)):
-            return _TICK
-        try:
-            while not self.frames:  # the reader may have left frames before letting go
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return _TICK
-                # poll() waits whole milliseconds, at most 2**31 - 1 of them, and rounds a
-                # fraction up (an interval-flushed batch started ~0.75 ms late): wait the
-                # whole ones there and sleep out the last fraction.
-                ms = None if left is None else min(int(left * 1000), POLL_MAX_MS)
-                if self._poll.poll(ms):
-                    self._take()
-                elif ms == 0:
-                    time.sleep(left)
-            return self.frames.popleft()
-        finally:
-            self.lock.release()
-
-    def _take(self) -> bool:
-        """Move what the pipe holds (up to 1 MiB) to ``frames`` (hold ``lock``); False when
-        it held nothing, or at EOF. All of it at once: one frame per hand-over between
-        threads capped a worker at ~200 frames/s when the other thread held the GIL."""
-        try:
-            data = os.read(self.fd, 1 << 20)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            self.frames.append(None)
-            return False
-        self.pending += data
-        self.frames.extend(tp.split_frames(self.pending))
-        return True
-
-    def _drain(self) -> None:
-        """Reader thread: each byte on the drain pipe means "the caller found me full"."""
-        while True:
-            try:
-                if not os.read(self.drain_fd, 4096):
-                    return  # the caller closed it: it is stopping us, or gone
-            except OSError:
-                return
-            while True:
-                with self.lock:  # per read: an idle main thread may take the pipe back
-                    if not self._take():
-                        break
-
-
-def _qualname(exc: BaseException) -> str:
-    kind = type(exc)
-    if kind.__module__ == "builtins":
-        return kind.__qualname__
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _failure(exc: BaseException, where: str = "do()") -> BatchFailed:
-    """BatchFailed for ``exc``: strings only, so it always pickles and always unpickles."""
-    try:
-        text = str(exc)
-    except Exception:
-        text = "<str() of the exception failed>"
-    name = _qualname(exc)
-    tb = "".join(traceback.format_exception(exc))
-    message = f"{where} raised {name}: {text}" if text else f"{where} raised {name}"
-    return BatchFailed(message, name, tb)
-
-
-def _results_of(batch: dict, result: Any) -> tuple[dict | None, BatchFailed | None]:
-    """Check what do() returned: None, or key -> one result per value of that key."""
-    if result is None:
-        return None, None
-    if not isinstance(result, Mapping):
-        return None, BatchFailed(
-            f"do() must return None or a mapping key -> list of results; it returned "
-            f"{type(result).__name__}", "TypeError")
-    out = {}
-    for key, values in batch.items():
-        if key not in result:
-            return None, BatchFailed(
-                f"do() returned no results for key {key!r} ({len(values)} items in the batch)",
-                "KeyError")
-        got = result[key]
-        try:
-            got = list(got)
-        except TypeError:
-            return None, BatchFailed(
-                f"do() returned {type(got).__name__} for key {key!r}; expected a list of "
-                f"{len(values)} results", "TypeError")
-        if len(got) != len(values):
-            return None, BatchFailed(
-                f"do() returned {len(got)} results for key {key!r}; expected {len(values)}, "
-                f"one per item", "ValueError")
-        out[key] = got
-    if len(result) != len(batch):
-        extra = [k for k in result if k not in batch][:3]
-        return None, BatchFailed(f"do() returned results for keys not in the batch: {extra!r}",
-                                 "KeyError")
-    return out, None
-
-
-def _in_stream_order(parts: list, results: dict) -> list:
-    """One result per item, in the order the items arrived.
-
-    Looks each item's own key object up, the object _hold grouped it by: a dict finds an
-    object by identity first, so even a nan key (never equal to itself) finds its group.
-    """
-    taken: dict = {}
-    out = []
-    for keys, lo, hi in parts:
-        for key in islice(keys, lo, hi):
-            j = taken.get(key, 0)
-            taken[key] = j + 1
-            out.append(results[key][j])
-    return out
-
-
-def _unpicklable(results: dict | None, batch: dict) -> str:
-    """Name the key whose result (or value) will not pickle; the slow path after a failure."""
-    for part in (results or {}, batch):
-        for key, values in part.items():
-            for value in values:
-                try:
-                    tp.pickle.dumps(value, tp.PROTOCOL)
-                except Exception as exc:
-                    return f"key {key!r}: {type(value).__name__} ({type(exc).__name__}: {exc})"
-    return "unknown item"
 
 
 def _rss() -> int:
@@ -313,7 +144,7 @@ def _rss() -> int:
 class _Loop:
     """The worker's state between batches: held items and its position in the item stream."""
 
-    def __init__(self, index: int, inlet: _Inlet, results: Connection,
+    def __init__(self, index: int, inlet: Inlet, results: Connection,
                  counters: LoadCounters, config: WorkerConfig, state: Any) -> None:
         self.results = results
         self.cells = counters.cells
@@ -345,7 +176,7 @@ class _Loop:
                 self.results.close()
                 return True
             frame = self._next_frame()
-            if frame is _TICK:
+            if frame is TICK:
                 self._flush()
                 continue
             if frame is None:  # EOF: the caller closed the pipe
@@ -373,7 +204,7 @@ class _Loop:
             return self.inlet.next(None)
         wait = (self.deadline - time.monotonic_ns()) / 1e9
         if wait <= 0:
-            return _TICK
+            return TICK
         return self.inlet.next(wait)
 
     def _take_chunk(self, frame: bytes, flags: int, n: int, deadline: int) -> None:
@@ -392,7 +223,7 @@ class _Loop:
         except BaseException as exc:
             # The items exist only as bytes we cannot read: fail exactly this chunk.
             self._flush()
-            error = _failure(exc, "unpickling items in the worker")
+            error = failure(exc, "unpickling items in the worker")
             self._send(tp.caller_frame(tp.FAILED, self.pos, n, error), n)
             self.pos += n
             self.held_start = self.pos
@@ -426,7 +257,7 @@ class _Loop:
         self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
         self.held_parts, self.held_want = [], False
         self.pos = self.held_start = end
-        error = _failure(exc, "grouping items by key in the worker")
+        error = failure(exc, "grouping items by key in the worker")
         self._send(tp.caller_frame(tp.FAILED, start, end - start, error), end - start)
 
     def _start_holding(self, deadline: int) -> None:
@@ -503,9 +334,9 @@ class _Loop:
         began = cells[base + BUSY_NS] = time.monotonic_ns()
         try:
             result = self.do(batch, self.state) if self.with_state else self.do(batch)
-            results, error = _results_of(batch, result)
+            results, error = checked_results(batch, result)
         except BaseException as exc:  # SystemExit too: do() ending the worker is a failure
-            results, error = None, _failure(exc)
+            results, error = None, failure(exc)
         frame = self._outcome_frame(start, n, batch, results, error, parts if want else None)
         cells[base + WORK_NS] += time.monotonic_ns() - began  # before DONE: the pacer's cost
         cells[base + BUSY_NS] = 0
@@ -519,13 +350,13 @@ class _Loop:
             grouped = items = None
             if results is not None:
                 grouped = list(results.values()) if self.want_values else None
-                items = _in_stream_order(parts, results) if parts is not None else None
+                items = in_stream_order(parts, results) if parts is not None else None
             payload = (batch if self.want_values else None, grouped, items)
             try:
                 return tp.caller_frame(tp.FINISHED, start, n, payload)
             except BaseException as exc:
                 error = SerializationError(
-                    f"a result of do() cannot be pickled, {_unpicklable(results, batch)}; return "
+                    f"a result of do() cannot be pickled, {unpicklable(results, batch)}; return "
                     f"picklable results (plain data), or None")
                 error.__cause__ = exc
         return tp.caller_frame(tp.FAILED, start, n, error)

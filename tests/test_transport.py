@@ -11,7 +11,7 @@ from multiprocessing import Pipe
 import pytest
 
 from mpbatch import transport as tp
-from mpbatch import worker
+from mpbatch.inlet import TICK, Inlet
 from mpbatch.transport import split_frames as _split_frames
 from mpbatch.transport import wire
 from tests import fns
@@ -94,7 +94,7 @@ def inlet():
     """A worker's _Inlet on real pipes, and the caller's end of its item pipe."""
     items_r, items_w = Pipe(duplex=False)
     drain_r, drain_w = Pipe(duplex=False)
-    yield worker._Inlet(items_r, drain_r), items_w
+    yield Inlet(items_r, drain_r), items_w
     for conn in (items_r, items_w, drain_r, drain_w):
         conn.close()
 
@@ -118,7 +118,7 @@ def test_inlet_does_not_tick_early(inlet):
     inlet, _ = inlet
     for wait in (0.0005, 0.0015, 0.0101):
         start = time.monotonic()
-        assert inlet.next(wait) is worker._TICK
+        assert inlet.next(wait) is TICK
         assert time.monotonic() - start >= wait
 
 

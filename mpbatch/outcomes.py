@@ -1,0 +1,100 @@
+"""Outcomes (caller process): futures, on_result and on_dead_letter, dead letters, counts.
+
+An item's outcome is recorded in one order: its callback (on_result, or the DeadLetter in
+dead_letters() and on_dead_letter), then its future, then the counters that stats() and
+flush() read. So once fut.result() returns, its batch's on_result has run, and once flush()
+returns, every future of the items it waited for is done. Callbacks are user code: whatever
+they raise (even SystemExit) is logged, never passed on to the thread that runs them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import Future, InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+from .deadletters import DeadLetter
+from .errors import reraise_copy, shown
+from .ledger import Segment, merged_batch
+from .stats import Accounts
+
+if TYPE_CHECKING:
+    from .options import Options
+
+log = logging.getLogger("mpbatch")
+
+
+class Outcomes:
+    """Records outcomes: the collector's, and those of any thread once it has stopped."""
+
+    def __init__(self, accounts: Accounts, options: Options) -> None:
+        self.accounts = accounts
+        self.options = options
+        self.letters: list[DeadLetter] = []  # every DeadLetter so far, oldest first
+
+    def succeeded(self, segments: list[Segment], batch: dict | None, grouped: list | None,
+                  items: list | None) -> None:
+        """A batch returned: on_result per key, each future its own result, the counts."""
+        if self.options.on_result is not None and batch is not None:
+            self._call_on_result(batch, grouped)
+        _resolve_futures(segments, items)
+        self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True, batches=1)
+
+    def _call_on_result(self, batch: dict, grouped: list | None) -> None:
+        on_result = self.options.on_result
+        assert on_result is not None
+        results = grouped if grouped is not None else itertools.repeat(None, len(batch))
+        for (key, values), got in zip(batch.items(), results, strict=True):
+            try:
+                on_result(key, values, got)
+            except BaseException:  # sys.exit() too: it would end this thread, and every outcome
+                log.exception("mpbatch: on_result raised for key %s; the item still "
+                              "counts as succeeded", shown(key))
+
+    def dead_letter(self, segments: list[Segment], error: BaseException,
+                    worker: int | None) -> None:
+        """Record items that will not be tried again; any thread once the collector stopped
+        (on_dead_letter and done-callbacks then run in that thread: close()'s)."""
+        if not segments:
+            return
+        letter = DeadLetter(merged_batch(segments), error,
+                            max(s.attempts for s in segments), worker)
+        # In the order of succeeded(): a future that raised has its letter in dead_letters()
+        # and its on_dead_letter run.
+        self.letters.append(letter)
+        if self.options.on_dead_letter is not None:
+            try:
+                self.options.on_dead_letter(letter)
+            except BaseException:  # sys.exit() too (see _call_on_result)
+                log.exception("mpbatch: on_dead_letter raised; the dead letter is kept")
+        for seg in segments:
+            for fut in seg.futures or ():
+                if fut is not None:
+                    _set(fut, exception=reraise_copy(error))
+        self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=False)
+
+
+def _set(fut: Future, result: Any = None, exception: BaseException | None = None) -> None:
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass  # the user cancelled it
+    except BaseException:  # concurrent.futures lets a done-callback's SystemExit through
+        log.exception("mpbatch: a done-callback of a Future raised; its result is set")
+
+
+def _resolve_futures(segments: list[Segment], items: list | None) -> None:
+    """Give each submit() future its own result, by position in the batch (see transport)."""
+    if all(seg.futures is None for seg in segments):
+        return
+    pos = 0
+    for seg in segments:
+        if seg.futures is not None:
+            for j, fut in enumerate(seg.futures):
+                if fut is not None:
+                    _set(fut, None if items is None else items[pos + j])
+        pos += len(seg)
