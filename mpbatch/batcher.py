@@ -2,32 +2,37 @@
 
  caller process                                          worker i of N (process)
  add(key, value) / submit / add_many
-   checks: key hashable, value pickles, value <= max_bytes, room in buffer; errors
-   raise here, at the call, and nothing is taken
-   the item joins an open chunk (one for least-loaded and round-robin, one per worker
-   for "key"; add() appends without a lock); a chunk is sealed when it holds
-   min(size, 1024) items or 1 MiB, when half of interval has passed (the collector's
-   timer), or on flush()/close(); add_many sends blocks of up to 4 x size items
- dispatch: pick i (least-loaded: min sent[i] - done[i] from shared memory; round-robin;
-   key: crc32 of the key), record the chunk in ledger i, sent[i] += n; add_many pulls its
-   next block only while the least-loaded worker holds under ~20 ms of work, or 1.5 x size
-   items (Pacer: work_ns / done); a Ctrl-C waits until the chunk is recorded and written
-   (held_interrupt)
+   checks (intake.py): key hashable, value pickles, value <= max_bytes, room in buffer;
+   errors raise here, at the call, and nothing is taken
+   the item joins an open chunk (intake.py: one for least-loaded and round-robin, one per
+   worker for "key"; add() appends without a lock); a chunk is sealed at
+   min(size, buffer, 1024) items or 1 MiB, when it is a full batch by max_bytes or the
+   buffer is full (then flagged FULL: the worker runs it at once), when half of interval
+   has passed (the collector's timer), or on flush()/close(); add_many (bulk.py) sends
+   blocks of up to 4 batches
+ dispatch (dispatch.py): pick i (least-loaded: min sent[i] - done[i] from shared memory,
+   counters.py; round-robin; key: crc32 of the key), record the chunk in ledger i
+   (ledger.py), sent[i] += n; add_many pulls its next block only while the least-loaded
+   worker holds under ~20 ms of work, or 1.5 batches (Pacer: work_ns / done); a Ctrl-C
+   waits until the chunk is recorded and written (interrupts.py)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
-                                                              group by key; flush at size,
-                                                              max_bytes, deadline or FLUSH;
-                                                              do(batch[, state]); check shape
+   (transport.py; processes: lifecycle.py, zygote.py)         (inlet.py); group by key;
+                                                              flush at min(size, buffer),
+                                                              max_bytes, deadline, FULL or
+                                                              FLUSH; do(batch[, state]);
+                                                              check its shape (results.py)
  collector thread <== FINISHED/FAILED(start, n, payload) ===  result pipe i; done[i] += n,
-                                                              work_ns[i] += time in do()
+   (collector.py)                                             work_ns[i] += time in do()
    one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe:
-   FINISHED -> futures, on_result, succeeded        FAILED -> retry after backoff (solo
-   chunk) or DeadLetter, on_dead_letter             sentinel -> a replacement starts; the
-   items that were inside do() are split in halves re-run on their own (poison isolation,
-   within a budget), or spend an attempt (WorkerDied / BatchTimeout); items only queued
-   are re-sent with no attempt spent
+   FINISHED -> on_result, futures, succeeded (outcomes.py)
+   FAILED -> retry after backoff (solo chunk) or DeadLetter, on_dead_letter (recovery.py)
+   sentinel -> a replacement starts; the items that were inside do() are split in halves
+   re-run on their own (poison isolation, within a budget), or spend an attempt
+   (WorkerDied / BatchTimeout); items only queued are re-sent with no attempt spent
    timer -> seal overdue open chunks, send due retries, kill a do() past timeout=
- close(): add() raises Closed; flush everything; wait for pending == 0; STOP workers,
-   join them; stop the collector; unlink the shared memory.
+ close() (closing.py): add() raises Closed; flush everything (a first Ctrl-C lets it
+   finish, a second gives up); STOP workers, join them; stop the collector; unlink the
+   shared memory (engine.py: what start() builds and close() takes down).
 
 Every accepted item sits in an open chunk, in a ledger, or in the retry queue until its
 outcome is counted, so accepted == succeeded + dead_lettered + pending at every moment.
@@ -51,7 +56,7 @@ from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
 from .collector import Collector
 from .deadletters import DeadLetter
 from .engine import Engine
-from .errors import Closed, Full
+from .errors import Closed
 from .intake import CHUNK_BYTES, PLAIN, Intake, OpenChunk, check_item
 from .interrupts import held_interrupt
 from .lifecycle import Pool
@@ -220,7 +225,7 @@ class Batcher:
                 try:
                     pair = (key, value)
                     entries.append(pair)
-                    if not self._fast and self._withdrawn(chunk, pair):
+                    if not self._fast and self._closing.withdrawn(chunk, pair):
                         raise Closed("add() after close(): this Batcher no longer takes "
                                      "items; create a new one")
                     due = n + 1 >= self._chunk_items
@@ -237,24 +242,6 @@ class Batcher:
                     raise
                 return
         self._accept(key, value, None, block, timeout)
-
-    def _withdrawn(self, chunk: OpenChunk, pair: tuple) -> bool:
-        """add()'s lock-free append may land after close() began (or after the Batcher
-        stopped: then it goes on as usual). If close() has not sent the item yet, it never
-        will run it (close() has flushed, or will dead-letter it): it is taken back, and
-        the add is refused (True). If close()'s flush took it, it runs (False)."""
-        with self._lock, held_interrupt():  # the rotation below must not drop an entry
-            if self._state is RUNNING:
-                return False
-            entries = chunk.entries
-            found = False
-            for _ in range(len(entries)):  # other late adders may append meanwhile
-                entry = entries.popleft()
-                if entry is pair:
-                    found = True
-                else:
-                    entries.append(entry)  # theirs: each late adder takes back its own
-            return found
 
     def submit(self, key: Hashable, value: Any, *, block: bool = False,
                timeout: float | None = None) -> Future:
@@ -303,12 +290,7 @@ class Batcher:
         if block and self._wait_until(lambda: not self._intake.is_full(chunk), deadline):
             return
         self._ensure_running()  # raises Closed if close() or a failure stopped the wait
-        where = (f"worker {chunk.worker} holds {self._options.buffer} unfinished items "
-                 f"(buffer={self._options.buffer}, routing='key')" if len(self._open) > 1 else
-                 f"{self._options.buffer * self._workers} items are unfinished "
-                 f"(buffer={self._options.buffer} x {self._workers} workers)")
-        waited = f" after waiting {timeout:g}s" if block else ""
-        raise Full(f"no room{waited}: {where}; retry later, pass block=True, or raise buffer=")
+        raise self._intake.no_room(chunk, self._workers, timeout if block else None)
 
     def _refuse_in_a_callback(self, what: str, advice: str) -> None:
         """Callbacks run in the collector thread, the one that records outcomes and frees
@@ -401,16 +383,8 @@ class Batcher:
 
     def stats(self) -> Stats:
         """A consistent snapshot of the counters (works before start and after close)."""
-        acc = self._accounts
         with self._lock:
-            accepted = acc.sealed + self._intake.held()
-            return Stats(
-                accepted=accepted, succeeded=acc.succeeded, dead_lettered=acc.dead_lettered,
-                pending=accepted - acc.succeeded - acc.dead_lettered, batches=acc.batches,
-                retries=acc.retries, worker_restarts=acc.worker_restarts,
-                failed_attempts=acc.failed_attempts, redelivered=acc.redelivered,
-                splits=acc.splits, recycled=acc.recycled,
-                workers=self._workers)
+            return self._accounts.snapshot(self._intake.held(), self._workers)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every DeadLetter so far, oldest first (a copy)."""

@@ -19,6 +19,7 @@ from .options import check_number
 
 if TYPE_CHECKING:
     from .batcher import Batcher
+    from .intake import OpenChunk
 
 NEW, RUNNING, CLOSING, CLOSED = "new", "running", "closing", "closed"  # Batcher._state
 
@@ -138,3 +139,21 @@ class Closing:
         with b._lock:
             self.cut_short = error
             b._accounts.changed.notify_all()  # the first close() waits on it
+
+    def withdrawn(self, chunk: OpenChunk, pair: tuple) -> bool:
+        """add()'s lock-free append may land after close() began (or after the Batcher
+        stopped: then it goes on as usual). If close() has not sent the item yet, it never
+        will run it (close() has flushed, or will dead-letter it): it is taken back, and
+        the add is refused (True). If close()'s flush took it, it runs (False)."""
+        with self.b._lock, held_interrupt():  # the rotation below must not drop an entry
+            if self.b._state is RUNNING:
+                return False
+            entries = chunk.entries
+            found = False
+            for _ in range(len(entries)):  # other late adders may append meanwhile
+                entry = entries.popleft()
+                if entry is pair:
+                    found = True
+                else:
+                    entries.append(entry)  # theirs: each late adder takes back its own
+            return found

@@ -20,7 +20,7 @@ from itertools import repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from .errors import ItemTooLarge, SerializationError
+from .errors import Full, ItemTooLarge, SerializationError
 from .interrupts import held_interrupt
 from .ledger import Segment
 from .stats import Accounts
@@ -173,6 +173,16 @@ class Intake:
             return held + len(chunk.entries) >= self.options.buffer
         return self.accounts.outstanding + len(chunk.entries) >= self.capacity
 
+    def no_room(self, chunk: OpenChunk, workers: int, waited: float | None) -> Full:
+        """The error for an item that found no room (after waiting ``waited`` seconds)."""
+        buffer = self.options.buffer
+        where = (f"worker {chunk.worker} holds {buffer} unfinished items "
+                 f"(buffer={buffer}, routing='key')" if len(self.open) > 1 else
+                 f"{buffer * workers} items are unfinished "
+                 f"(buffer={buffer} x {workers} workers)")
+        after = "" if waited is None else f" after waiting {waited:g}s"
+        return Full(f"no room{after}: {where}; retry later, pass block=True, or raise buffer=")
+
     def append(self, chunk: OpenChunk, key: Hashable, value: Any, fut: Future | None,
                nbytes: int | None) -> None:
         """Add one checked item to ``chunk``, which has room; seal it if that fills it
@@ -233,7 +243,7 @@ class Intake:
         """Send an open chunk to its worker (hold the lock). ``full``: no more items can
         join its batch (max_bytes, or the buffer is full), so the worker runs it at once."""
         if self.sealed_off:
-            return  # the workers are gone; a late add() takes its item back (_withdrawn)
+            return  # the workers are gone; a late add() takes its item back (Closing.withdrawn)
         with held_interrupt():  # from the open chunk to a ledger, whole or not at all
             seg = self.take(chunk)
             if seg is None:
@@ -251,7 +261,7 @@ class Intake:
         """Take the items of every open chunk, never to be sent (hold the lock): close()
         dead-letters them once the workers are gone."""
         leftovers = [seg for chunk in self.open for seg in [self.take(chunk)] if seg]
-        self.sealed_off = True  # nothing is sealed after the leftovers: see Batcher._withdrawn
+        self.sealed_off = True  # nothing is sealed after the leftovers: Closing.withdrawn
         return leftovers
 
     def next_seal_ns(self) -> int | None:

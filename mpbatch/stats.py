@@ -100,6 +100,16 @@ class Accounts:
             if self.waiters:
                 self.changed.notify_all()
 
+    def snapshot(self, unsealed: int, workers: int) -> Stats:
+        """Stats now, counting ``unsealed`` items still in open chunks (hold ``lock``)."""
+        accepted = self.sealed + unsealed
+        return Stats(
+            accepted=accepted, succeeded=self.succeeded, dead_lettered=self.dead_lettered,
+            pending=accepted - self.succeeded - self.dead_lettered, batches=self.batches,
+            retries=self.retries, worker_restarts=self.worker_restarts,
+            failed_attempts=self.failed_attempts, redelivered=self.redelivered,
+            splits=self.splits, recycled=self.recycled, workers=workers)
+
     def settled_through(self, epoch: int) -> bool:
         """Every item of epochs <= ``epoch`` has an outcome (hold ``lock``)."""
         return not self.unresolved or min(self.unresolved) > epoch

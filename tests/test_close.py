@@ -209,7 +209,7 @@ def _line_of(function, text):
     # the same, landing after close() flushed and before it takes the leftovers: refused
     ("entries.append(pair)", "flushed", "refused", (0, 0, 0)),
     # paused after it: close() flushes it like any other item
-    ("if not self._fast and self._withdrawn", "closed", "accepted", (1, 1, 0)),
+    ("if not self._fast and self._closing.withdrawn", "closed", "accepted", (1, 1, 0)),
 ])
 def test_a_lock_free_add_that_races_close_is_refused_or_finished(
         batcher_factory, paused_at, until, outcome, counts):
