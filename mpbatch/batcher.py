@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import threading
 import time
 import weakref
@@ -54,9 +55,10 @@ from . import options
 from .bulk import Bulk, add_each
 from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
 from .collector import Collector
-from .deadletters import DeadLetter
+from .deadletters import DeadLetter, open_store
 from .engine import Engine
 from .errors import Closed
+from .futures import LightFuture
 from .intake import CHUNK_BYTES, PLAIN, Intake, OpenChunk, check_item
 from .interrupts import held_interrupt
 from .lifecycle import Pool
@@ -96,6 +98,8 @@ class Batcher:
     max_batches_per_worker: replace a worker after this many batches (default None).
     max_rss: replace a worker, between batches, once its resident memory exceeds this
         many bytes (default None).
+    dead_letters: a SQLite file where every dead letter is committed, one row per item,
+        before it is counted (default None: in memory only); read it with DeadLetterStore.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class Batcher:
         isolate_poison: bool = True,
         max_batches_per_worker: int | None = None,
         max_rss: int | None = None,
+        dead_letters: str | os.PathLike[str] | None = None,
     ) -> None:
         check_callable("do", do, optional=False)
         self._do = do
@@ -126,7 +131,9 @@ class Batcher:
             routing=routing, max_attempts=max_attempts, retry_backoff=retry_backoff,
             timeout=timeout, on_result=on_result, on_dead_letter=on_dead_letter, init=init,
             start_method=start_method, isolate_poison=isolate_poison,
-            max_batches_per_worker=max_batches_per_worker, max_rss=max_rss)
+            max_batches_per_worker=max_batches_per_worker, max_rss=max_rss,
+            dead_letters=dead_letters)
+        self._store = open_store(self._options.dead_letters)
         self._state = NEW
         self._start_lock = threading.Lock()
         self._accounts = Accounts()
@@ -154,7 +161,7 @@ class Batcher:
 
     def _start(self) -> None:
         engine = Engine(self._do, self._options, self._accounts, self._intake,
-                        self._stop_fast_path)
+                        self._stop_fast_path, self._store)
         self._engine = engine
         # Read on every add(): attributes of their own, not lookups through the engine.
         self._counters, self._pool, self._workers = engine.counters, engine.pool, engine.workers
@@ -194,6 +201,8 @@ class Batcher:
                 leftovers = self._intake.take_all()
             collector.dead_letter(leftovers, abandon, None)  # its callbacks may call stats()
             collector.recovery.abandon(abandon)
+            if self._store is not None:
+                self._store.close()
             self._counters.unlink()
             self._state = CLOSED  # last: a flush() in another thread waits until here
             _LIVE.discard(self)
@@ -246,7 +255,7 @@ class Batcher:
     def submit(self, key: Hashable, value: Any, *, block: bool = False,
                timeout: float | None = None) -> Future:
         """Like add(), and return a Future of the item's result (or of its error)."""
-        fut: Future = Future()
+        fut: Future = LightFuture()
         self._accept(key, value, fut, block, timeout)
         return fut
 

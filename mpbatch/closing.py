@@ -13,6 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from .counters import CANCEL
 from .errors import Closed
 from .interrupts import held_interrupt
 from .options import check_number
@@ -139,6 +140,24 @@ class Closing:
         with b._lock:
             self.cut_short = error
             b._accounts.changed.notify_all()  # the first close() waits on it
+
+    def cancel(self) -> None:
+        """Stop starting batches: those inside do() finish; every other accepted item is
+        cancelled (stats().cancelled: neither run nor dead-lettered). run()'s first Ctrl-C;
+        close() follows, and returns once the workers have reported what they held."""
+        b = self.b
+        if b._state is not RUNNING:
+            return
+        with held_interrupt():
+            with b._lock:
+                b._fast = False
+                unsent = b._intake.take_all()  # nothing is sealed after this either
+            collector = b._collector
+            collector.outcomes.cancelled(unsent)  # type: ignore[union-attr]
+            for i in range(b._workers):
+                b._counters.set(i, CANCEL, 1)  # a replacement keeps it (counters.reset)
+            collector.recovery.cancelling = True  # type: ignore[union-attr]
+            collector.poke()  # type: ignore[union-attr]  # its timer cancels the retries
 
     def withdrawn(self, chunk: OpenChunk, pair: tuple) -> bool:
         """add()'s lock-free append may land after close() began (or after the Batcher

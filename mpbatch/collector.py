@@ -16,15 +16,17 @@ import os
 import selectors
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import transport as tp
 from .counters import LoadCounters
+from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher
 from .errors import SerializationError, described
-from .ledger import Segment
+from .ledger import Segment, split_items
 from .lifecycle import Pool
 from .outcomes import Outcomes
 from .recovery import Recovery
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .options import Options
 
 log = logging.getLogger("mpbatch")
+_GONE = object()  # an item result taken out of a batch's results (failed alone)
 
 MAX_SLEEP = 86_400.0  # seconds; the collector wakes at least daily (epoll's limit is ~24.8 d)
 
@@ -43,7 +46,8 @@ class Collector(threading.Thread):
 
     def __init__(self, pool: Pool, counters: LoadCounters, dispatcher: Dispatcher,
                  accounts: Accounts, options: Options,
-                 next_seal: Callable[[], int | None], seal_due: Callable[[int], None]) -> None:
+                 next_seal: Callable[[], int | None], seal_due: Callable[[int], None],
+                 store: DeadLetterStore | None = None) -> None:
         super().__init__(name="mpbatch-collector", daemon=True)
         self.pool = pool
         self.counters = counters
@@ -52,7 +56,7 @@ class Collector(threading.Thread):
         self.options = options
         self.next_seal = next_seal  # the intake's: when its oldest open chunk is due
         self.seal_due = seal_due  # the intake's: send the open chunks due by now
-        self.outcomes = Outcomes(accounts, options)
+        self.outcomes = Outcomes(accounts, options, store, f"batcher-{uuid.uuid4().hex[:12]}")
         self.recovery = Recovery(pool, counters, dispatcher, accounts, options, self.outcomes)
         self.dead_letter = self.outcomes.dead_letter
         self.sleep_until_ns = 0  # when the collector wakes up next (under accounts.lock)
@@ -204,10 +208,12 @@ class Collector(threading.Thread):
                 return
 
     def _on_frame(self, i: int, frame: bytes) -> None:
-        kind, start, n = tp.read_to_caller(frame)
+        kind, start, n, ns = tp.read_to_caller(frame)
         if kind == tp.FINISHED:
+            self.accounts.batch_log.add(n, ns)
             self._finished(i, start, n, frame)
         elif kind == tp.FAILED:
+            self.accounts.batch_log.add(n, ns)
             segments = self.dispatcher.ledgers[i].take(start, n)
             if not segments:  # as in _finished
                 return
@@ -221,6 +227,8 @@ class Collector(threading.Thread):
             self.accounts.bump(batches=1)
             self.recovery.attempt_failed(segments, error, worker)
             self.accounts.wake()
+        elif kind == tp.CANCELLED:
+            self.outcomes.cancelled(self.dispatcher.ledgers[i].take(start, n))
         elif kind == tp.READY:
             self.pool.ready[i] = True
             self.recovery.start_failures = 0
@@ -232,7 +240,7 @@ class Collector(threading.Thread):
         if not segments:  # dead-lettered already (the Batcher stopped): one outcome each
             return
         try:
-            batch, grouped, items = tp.payload_of(frame, tp.TO_CALLER_SIZE)
+            batch, grouped, items, failed = tp.payload_of(frame, tp.TO_CALLER_SIZE)
         except BaseException as exc:  # __reduce__ of a result is user code: even a
             # SystemExit or KeyboardInterrupt it raises costs only this batch, not this thread
             self.accounts.bump(batches=1)
@@ -241,7 +249,22 @@ class Collector(threading.Thread):
                 f"the caller ({described(exc)}); return plain data from do()")
             self.recovery.attempt_failed(segments, error, None)
             return
+        if failed:
+            segments = self._fail_alone(i, segments, failed, items)
         self.outcomes.succeeded(segments, batch, grouped, items)
+
+    def _fail_alone(self, i: int, segments: list[Segment], failed: list,
+                    items: list | None) -> list[Segment]:
+        """Per-item outcomes: each failed item spends an attempt of its own; returns the
+        segments of the items that succeeded (``items`` loses the failed ones' places)."""
+        ok, bad = split_items(segments, [offset for offset, _ in failed])
+        for seg, (offset, item) in zip(bad, failed, strict=True):
+            self.recovery.attempt_failed([seg], item.exception(), i)
+            if items is not None:
+                items[offset] = _GONE
+        if items is not None:
+            items[:] = [item for item in items if item is not _GONE]
+        return ok
 
     # -- items other threads could not send ---------------------------------------------
 

@@ -25,8 +25,10 @@ from multiprocessing import shared_memory
 #   int64 batches  at 64*i + 40   writer: worker i     batches this incarnation has run
 #   int64 work_ns  at 64*i + 48   writer: worker i     ns spent running batches (do() and
 #                                                      pickling the outcome), this incarnation
+#   int64 cancel   at 64*i + 56   writer: caller       1: start no batch, report what is held
+#                                                      as cancelled (run()'s first Ctrl-C)
 CELLS = 8
-SENT, DONE, B_START, B_END, BUSY_NS, BATCHES, WORK_NS = range(7)
+SENT, DONE, B_START, B_END, BUSY_NS, BATCHES, WORK_NS, CANCEL = range(8)
 
 
 class LoadCounters:
@@ -72,8 +74,9 @@ class LoadCounters:
         return self.cells[base + SENT] - self.cells[base + DONE]
 
     def reset(self, i: int) -> None:
-        """Zero worker i's line before its replacement starts (the old writer is dead)."""
-        for j in range(CELLS * i, CELLS * (i + 1)):
+        """Zero worker i's line before its replacement starts (the old writer is dead);
+        ``cancel`` is the caller's, and holds for the replacement too."""
+        for j in range(CELLS * i, CELLS * i + CANCEL):
             self.cells[j] = 0
 
     def close(self) -> None:

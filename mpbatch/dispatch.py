@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .counters import CELLS, DONE, SENT, WORK_NS, LoadCounters
 from .errors import SerializationError, described, shown
 from .ledger import Segment, WorkerLedger
-from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame
+from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame, define_frame
 
 if TYPE_CHECKING:
     from .lifecycle import Pool
@@ -144,6 +144,10 @@ class Dispatcher:
         self.counters = counters
         self.router = router
         self.ledgers = [WorkerLedger() for _ in range(counters.workers)]
+        # Objects every worker must have before a chunk that uses them (Executor's
+        # functions): DEFINE frames, sent to a worker ahead of its next chunk.
+        self.definitions: list[tuple[int, bytes]] = []
+        self.defined = [0] * counters.workers  # definitions worker i has (this incarnation)
         self.reject: Callable[[list[Segment], BaseException], None] = _no_reject
         self.stopped: BaseException | None = None  # the Batcher stopped: refuse every send
 
@@ -177,6 +181,8 @@ class Dispatcher:
     def send_held(self, i: int, segments: list[Segment], frame: bytes) -> None:
         """send() of a pickled chunk (``chunk_of``), for a caller that holds worker i's send
         lock already."""
+        if self.defined[i] < len(self.definitions):
+            self._define(i)
         ledger = self.ledgers[i]
         for seg in segments:
             ledger.append(seg)
@@ -184,6 +190,17 @@ class Dispatcher:
         cells, at = self.counters.cells, CELLS * i + SENT
         cells[at] += n
         self.pool.send(i, frame)  # a failure means a death: the collector re-sends
+
+    def define(self, token: int, blob: bytes) -> None:
+        """Make ``blob`` (cloudpickle of an object) worker.defined(token) in every worker,
+        each getting it once, before its next chunk (any thread)."""
+        self.definitions.append((token, blob))
+
+    def _define(self, i: int) -> None:
+        """Send worker i the definitions it lacks (hold its send lock)."""
+        for token, blob in self.definitions[self.defined[i]:]:
+            self.pool.send(i, define_frame(token, blob))
+        self.defined[i] = len(self.definitions)
 
     def send_routed(self, segments: list[Segment], solo: bool = False) -> list[int]:
         """Route items that are already accepted (retries, re-sends) and send them.

@@ -15,6 +15,7 @@ import cloudpickle
 from .bulk import block_limit
 from .collector import Collector
 from .counters import LoadCounters
+from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher, Pacer, Router
 from .errors import Closed, SerializationError
 from .intake import Intake
@@ -44,7 +45,8 @@ class Engine:
     """Counters, pool, router, pacer, dispatcher and collector of a started Batcher."""
 
     def __init__(self, do: Callable[..., Any], opts: Options, accounts: Accounts,
-                 intake: Intake, on_broken: Callable[[], None]) -> None:
+                 intake: Intake, on_broken: Callable[[], None],
+                 store: DeadLetterStore | None = None) -> None:
         """Start everything; on a failure, stop what did start and raise."""
         self.workers = opts.workers or default_workers()
         blob = worker_config(do, opts)
@@ -54,7 +56,7 @@ class Engine:
             # The default is chosen now: whether this process has other threads decides it.
             pool = Pool(self.workers, opts.start_method or default_start_method(),
                         self.counters.name, blob)
-            self.collector = self._start(pool, opts, accounts, intake)
+            self.collector = self._start(pool, opts, accounts, intake, store)
         except BaseException:
             if pool is not None:
                 pool.discard()
@@ -63,8 +65,8 @@ class Engine:
         self.pool = pool
         self.collector.recovery.on_broken = on_broken
 
-    def _start(self, pool: Pool, opts: Options, accounts: Accounts,
-               intake: Intake) -> Collector:
+    def _start(self, pool: Pool, opts: Options, accounts: Accounts, intake: Intake,
+               store: DeadLetterStore | None) -> Collector:
         """Route, pace, start every worker and the collector thread; on a failure, the
         collector made so far is discarded (the caller discards the pool)."""
         counters = self.counters
@@ -79,7 +81,7 @@ class Engine:
             pool.start(i)
         # Its wakeup pipe and epoll set may fail as a worker's pipes can (EMFILE).
         collector = Collector(pool, counters, self.dispatcher, accounts, opts,
-                              intake.next_seal_ns, intake.seal_due)
+                              intake.next_seal_ns, intake.seal_due, store)
         try:
             collector.start()
         except BaseException:

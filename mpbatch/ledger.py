@@ -174,6 +174,30 @@ class WorkerLedger:
         return out
 
 
+def split_items(segments: list[Segment],
+                offsets: list[int]) -> tuple[list[Segment], list[Segment]]:
+    """The items at ``offsets`` (ascending positions in these segments, end to end), one
+    segment each, apart from the rest: (the rest, in order; one segment per offset)."""
+    rest: list[Segment] = []
+    picked: list[Segment] = []
+    wanted = iter(offsets)
+    nxt = next(wanted, None)
+    base = 0
+    for seg in segments:
+        n, lo = len(seg), 0
+        while nxt is not None and nxt < base + n:
+            j = nxt - base
+            if j > lo:
+                rest.append(seg.part(lo, j))
+            picked.append(seg.part(j, j + 1))
+            lo = j + 1
+            nxt = next(wanted, None)
+        if lo < n:
+            rest.append(seg.part(lo, n))
+        base += n
+    return rest, picked
+
+
 def split_at(position: int, segment: Segment, cut_lo: int, cut_hi: int) -> tuple[list, list]:
     """Split a segment at stream ``position`` into the items inside [cut_lo, cut_hi) and the rest.
 

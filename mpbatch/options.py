@@ -7,6 +7,7 @@ and the value given, before anything starts.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ class Options:
     isolate_poison: bool
     max_batches_per_worker: int | None
     max_rss: int | None
+    dead_letters: str | None
 
     @property
     def batch_items(self) -> int:
@@ -47,29 +49,27 @@ class Options:
         return min(self.size, self.buffer)
 
 
-def checked(*, size: Any, max_bytes: Any, interval: Any, workers: Any, buffer: Any,
-            routing: Any, max_attempts: Any, retry_backoff: Any, timeout: Any,
-            on_result: Any, on_dead_letter: Any, init: Any, start_method: Any,
-            isolate_poison: Any, max_batches_per_worker: Any, max_rss: Any) -> Options:
+def checked(**given: Any) -> Options:
     """Options from the Batcher's keyword arguments; raises for the first bad one."""
     return Options(
-        size=check_int("size", size, 1),
-        max_bytes=check_int("max_bytes", max_bytes, 1, optional=True),
-        interval=check_number("interval", interval, positive=True),
-        workers=check_int("workers", workers, 1, optional=True),
-        buffer=check_int("buffer", buffer, 1),
-        routing=check_choice("routing", routing, ROUTINGS),
-        max_attempts=check_int("max_attempts", max_attempts, 1),
-        retry_backoff=check_number("retry_backoff", retry_backoff, positive=False),
-        timeout=check_number("timeout", timeout, positive=True, optional=True),
-        on_result=check_callable("on_result", on_result),
-        on_dead_letter=check_callable("on_dead_letter", on_dead_letter),
-        init=check_callable("init", init),
-        start_method=check_start_method(start_method),
-        isolate_poison=check_bool("isolate_poison", isolate_poison),
-        max_batches_per_worker=check_int("max_batches_per_worker", max_batches_per_worker, 1,
-                                         optional=True),
-        max_rss=check_int("max_rss", max_rss, 1, optional=True),
+        size=check_int("size", given["size"], 1),
+        max_bytes=check_int("max_bytes", given["max_bytes"], 1, optional=True),
+        interval=check_number("interval", given["interval"], positive=True),
+        workers=check_int("workers", given["workers"], 1, optional=True),
+        buffer=check_int("buffer", given["buffer"], 1),
+        routing=check_choice("routing", given["routing"], ROUTINGS),
+        max_attempts=check_int("max_attempts", given["max_attempts"], 1),
+        retry_backoff=check_number("retry_backoff", given["retry_backoff"], positive=False),
+        timeout=check_number("timeout", given["timeout"], positive=True, optional=True),
+        on_result=check_callable("on_result", given["on_result"]),
+        on_dead_letter=check_callable("on_dead_letter", given["on_dead_letter"]),
+        init=check_callable("init", given["init"]),
+        start_method=check_start_method(given["start_method"]),
+        isolate_poison=check_bool("isolate_poison", given["isolate_poison"]),
+        max_batches_per_worker=check_int("max_batches_per_worker",
+                                         given["max_batches_per_worker"], 1, optional=True),
+        max_rss=check_int("max_rss", given["max_rss"], 1, optional=True),
+        dead_letters=check_path("dead_letters", given["dead_letters"]),
     )
 
 
@@ -125,6 +125,22 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices} (got {value!r})")
     return value
+
+
+def check_path(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike) or None "
+                        f"(got {type(value).__name__}: {value!r:.80})")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{name} must be a file path (got {value!r:.80})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name}={path!r}: the folder {folder!r} does not exist; create it "
+                         f"or give another path")
+    return path
 
 
 def check_start_method(value: Any) -> str | None:

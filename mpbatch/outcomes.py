@@ -14,7 +14,7 @@ import logging
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
-from .deadletters import DeadLetter
+from .deadletters import DeadLetter, DeadLetterStore
 from .errors import reraise_copy, shown
 from .ledger import Segment, merged_batch
 from .stats import Accounts
@@ -28,10 +28,14 @@ log = logging.getLogger("mpbatch")
 class Outcomes:
     """Records outcomes: the collector's, and those of any thread once it has stopped."""
 
-    def __init__(self, accounts: Accounts, options: Options) -> None:
+    def __init__(self, accounts: Accounts, options: Options,
+                 store: DeadLetterStore | None = None, run_id: str | None = None) -> None:
         self.accounts = accounts
         self.options = options
         self.letters: list[DeadLetter] = []  # every DeadLetter so far, oldest first
+        self.keep_letters = True  # False: the Executor, whose futures hold every outcome
+        self.store = store  # dead_letters=path: each letter is committed before it counts
+        self.run_id = run_id
 
     def succeeded(self, segments: list[Segment], batch: dict | None, grouped: list | None,
                   items: list | None) -> None:
@@ -62,7 +66,10 @@ class Outcomes:
                             max(s.attempts for s in segments), worker)
         # In the order of succeeded(): a future that raised has its letter in dead_letters()
         # and its on_dead_letter run.
-        self.letters.append(letter)
+        if self.keep_letters:
+            self.letters.append(letter)
+        if self.store is not None:
+            _keep_failed(self.store, letter, self.run_id)
         if self.options.on_dead_letter is not None:
             try:
                 self.options.on_dead_letter(letter)
@@ -73,6 +80,26 @@ class Outcomes:
                 if fut is not None:
                     _set(fut, exception=reraise_copy(error))
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=False)
+
+
+    def cancelled(self, segments: list[Segment]) -> None:
+        """Items that will not run, and are not failures: run()'s first Ctrl-C."""
+        if not segments:
+            return
+        for seg in segments:
+            for fut in seg.futures or ():
+                if fut is not None:
+                    fut.cancel()
+        self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=False,
+                             cancelled=True)
+
+
+def _keep_failed(store: DeadLetterStore, letter: DeadLetter, run_id: str | None) -> None:
+    try:
+        store.add(letter, run_id)
+    except Exception:  # a full disk must not stop the collector: the letter stays in memory
+        log.exception("mpbatch: could not write a dead letter to %s; it is kept in memory "
+                      "only (dead_letters())", store.path)
 
 
 def _set(fut: Future, result: Any = None, exception: BaseException | None = None) -> None:

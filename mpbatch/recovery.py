@@ -67,6 +67,7 @@ class Recovery:
         self.on_broken: Callable[[], None] = lambda: None  # the Batcher stops taking items
         self.stopping = False  # close() is stopping the workers: no replacements
         self.stop_error: BaseException | None = None  # why items left at stop fail
+        self.cancelling = False  # run()'s Ctrl-C: what is not inside do() is cancelled
         self._retries: list[tuple[int, int, list[Segment]]] = []  # (due_ns, tie, segments)
         self._tie = itertools.count()
         self._timed_out: dict[Any, BatchTimeout] = {}  # worker process -> why it was killed
@@ -95,6 +96,10 @@ class Recovery:
         return self._retries[0][0] if self._retries else None
 
     def send_due_retries(self, now: int) -> None:
+        if self.cancelling:
+            while self._retries:
+                self.outcomes.cancelled(heapq.heappop(self._retries)[2])
+            return
         while self._retries and self._retries[0][0] <= now:
             _, _, segments = heapq.heappop(self._retries)
             self._resend(segments, solo=True)
@@ -102,7 +107,7 @@ class Recovery:
     def _crashed(self, segments: list[Segment], error: BaseException, worker: int) -> None:
         """A batch killed its worker or timed out: isolate the culprit, or charge attempts."""
         n = sum(len(s) for s in segments)
-        if not self.options.isolate_poison or n < 2:
+        if not self.options.isolate_poison or n < 2 or self.cancelling:
             self.attempt_failed(segments, error, worker)
             return
         budget = segments[0].isolation or Isolation(n)
@@ -116,6 +121,9 @@ class Recovery:
             self.dispatcher.send_routed(half, solo=True)
 
     def _resend(self, segments: list[Segment], solo: bool) -> None:
+        if self.cancelling:
+            self.outcomes.cancelled(segments)
+            return
         if self.broken is not None:
             self.outcomes.dead_letter(segments, self.broken, None)
             return
@@ -166,6 +174,7 @@ class Recovery:
             requeued = 0
             if restart:
                 restart = self._replace(i)
+                self.dispatcher.defined[i] = 0  # the replacement has no definitions yet
                 # Only queued (recycled, or killed between batches): they keep their place
                 # ahead of later adds. A crashed batch's items go first, the long way.
                 if restart and queued and not inside and self._requeue(i, queued):

@@ -4,13 +4,14 @@ in stream order, failures as BatchFailed made of strings (they always pickle and
 
 from __future__ import annotations
 
+import pickle
 import traceback
 from collections.abc import Mapping
 from itertools import islice
 from typing import Any
 
 from . import transport as tp
-from .errors import BatchFailed
+from .errors import BatchFailed, MpbatchError, SerializationError
 
 
 def qualname(exc: BaseException) -> str:
@@ -91,3 +92,90 @@ def unpicklable(results: dict | None, batch: dict) -> str:
                 except Exception as exc:
                     return f"key {key!r}: {type(value).__name__} ({type(exc).__name__}: {exc})"
     return "unknown item"
+
+
+class ItemFailed:
+    """An item's result that is an error: ``error`` (BatchFailed, or SerializationError for a
+    result that would not pickle; strings only: it always crosses), and ``original``, the
+    exception itself pickled, when it pickles."""
+
+    __slots__ = ("error", "original")
+
+    def __init__(self, error: MpbatchError, original: bytes | None = None) -> None:
+        self.error = error
+        self.original = original
+
+    def __reduce__(self) -> tuple:
+        return (ItemFailed, (self.error, self.original))
+
+    @classmethod
+    def of(cls, exc: BaseException, where: str, keep: bool) -> ItemFailed:
+        """The failure of one call; ``keep``: also carry ``exc`` itself, pickled."""
+        original = None
+        if keep:
+            try:
+                original = pickle.dumps(exc, tp.PROTOCOL)
+            except BaseException:  # a user exception that does not pickle: its text will do
+                original = None
+        return cls(failure(exc, where), original)
+
+    def exception(self) -> BaseException:
+        """The error to give the caller: the original exception, with the worker's traceback
+        as its __cause__ (as ProcessPoolExecutor gives it), when it came and unpickles;
+        else the BatchFailed that describes it."""
+        if self.original is not None:
+            try:
+                exc = pickle.loads(self.original)
+            except BaseException:  # user code (__reduce__, __init__) in the caller
+                return self.error
+            if isinstance(exc, BaseException):
+                exc.__cause__ = self.error.__cause__
+                return exc
+        return self.error
+
+
+def item_failures(batch: dict, results: dict,
+                  parts: list) -> tuple[dict, dict, list[tuple[int, ItemFailed]] | None]:
+    """Split off the items whose result is an ItemFailed (a do() with per-item outcomes):
+    (batch and results without them, [(offset in the batch's stream order, ItemFailed)]),
+    or the batch and results as they are and None when none failed."""
+    if not any(type(r) is ItemFailed for rs in results.values() for r in rs):
+        return batch, results, None
+    failed = []
+    taken: dict = {}
+    offset = 0
+    for keys, lo, hi in parts:
+        for key in islice(keys, lo, hi):
+            j = taken.get(key, 0)
+            taken[key] = j + 1
+            result = results[key][j]
+            if type(result) is ItemFailed:
+                failed.append((offset, result))
+            offset += 1
+    kept_batch, kept_results = {}, {}
+    for key, rs in results.items():
+        keep = [j for j, result in enumerate(rs) if type(result) is not ItemFailed]
+        if keep:
+            values = batch[key]
+            kept_batch[key] = [values[j] for j in keep]
+            kept_results[key] = [rs[j] for j in keep]
+    return kept_batch, kept_results, failed
+
+
+def fail_unpicklable(results: dict, where: str) -> dict:
+    """Per-item outcomes: each result that will not pickle becomes that item's failure,
+    instead of failing its whole batch."""
+    out = {}
+    for key, rs in results.items():
+        kept = []
+        for result in rs:
+            try:
+                pickle.dumps(result, tp.PROTOCOL)
+                kept.append(result)
+            except BaseException as exc:  # a result's __reduce__ is user code
+                error = SerializationError(
+                    f"the result of {where} for key {key!r:.80} cannot be pickled "
+                    f"({type(exc).__name__}: {exc}); return picklable results (plain data)")
+                kept.append(ItemFailed(error))
+        out[key] = kept
+    return out

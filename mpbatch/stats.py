@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Stats:
-    """What the Batcher has done so far; ``accepted == succeeded + dead_lettered + pending``."""
+    """What the Batcher has done so far; ``accepted == succeeded + dead_lettered + pending``
+    (``+ cancelled``, which only mpbatch.run() makes nonzero)."""
 
     accepted: int
     """Items taken by add()/submit()/add_many()."""
@@ -16,6 +18,8 @@ class Stats:
     """Items whose batch returned without error."""
     dead_lettered: int
     """Items that ran out of attempts (or could never run); see dead_letters()."""
+    cancelled: int
+    """Items cancelled before they started (mpbatch.run() after a Ctrl-C); 0 otherwise."""
     pending: int
     """Items accepted whose outcome is not known yet."""
     batches: int
@@ -36,6 +40,37 @@ class Stats:
     """Worker processes the Batcher runs."""
 
 
+class BatchLog:
+    """Sizes and do() times of the batches so far, in bounded memory (collector thread).
+
+    Counts per size are exact while there are at most SIZES distinct sizes (a stream has
+    few: ``size``, and what interval or a flush cut short); do() times are a uniform sample
+    of at most SAMPLE batches (reservoir sampling), the largest kept exactly.
+    """
+
+    SIZES = 4096
+    SAMPLE = 8192
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sizes: dict[int, int] = {}  # items in a batch -> batches of that size
+        self.times_ns: list[int] = []  # sample of do() times
+        self.max_ns = 0
+        self._rng = random.Random(0)
+
+    def add(self, n: int, ns: int) -> None:
+        self.count += 1
+        if n in self.sizes or len(self.sizes) < self.SIZES:
+            self.sizes[n] = self.sizes.get(n, 0) + 1
+        self.max_ns = max(self.max_ns, ns)
+        if len(self.times_ns) < self.SAMPLE:
+            self.times_ns.append(ns)
+        else:
+            j = self._rng.randrange(self.count)
+            if j < self.SAMPLE:
+                self.times_ns[j] = ns
+
+
 class Accounts:
     """The live counters behind Stats, and the condition that flush()/add() wait on.
 
@@ -51,6 +86,7 @@ class Accounts:
         self.outstanding = 0  # sealed items without an outcome: sealed - succeeded - dead
         self.succeeded = 0
         self.dead_lettered = 0
+        self.cancelled = 0
         self.batches = 0
         self.retries = 0
         self.worker_restarts = 0
@@ -61,6 +97,7 @@ class Accounts:
         self.unresolved: dict[int, int] = {}  # flush epoch -> items without an outcome
         self.waiters = 0  # threads inside changed.wait(); skip notify when none
         self.flushing_through = -1  # a flush() waits for the epochs up to this one
+        self.batch_log = BatchLog()  # written by the collector only: no lock
 
     def seal(self, n: int, epoch: int) -> None:
         """n items of ``epoch`` left an open chunk (hold ``lock``)."""
@@ -68,8 +105,10 @@ class Accounts:
         self.outstanding += n
         self.unresolved[epoch] = self.unresolved.get(epoch, 0) + n
 
-    def settle(self, epochs: list[tuple[int, int]], ok: bool, batches: int = 0) -> None:
-        """(epoch, n) pairs reached an outcome: succeeded if ``ok``, else dead-lettered."""
+    def settle(self, epochs: list[tuple[int, int]], ok: bool, batches: int = 0,
+               cancelled: bool = False) -> None:
+        """(epoch, n) pairs reached an outcome: succeeded if ``ok``, else dead-lettered (or
+        ``cancelled``)."""
         with self.lock:
             self.batches += batches
             total = 0
@@ -83,6 +122,8 @@ class Accounts:
             self.outstanding -= total
             if ok:
                 self.succeeded += total
+            elif cancelled:
+                self.cancelled += total
             else:
                 self.dead_lettered += total
             if self.waiters:
@@ -105,7 +146,9 @@ class Accounts:
         accepted = self.sealed + unsealed
         return Stats(
             accepted=accepted, succeeded=self.succeeded, dead_lettered=self.dead_lettered,
-            pending=accepted - self.succeeded - self.dead_lettered, batches=self.batches,
+            cancelled=self.cancelled,
+            pending=accepted - self.succeeded - self.dead_lettered - self.cancelled,
+            batches=self.batches,
             retries=self.retries, worker_restarts=self.worker_restarts,
             failed_attempts=self.failed_attempts, redelivered=self.redelivered,
             splits=self.splits, recycled=self.recycled, workers=workers)

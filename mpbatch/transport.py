@@ -14,16 +14,25 @@ caller -> worker (item pipe i)
                                                             flags SOLO, ITEM_RESULTS, FULL
     FLUSH  -                                                run what you hold now
     STOP   -                                                run what you hold, then exit
+    DEFINE n=token | cloudpickle(object)                    keep it as definitions[token]
+                                                            (mpbatch.Executor's functions:
+                                                            each sent once per worker)
 worker -> caller (result pipe i)
     READY        pid                                        init() done, taking items
-    FINISHED     start, n | pickle((batch, grouped, items))  stream items [start, start+n) done
-    FAILED       start, n | pickle(error)                   that attempt failed
+    FINISHED     start, n, ns | pickle((batch, grouped, items, failed))
+                                                            stream items [start, start+n) done,
+                                                            ns nanoseconds inside do()
+    FAILED       start, n, ns | pickle(error)               that attempt failed
     INIT_FAILED  pid      | pickle(error)                   init() raised; the worker exits
+    CANCELLED    start, n                                   not run: the caller cancelled
 
 FINISHED carries ``batch`` and ``grouped`` (a list of result lists, in the order of batch's
 keys) when on_result needs them, and ``items`` (one result per item, in stream order) when a
-chunk asked for ITEM_RESULTS. The caller matches results by position, never by looking a
-key up: a key that is not equal to itself (nan) would not be found again after pickling.
+chunk asked for ITEM_RESULTS. ``failed`` is None, or, from a do() with per-item outcomes
+(peritem.py), [(offset, ItemFailed)] for the items that failed alone: they are left out of
+``batch`` and ``grouped`` and are None in ``items``. The caller matches results by
+position, never by looking a key up: a key that is not equal to itself (nan) would not be
+found again after pickling.
 
 ``start`` is a position in the worker's item stream: the items of its chunks, in the order
 they were sent. A batch is always a contiguous run of that stream, so two integers name
@@ -42,15 +51,15 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 SMALL_FRAME_ITEMS = 16  # frames of up to this many items pickle the plain way
 
 # caller -> worker
-CHUNK, FLUSH, STOP = 1, 2, 3
+CHUNK, FLUSH, STOP, DEFINE = 1, 2, 3, 4
 SOLO = 1  # flag: run this chunk as a batch of its own (a retry), not merged with others
 ITEM_RESULTS = 2  # flag: some item has a Future: report results item by item, in order
 FULL = 4  # flag: no more items can join this chunk's batch (max_bytes, a full buffer): run it
 _TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
 
 # worker -> caller
-READY, FINISHED, FAILED, INIT_FAILED = 1, 2, 3, 4
-_TO_CALLER = struct.Struct("<Bqq")  # kind, start (or pid), n
+READY, FINISHED, FAILED, INIT_FAILED, CANCELLED = 1, 2, 3, 4, 5
+_TO_CALLER = struct.Struct("<Bqqq")  # kind, start (or pid), n, ns inside do()
 
 TO_WORKER_SIZE = _TO_WORKER.size
 TO_CALLER_SIZE = _TO_CALLER.size
@@ -141,21 +150,26 @@ def _dumps_after(head: bytes, obj: Any, items: int) -> bytes:
     return buf.getvalue()
 
 
+def define_frame(token: int, blob: bytes) -> bytes:
+    """A DEFINE frame, on the wire: ``blob`` is an object pickled with cloudpickle."""
+    return wire(_TO_WORKER.pack(DEFINE, 0, token, 0) + blob)
+
+
 def read_to_worker(frame: bytes) -> tuple[int, int, int, int]:
     """(kind, flags, n, deadline_ns) of a caller -> worker frame."""
     return _TO_WORKER.unpack_from(frame)
 
 
-def caller_frame(kind: int, start: int, n: int, payload: Any = None) -> bytes:
+def caller_frame(kind: int, start: int, n: int, payload: Any = None, ns: int = 0) -> bytes:
     """A worker -> caller frame, on the wire; pickling ``payload`` may raise."""
-    head = _TO_CALLER.pack(kind, start, n)
+    head = _TO_CALLER.pack(kind, start, n, ns)
     if payload is None:
         return wire(head)
     return _dumps_after(head, payload, n)
 
 
-def read_to_caller(frame: bytes) -> tuple[int, int, int]:
-    """(kind, start, n) of a worker -> caller frame."""
+def read_to_caller(frame: bytes) -> tuple[int, int, int, int]:
+    """(kind, start, n, ns) of a worker -> caller frame."""
     return _TO_CALLER.unpack_from(frame)
 
 

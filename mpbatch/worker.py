@@ -10,6 +10,7 @@ another worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -26,10 +27,27 @@ from typing import Any, NoReturn
 import cloudpickle
 
 from . import transport as tp
-from .counters import B_END, B_START, BATCHES, BUSY_NS, CELLS, DONE, WORK_NS, LoadCounters
+from .counters import (
+    B_END,
+    B_START,
+    BATCHES,
+    BUSY_NS,
+    CANCEL,
+    CELLS,
+    DONE,
+    WORK_NS,
+    LoadCounters,
+)
 from .errors import BatchFailed, SerializationError
 from .inlet import TICK, Inlet
-from .results import checked_results, failure, in_stream_order, unpicklable
+from .results import (
+    checked_results,
+    fail_unpicklable,
+    failure,
+    in_stream_order,
+    item_failures,
+    unpicklable,
+)
 
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 70  # the caller died; see _exit_with_caller
@@ -50,6 +68,19 @@ class WorkerConfig:
 
 
 PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
+
+# token -> what the caller defined for this worker (DEFINE frames), pickled; a do() reads it
+# with defined(). mpbatch.Executor sends each function here once per worker.
+DEFINITIONS: dict[int, Any] = {}
+
+
+def defined(token: int) -> Any:
+    """The object the caller defined as ``token``, unpickled on first use (raises what
+    unpickling raises: a function whose module this worker cannot import, say)."""
+    value = DEFINITIONS[token]
+    if type(value) is bytes:
+        value = DEFINITIONS[token] = cloudpickle.loads(value)
+    return value
 
 
 def main(index: int, items: Connection, drain: Connection, results: Connection,
@@ -155,6 +186,8 @@ class _Loop:
         self.size = config.size
         self.max_bytes = config.max_bytes
         self.want_values = config.want_values
+        # A do() with per-item outcomes (peritem.PerItem): look for ItemFailed results.
+        self.per_item = bool(getattr(config.do, "per_item_outcomes", False))
         self.max_batches = config.max_batches
         self.max_rss = config.max_rss
         self.batches = 0
@@ -188,6 +221,8 @@ class _Loop:
                 return False
             if kind == tp.FLUSH:
                 self._flush()
+            elif kind == tp.DEFINE:
+                DEFINITIONS[n] = memoryview(frame)[tp.TO_WORKER_SIZE:].tobytes()
             else:
                 self._take_chunk(frame, flags, n, deadline)
 
@@ -328,6 +363,9 @@ class _Loop:
                                                                     self.pos)
         self.held_parts, self.held_want = [], False
         cells, base = self.cells, self.base
+        if cells[base + CANCEL]:  # the caller stops: what is held is not started
+            self._send(tp.caller_frame(tp.CANCELLED, start, n), n)
+            return
         # The caller reads these after a death or on a timeout: which items were inside do().
         cells[base + B_START] = start
         cells[base + B_END] = start + n
@@ -337,7 +375,8 @@ class _Loop:
             results, error = checked_results(batch, result)
         except BaseException as exc:  # SystemExit too: do() ending the worker is a failure
             results, error = None, failure(exc)
-        frame = self._outcome_frame(start, n, batch, results, error, parts if want else None)
+        ns = time.monotonic_ns() - began
+        frame = self._outcome_frame(start, n, batch, results, error, parts, want, ns)
         cells[base + WORK_NS] += time.monotonic_ns() - began  # before DONE: the pacer's cost
         cells[base + BUSY_NS] = 0
         cells[base + BATCHES] += 1
@@ -345,21 +384,42 @@ class _Loop:
         self._send(frame, n)
 
     def _outcome_frame(self, start: int, n: int, batch: dict, results: dict | None,
-                       error: BaseException | None, parts: list | None) -> bytes:
+                       error: BaseException | None, parts: list, want: bool, ns: int) -> bytes:
         if error is None:
-            grouped = items = None
-            if results is not None:
-                grouped = list(results.values()) if self.want_values else None
-                items = in_stream_order(parts, results) if parts is not None else None
-            payload = (batch if self.want_values else None, grouped, items)
             try:
-                return tp.caller_frame(tp.FINISHED, start, n, payload)
-            except BaseException as exc:
-                error = SerializationError(
-                    f"a result of do() cannot be pickled, {unpicklable(results, batch)}; return "
-                    f"picklable results (plain data), or None")
-                error.__cause__ = exc
-        return tp.caller_frame(tp.FAILED, start, n, error)
+                return self._finished_frame(start, n, batch, results, parts, want, ns)
+            except BaseException as exc:  # a result's __reduce__ is user code
+                cause = exc
+            if self.per_item and results is not None:
+                # Per-item outcomes: only the items whose results do not pickle fail.
+                where = getattr(self.do, "where", "do()")
+                with contextlib.suppress(BaseException):
+                    return self._finished_frame(start, n, batch,
+                                                fail_unpicklable(results, where), parts,
+                                                want, ns)
+            error = SerializationError(
+                f"a result of do() cannot be pickled, {unpicklable(results, batch)}; "
+                f"return picklable results (plain data), or None")
+            error.__cause__ = cause
+        return tp.caller_frame(tp.FAILED, start, n, error, ns)
+
+    def _finished_frame(self, start: int, n: int, batch: dict, results: dict | None,
+                        parts: list, want: bool, ns: int) -> bytes:
+        """FINISHED: values and results as on_result and futures need them; with per-item
+        outcomes, the items that failed alone apart (see transport)."""
+        grouped = items = failed = None
+        if results is not None:
+            kept_batch, kept = batch, results
+            if self.per_item:
+                kept_batch, kept, failed = item_failures(batch, results, parts)
+            if self.want_values:
+                batch, grouped = kept_batch, list(kept.values())
+            if want:
+                items = in_stream_order(parts, results)
+                for offset, _ in failed or ():
+                    items[offset] = None
+        payload = (batch if self.want_values else None, grouped, items, failed)
+        return tp.caller_frame(tp.FINISHED, start, n, payload, ns)
 
     def _send(self, frame: bytes, n: int) -> None:
         # Done before the report is sent: a caller that reacts to the result must already
