@@ -302,3 +302,46 @@ def crash_first_when_gated(fifo, gate, marker_dir):
         os._exit(3)
 
     return once_then(marker_dir, crash)
+
+
+# -- per-item functions (mpbatch.peritem.PerItem) --------------------------------------------
+
+def square_unless_bad(x):
+    """One item: its square; raises for 13, exits the worker for -1, and returns an
+    unpicklable result for 'lock'."""
+    if x == 13:
+        raise ValueError("unlucky 13")
+    if x == -1:
+        os._exit(9)
+    if x == "lock":
+        return threading.Lock()
+    return x * x
+
+
+def scaled(x, state):
+    return x * state["factor"]
+
+
+def double_rows(batch):
+    """do() for rows (dicts with "n"): each row's n doubled."""
+    return {k: [row["n"] * 2 for row in rows] for k, rows in batch.items()}
+
+
+def double_n(row):
+    """One row: n doubled; raises on n == 13."""
+    if row["n"] == 13:
+        raise ValueError("unlucky 13")
+    return row["n"] * 2
+
+
+def slow_n(row):
+    """One row: n, after ~20 ms (a job long enough to kill or interrupt)."""
+    time.sleep(0.02)
+    return row["n"]
+
+
+def fails_unless_fixed(row):
+    """One row: n; raises unless the file named by $MPBATCH_FIXED exists (replay fixes it)."""
+    if not os.path.exists(os.environ.get("MPBATCH_FIXED", "/nonexistent")):
+        raise RuntimeError("not fixed yet")
+    return row["n"]
