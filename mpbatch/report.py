@@ -116,8 +116,9 @@ class Report:
         plt = pyplot()
         fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
         times = [s.t for s in self.timeline]
-        rates = [0.0] + [(b.done - a.done) / max(b.t - a.t, 1e-9)
-                         for a, b in zip(self.timeline, self.timeline[1:], strict=False)]
+        starts = [Sample(0.0, 0, []), *self.timeline]  # the rate up to each look
+        rates = [(b.done - a.done) / max(b.t - a.t, 1e-9)
+                 for a, b in zip(starts, self.timeline, strict=False)]
         top.plot(times, rates, color="tab:blue")
         top.set_ylabel("items/s")
         top.set_title(f"{self.succeeded:,} succeeded, {self.dead_lettered:,} dead-lettered "
