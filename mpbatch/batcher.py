@@ -88,6 +88,10 @@ class Batcher:
     timeout: seconds one do() call may run before its worker is killed (default None).
     on_result(key, values, results) / on_dead_letter(dead_letter): run in the caller, on
         the collector thread; keep them quick. Exceptions are logged, not raised.
+    on_batch(batch, results): once per finished batch, with the dicts do() received and
+        returned (results None when do() returned None): the bulk alternative to on_result,
+        one call per batch instead of one per key (a million distinct keys: a million
+        calls). Items that failed alone (per-item outcomes) are not in it.
     init: called once per worker process; its return value is do()'s second argument.
     start_method: "zygote" (a fork of the caller, made before its threads, forks every
         worker: the default while the process has one thread), "forkserver" (the default
@@ -116,6 +120,7 @@ class Batcher:
         retry_backoff: float = 0.1,
         timeout: float | None = None,
         on_result: Callable[[Any, list, list | None], None] | None = None,
+        on_batch: Callable[[dict, dict | None], None] | None = None,
         on_dead_letter: Callable[[DeadLetter], None] | None = None,
         init: Callable[[], Any] | None = None,
         start_method: str | None = None,
@@ -129,7 +134,8 @@ class Batcher:
         self._options = options.checked(
             size=size, max_bytes=max_bytes, interval=interval, workers=workers, buffer=buffer,
             routing=routing, max_attempts=max_attempts, retry_backoff=retry_backoff,
-            timeout=timeout, on_result=on_result, on_dead_letter=on_dead_letter, init=init,
+            timeout=timeout, on_result=on_result, on_batch=on_batch,
+            on_dead_letter=on_dead_letter, init=init,
             start_method=start_method, isolate_poison=isolate_poison,
             max_batches_per_worker=max_batches_per_worker, max_rss=max_rss,
             dead_letters=dead_letters)
@@ -305,7 +311,8 @@ class Batcher:
         """Callbacks run in the collector thread, the one that records outcomes and frees
         room: a wait there for either would never end."""
         if threading.current_thread() is self._collector:
-            raise RuntimeError(f"{what} inside on_result or on_dead_letter: {advice}")
+            raise RuntimeError(f"{what} inside on_result, on_batch or on_dead_letter: "
+                               f"{advice}")
 
     def _refuse_to_wait_for_room_in_a_callback(self, what: str) -> None:
         self._refuse_in_a_callback(f"{what} cannot wait for room", "only the thread running "

@@ -30,7 +30,7 @@ STOP_GRACE = 5.0  # seconds close() gives idle workers to exit before killing th
 def worker_config(do: Callable[..., Any], opts: Options) -> bytes:
     """What every worker needs (do, init and the batch limits), pickled once."""
     config = WorkerConfig(do, opts.init, opts.batch_items, opts.max_bytes,
-                          want_values=opts.on_result is not None,
+                          want_values=opts.want_values,
                           max_batches=opts.max_batches_per_worker, max_rss=opts.max_rss)
     try:
         return cloudpickle.dumps(config)

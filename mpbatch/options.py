@@ -34,6 +34,7 @@ class Options:
     retry_backoff: float
     timeout: float | None
     on_result: Callable[[Any, list, list | None], None] | None
+    on_batch: Callable[[dict, dict | None], None] | None
     on_dead_letter: Callable[[DeadLetter], None] | None
     init: Callable[[], Any] | None
     start_method: str | None
@@ -41,6 +42,11 @@ class Options:
     max_batches_per_worker: int | None
     max_rss: int | None
     dead_letters: str | None
+
+    @property
+    def want_values(self) -> bool:
+        """Someone receives each batch's values and results: workers send them back."""
+        return self.on_result is not None or self.on_batch is not None
 
     @property
     def batch_items(self) -> int:
@@ -62,6 +68,7 @@ def checked(**given: Any) -> Options:
         retry_backoff=check_number("retry_backoff", given["retry_backoff"], positive=False),
         timeout=check_number("timeout", given["timeout"], positive=True, optional=True),
         on_result=check_callable("on_result", given["on_result"]),
+        on_batch=check_callable("on_batch", given["on_batch"]),
         on_dead_letter=check_callable("on_dead_letter", given["on_dead_letter"]),
         init=check_callable("init", given["init"]),
         start_method=check_start_method(given["start_method"]),

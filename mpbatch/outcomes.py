@@ -39,11 +39,23 @@ class Outcomes:
 
     def succeeded(self, segments: list[Segment], batch: dict | None, grouped: list | None,
                   items: list | None) -> None:
-        """A batch returned: on_result per key, each future its own result, the counts."""
+        """A batch returned: on_batch, on_result per key, each future its own result, the
+        counts."""
+        if self.options.on_batch is not None and batch is not None:
+            self._call_on_batch(batch, grouped)
         if self.options.on_result is not None and batch is not None:
             self._call_on_result(batch, grouped)
         _resolve_futures(segments, items)
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True, batches=1)
+
+    def _call_on_batch(self, batch: dict, grouped: list | None) -> None:
+        on_batch = self.options.on_batch
+        assert on_batch is not None
+        results = None if grouped is None else dict(zip(batch, grouped, strict=True))
+        try:
+            on_batch(batch, results)
+        except BaseException:  # sys.exit() too: it would end this thread, and every outcome
+            log.exception("mpbatch: on_batch raised; its items still count as succeeded")
 
     def _call_on_result(self, batch: dict, grouped: list | None) -> None:
         on_result = self.options.on_result

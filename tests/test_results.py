@@ -199,3 +199,43 @@ def test_flush_inside_a_callback_is_refused_not_deadlocked(batcher_factory, capl
     b.flush()
     assert fut.result() == 2
     assert "cannot run inside on_result" in caplog.text
+
+
+def test_on_batch_gets_each_batch_as_do_got_and_returned_it(batcher_factory):
+    batches = []
+    b = batcher_factory(fns.double, size=10, workers=2, interval=60,
+                        on_batch=lambda batch, results: batches.append((batch, results)))
+    b.add_many((f"k{i}", i) for i in range(1000))  # every key distinct
+    b.flush()
+    assert sum(len(batch) for batch, _ in batches) == 1000
+    assert len(batches) == b.stats().batches <= 110  # one call per batch, not per key
+    for batch, results in batches:
+        assert results == {k: [2 * v for v in vs] for k, vs in batch.items()}
+
+
+def test_on_batch_gets_none_when_do_returns_none_and_leaves_failed_items_out(batcher_factory):
+    from mpbatch.peritem import PerItem
+
+    seen = []
+    b = batcher_factory(fns.nothing, size=5, workers=1, on_batch=lambda b, r: seen.append(r))
+    b.add_many(("k", i) for i in range(5))
+    b.flush()
+    assert seen == [None]
+    got = []
+    c = batcher_factory(PerItem(fns.square_unless_bad), size=4, workers=1,
+                        on_batch=lambda batch, results: got.append((batch, results)))
+    c.add_many(("k", v) for v in (12, 13, 14, 15))
+    c.flush()
+    assert got == [({"k": [12, 14, 15]}, {"k": [144, 196, 225]})]
+
+
+def test_an_on_batch_that_raises_is_logged_and_its_items_succeed(batcher_factory, caplog):
+    def on_batch(batch, results):
+        raise SystemExit("from on_batch")
+
+    b = batcher_factory(fns.double, size=5, workers=1, on_batch=on_batch)
+    futs = [b.submit("k", i) for i in range(5)]
+    b.flush()
+    assert [f.result() for f in futs] == [0, 2, 4, 6, 8]
+    assert "on_batch raised" in caplog.text
+    assert b.stats().succeeded == 5
