@@ -1,8 +1,15 @@
 """mpbatch: keyed batch processing across worker processes.
 
-Modules form a straight pipeline with no import cycles:
-batcher -> dispatch -> transport -> worker -> collector, with counters, errors, stats,
-ledger, deadletters and lifecycle beside them. See batcher.py for the data flow.
+Imports run one way, from the scripts layer down to the worker, with no cycle:
+
+    cli -> run, replay -> job, inputs, journal, progress, report -> batcher
+    executor -> maps, calls, futures -> batcher
+    batcher -> options, intake, bulk, closing, engine -> collector -> outcomes, recovery
+      -> dispatch, ledger, lifecycle, zygote, counters, transport -> worker -> inlet, results
+
+with errors, stats, deadletters and interrupts beside them (imported by many, importing
+none of the above). bulk and closing name the Batcher in type hints only. See batcher.py
+for the data flow, and run.py for a job's.
 
 The public names load on first use (PEP 562): a worker process imports ``mpbatch.worker``
 and, through this file, would otherwise import the whole caller side (the Batcher, its
@@ -16,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .batcher import Batcher
-    from .deadletters import DeadLetter
+    from .deadletters import DeadLetter, DeadLetterStore
     from .errors import (
         BatchFailed,
         BatchTimeout,
@@ -27,6 +34,9 @@ if TYPE_CHECKING:
         SerializationError,
         WorkerDied,
     )
+    from .executor import Executor
+    from .report import Report
+    from .run import run
     from .stats import Stats
 
 # public name -> the module that defines it
@@ -36,12 +46,16 @@ _HOMES = {
     "Batcher": "batcher",
     "Closed": "errors",
     "DeadLetter": "deadletters",
+    "DeadLetterStore": "deadletters",
+    "Executor": "executor",
     "Full": "errors",
     "ItemTooLarge": "errors",
     "MpbatchError": "errors",
+    "Report": "report",
     "SerializationError": "errors",
     "Stats": "stats",
     "WorkerDied": "errors",
+    "run": "run",
 }
 
 __all__ = [
@@ -50,20 +64,26 @@ __all__ = [
     "Batcher",
     "Closed",
     "DeadLetter",
+    "DeadLetterStore",
+    "Executor",
     "Full",
     "ItemTooLarge",
     "MpbatchError",
+    "Report",
     "SerializationError",
     "Stats",
     "WorkerDied",
+    "run",
 ]
 __version__ = "0.1.0"
 
 
-_MODULES = frozenset({"batcher", "bulk", "closing", "collector", "counters", "deadletters",
-                      "dispatch", "engine", "errors", "inlet", "intake", "interrupts", "ledger",
-                      "lifecycle", "options", "outcomes", "recovery", "results", "stats",
-                      "transport", "worker", "zygote"})
+_MODULES = frozenset({"batcher", "bulk", "calls", "cli", "closing", "collector", "counters",
+                      "deadletters", "dispatch", "engine", "errors", "executor", "futures",
+                      "inlet", "inputs",
+                      "intake", "interrupts", "job", "journal", "ledger", "lifecycle", "maps",
+                      "options", "outcomes", "peritem", "progress", "recovery", "replay",
+                      "report", "results", "stats", "transport", "worker", "zygote"})
 
 
 def __getattr__(name: str) -> Any:

@@ -22,15 +22,15 @@ from .report import Report, pyplot
 OK, DEAD, USAGE, INTERRUPTED = 0, 1, 2, 130
 
 RUN_EXAMPLE = """example:
-  mpbatch run examples/jobs.py:score examples/data/reviews.jsonl --key product \\
-      --output scores.jsonl --dead-letters failed.sqlite
-  (jobs.py:  def score(batch): return {key: [len(r["text"]) for r in rows]
-                                        for key, rows in batch.items()})"""
+  mpbatch run examples/jobs.py:fingerprint examples/data/requests.jsonl --key service \\
+      --output fingerprints.jsonl --dead-letters failed.sqlite
+  (jobs.py:  def fingerprint(batch): return {service: [digest(r) for r in requests]
+                                              for service, requests in batch.items()})"""
 DEAD_EXAMPLE = """example:
   mpbatch dead-letters failed.sqlite            a table, one row per item
   mpbatch dead-letters failed.sqlite --json     one JSON object per line"""
 REPLAY_EXAMPLE = """example:
-  mpbatch replay failed.sqlite examples/jobs.py:score --max-attempts 3
+  mpbatch replay failed.sqlite examples/jobs.py:fingerprint_one --per-item --max-attempts 3
   (items that now succeed leave the store; the others stay, with their new error)"""
 
 
@@ -56,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpbatch", description="Keyed batch jobs across worker processes.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    _run_parser(commands)
+    _dead_letters_parser(commands)
+    _replay_parser(commands)
+    return parser
+
+
+def _run_parser(commands: Any) -> None:
     run = commands.add_parser(
         "run", help="run FUNCTION on every item of INPUT", epilog=RUN_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="draw items/s and each worker's busy share (mpbatch[plot])")
     run.set_defaults(command=_run, name="run")
 
+
+def _dead_letters_parser(commands: Any) -> None:
     dead = commands.add_parser(
         "dead-letters", help="list the items kept in a dead-letter store", epilog=DEAD_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=None, help="show at most this many")
     dead.set_defaults(command=_dead_letters, name="dead-letters")
 
+
+def _replay_parser(commands: Any) -> None:
     replay = commands.add_parser(
         "replay", help="run the items of a dead-letter store again", epilog=REPLAY_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -106,7 +117,6 @@ def _parser() -> argparse.ArgumentParser:
                         help="FUNCTION takes one item and returns its result")
     _common(replay)
     replay.set_defaults(command=_replay, name="replay")
-    return parser
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -198,9 +198,11 @@ class Dispatcher:
 
     def _define(self, i: int) -> None:
         """Send worker i the definitions it lacks (hold its send lock)."""
-        for token, blob in self.definitions[self.defined[i]:]:
+        start = self.defined[i]
+        pending = self.definitions[start:]  # one that another thread adds now: next time
+        for token, blob in pending:
             self.pool.send(i, define_frame(token, blob))
-        self.defined[i] = len(self.definitions)
+        self.defined[i] = start + len(pending)
 
     def send_routed(self, segments: list[Segment], solo: bool = False) -> list[int]:
         """Route items that are already accepted (retries, re-sends) and send them.

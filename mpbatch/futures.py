@@ -85,6 +85,47 @@ class LightFuture(Future):
         if not self._finish(None, exception):
             super().set_exception(exception)
 
+    def cancel(self) -> bool:
+        """Future.cancel(), telling the waiters of wait() and as_completed() at once.
+
+        Future.cancel() leaves them to set_running_or_notify_cancel(), which an executor
+        calls when it takes the call off its queue; nothing in mpbatch does, so they would
+        wait for a cancelled future forever. Nothing runs here before they are told, not
+        even a done-callback (one that waits on this future would wait forever too).
+        """
+        with self._condition:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state == PENDING:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                self._condition.notify_all()
+            else:
+                return True  # cancelled before: its callbacks have run
+        self._invoke_callbacks()
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """The call is on its way to a worker: True, and cancel() fails from now on; False
+        if it was cancelled (its waiters are told), and it must not run."""
+        with _LAZY:
+            if self._cond is None and self._state == PENDING:  # (cancel() makes the cond)
+                self._state = RUNNING
+                return True
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+            if self._state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                return False
+            if self._state == CANCELLED_AND_NOTIFIED:
+                return False
+        raise RuntimeError(f"Future in unexpected state: {self._state}")
+
     # Reads of the state need no lock: it is one attribute, written once it is final.
     def done(self) -> bool:
         return self._state in _DONE

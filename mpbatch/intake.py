@@ -228,8 +228,10 @@ class Intake:
         within interval."""
         self.collector.poke()  # type: ignore[union-attr]
 
-    def take(self, chunk: OpenChunk) -> Segment | None:
-        """Seal ``chunk`` into a segment of the current epoch (hold the lock)."""
+    def take(self, chunk: OpenChunk, sending: bool = True) -> Segment | None:
+        """Seal ``chunk`` into a segment of the current epoch (hold the lock). ``sending``:
+        it goes to a worker now, so its futures are running (cancel() fails from now on),
+        and the items whose futures were cancelled are left out, cancelled."""
         deadline = chunk.deadline
         keys, values, sizes, futures = chunk.take()
         if chunk.entries:  # added while we took: they open the next chunk
@@ -237,7 +239,22 @@ class Intake:
         if not keys:
             return None
         self.accounts.seal(len(keys), self.epoch)
+        if futures is not None and sending:
+            keys, values, sizes, futures = self._running(keys, values, sizes, futures)
+            if not keys:
+                return None
         return Segment(keys, values, sizes, futures, 0, self.epoch, deadline)
+
+    def _running(self, keys: list, values: list, sizes: list | None,
+                 futures: list) -> tuple[list, list, list | None, list]:
+        """Mark futures running; drop (and count as cancelled) the items of cancelled ones."""
+        keep = [j for j, fut in enumerate(futures)
+                if fut is None or fut.set_running_or_notify_cancel()]
+        if len(keep) == len(keys):
+            return keys, values, sizes, futures
+        self.accounts.settle([(self.epoch, len(keys) - len(keep))], ok=False, cancelled=True)
+        return ([keys[j] for j in keep], [values[j] for j in keep],
+                None if sizes is None else [sizes[j] for j in keep], [futures[j] for j in keep])
 
     def seal(self, chunk: OpenChunk, full: bool = False) -> None:
         """Send an open chunk to its worker (hold the lock). ``full``: no more items can
@@ -260,7 +277,7 @@ class Intake:
     def take_all(self) -> list[Segment]:
         """Take the items of every open chunk, never to be sent (hold the lock): close()
         dead-letters them once the workers are gone."""
-        leftovers = [seg for chunk in self.open for seg in [self.take(chunk)] if seg]
+        leftovers = [seg for chunk in self.open for seg in [self.take(chunk, False)] if seg]
         self.sealed_off = True  # nothing is sealed after the leftovers: Closing.withdrawn
         return leftovers
 

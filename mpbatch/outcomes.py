@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from .deadletters import DeadLetter, DeadLetterStore
@@ -100,8 +100,8 @@ class Outcomes:
             return
         for seg in segments:
             for fut in seg.futures or ():
-                if fut is not None:
-                    fut.cancel()
+                if fut is not None and not fut.cancel():  # running: sent to a worker
+                    _set(fut, exception=CancelledError())
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=False,
                              cancelled=True)
 

@@ -14,6 +14,7 @@ from .errors import Closed
 from .job import Job
 from .progress import Monitor, wants_bar
 from .report import Report
+from .run import drive, finished
 
 
 def replay(path: str | os.PathLike[str], fn: Callable[..., Any], *, per_item: bool = False,
@@ -56,32 +57,19 @@ def _replay_part(store: DeadLetterStore, rows: dict, fn: Callable[..., Any],
     b = Batcher(job, on_result=on_result, on_dead_letter=on_dead_letter, **options)
     monitor = Monitor(b, None, len(rows), wants_bar(progress))
     started = time.monotonic()
-    interrupted = False
     try:
-        b.start()
-        monitor.start()
-        b.add_many(_pairs(rows, fmt))
-        b.flush()
-    except KeyboardInterrupt:
-        interrupted = True
-        b._closing.cancel()
+        interrupted = drive(b, monitor, _pairs(rows, fmt))
     finally:
-        monitor.stop()
-        b.close()
         store.delete(done)
     s = b.stats()
     wall = time.monotonic() - started
-    report = Report(accepted=s.accepted, succeeded=s.succeeded,
-                    dead_lettered=s.dead_lettered, cancelled=s.cancelled, pending=s.pending,
-                    wall_s=wall, items_per_s=(s.succeeded + s.dead_lettered) / wall,
-                    batches=s.batches, retries=s.retries, failed_attempts=s.failed_attempts,
-                    worker_restarts=s.worker_restarts, splits=s.splits,
-                    interrupted=interrupted, timeline=monitor.timeline)
-    if interrupted:
-        exc = KeyboardInterrupt()
-        exc.report = report  # type: ignore[attr-defined]
-        raise exc
-    return report
+    return finished(Report(
+        accepted=s.accepted, succeeded=s.succeeded, dead_lettered=s.dead_lettered,
+        cancelled=s.cancelled, pending=s.pending, wall_s=wall,
+        items_per_s=(s.succeeded + s.dead_lettered) / wall, batches=s.batches,
+        retries=s.retries, failed_attempts=s.failed_attempts,
+        worker_restarts=s.worker_restarts, splits=s.splits, interrupted=interrupted,
+        timeline=monitor.timeline))
 
 
 def _pairs(rows: dict, fmt: str | None) -> Iterator[tuple]:

@@ -76,52 +76,71 @@ def run_job(fn: Callable[..., Any], pairs: Iterable[tuple], *, name: str,
             job_id: str = "", blank: Callable[[], int] | None = None,
             **options: Any) -> Report:
     """run() and ``mpbatch run``: ``pairs`` are (caller key, (line, payload))."""
-    user_on_result = options.pop("on_result", None)
-    user_on_dead_letter = options.pop("on_dead_letter", None)
     out_path = None if output is None else os.fspath(output)
     if journal is not None and out_path in (None, "-"):
         raise ValueError("journal= (--resume) needs an output file: its journal records "
                          "which lines of it are done")
     sink = Output(out_path, None if journal is None else os.fspath(journal), job_id or name)
     store = None if dead_letters is None else DeadLetterStore(dead_letters)
-    job = Job(fn, name=name, per_item=per_item, fmt=fmt, header=header, key=field_key,
-              lines=out_path is not None, keep_values=user_on_result is not None,
-              results_too=user_on_result is not None and out_path is not None)
-    run_id = f"run-{uuid.uuid4().hex[:12]}"
-    tally = _Tally()
-    on_result = _on_result(sink, user_on_result, both=out_path is not None)
-    wanted = out_path is not None or user_on_result is not None or journal is not None
-    keep = _Keeper(store, run_id, fmt, header)
-    batcher = Batcher(job, on_result=on_result if wanted else None,
-                      on_dead_letter=_on_dead_letter(sink, keep, tally, user_on_dead_letter),
-                      **options)
-    monitor = Monitor(batcher, sink if journal is not None else None, total,
-                      wants_bar(progress))
-    started = time.monotonic()
+    try:
+        tally = _Tally()
+        job = Job(fn, name=name, per_item=per_item, fmt=fmt, header=header, key=field_key)
+        batcher = _batcher(job, sink, _Keeper(store, f"run-{uuid.uuid4().hex[:12]}", fmt,
+                                              header), tally, options)
+        monitor = Monitor(batcher, sink if journal is not None else None, total,
+                          wants_bar(progress))
+        started = time.monotonic()
+        interrupted = drive(batcher, monitor, _skipping(pairs, sink))
+    finally:
+        sink.close()
+        if store is not None:
+            store.close()
+    report = _report(batcher, monitor, time.monotonic() - started, tally, sink, store,
+                     out_path, interrupted)
+    report.blank_lines = blank() if blank is not None else 0
+    if monitor.error is not None:
+        raise OSError(f"the journal could not be written: {monitor.error}") from monitor.error
+    return finished(report)
+
+
+def _batcher(job: Job, sink: Output, keeper: _Keeper, tally: _Tally,
+             options: dict[str, Any]) -> Batcher:
+    """The job's Batcher: outcomes to the output, the journal, the store and the user's
+    callbacks (on_result gets the items and their results, as from a Batcher of its own)."""
+    user_on_result = options.pop("on_result", None)
+    user_on_dead_letter = options.pop("on_dead_letter", None)
+    writes = sink.path is not None
+    job.lines = writes
+    job.keep_values = user_on_result is not None
+    job.results_too = writes and user_on_result is not None
+    wanted = writes or user_on_result is not None or sink.journal is not None
+    return Batcher(job, on_result=_on_result(sink, user_on_result, writes) if wanted else None,
+                   on_dead_letter=_on_dead_letter(sink, keeper, tally, user_on_dead_letter),
+                   **options)
+
+
+def drive(batcher: Batcher, monitor: Monitor, items: Iterable[tuple]) -> bool:
+    """Feed ``items`` and wait for every outcome; True if a Ctrl-C stopped it: the batches
+    inside do() finished, and what had not started was cancelled (a second Ctrl-C, in the
+    close() that follows, gives up at once). Stops the monitor, closes the Batcher."""
     interrupted = False
     try:
         batcher.start()
         monitor.start()
-        batcher.add_many(_skipping(pairs, sink))
+        batcher.add_many(items)
         batcher.flush()
     except KeyboardInterrupt:
         interrupted = True
         batcher._closing.cancel()
     finally:
-        try:
-            monitor.stop()
-            batcher.close()  # after a Ctrl-C, a second one here gives up at once
-        finally:
-            sink.close()
-            if store is not None:
-                store.close()
-    report = _report(batcher, monitor, time.monotonic() - started, tally, sink, store,
-                     out_path, interrupted)
-    if blank is not None:
-        report.blank_lines = blank()
-    if monitor.error is not None:
-        raise OSError(f"the journal could not be written: {monitor.error}") from monitor.error
-    if interrupted:
+        monitor.stop()
+        batcher.close()
+    return interrupted
+
+
+def finished(report: Report) -> Report:
+    """The report, or KeyboardInterrupt carrying it (``.report``) if the run was stopped."""
+    if report.interrupted:
         exc = KeyboardInterrupt()
         exc.report = report  # type: ignore[attr-defined]
         raise exc

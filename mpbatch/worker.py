@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 import cloudpickle
 
 from . import transport as tp
+from .calls import DEFINITIONS
 from .counters import (
     B_END,
     B_START,
@@ -68,20 +69,6 @@ class WorkerConfig:
 
 
 PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
-
-# token -> what the caller defined for this worker (DEFINE frames), pickled; a do() reads it
-# with defined(). mpbatch.Executor sends each function here once per worker.
-DEFINITIONS: dict[int, Any] = {}
-
-
-def defined(token: int) -> Any:
-    """The object the caller defined as ``token``, unpickled on first use (raises what
-    unpickling raises: a function whose module this worker cannot import, say)."""
-    value = DEFINITIONS[token]
-    if type(value) is bytes:
-        value = DEFINITIONS[token] = cloudpickle.loads(value)
-    return value
-
 
 def main(index: int, items: Connection, drain: Connection, results: Connection,
          counters_name: str, workers: int, config_blob: bytes, caller_pid: int,
@@ -222,7 +209,7 @@ class _Loop:
             if kind == tp.FLUSH:
                 self._flush()
             elif kind == tp.DEFINE:
-                DEFINITIONS[n] = memoryview(frame)[tp.TO_WORKER_SIZE:].tobytes()
+                DEFINITIONS[n] = memoryview(frame)[tp.TO_WORKER_SIZE:].tobytes()  # calls.py
             else:
                 self._take_chunk(frame, flags, n, deadline)
 
