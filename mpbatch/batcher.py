@@ -46,13 +46,13 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
 from . import options
-from .bulk import Bulk, add_each
+from .bulk import Bulk, ColumnBulk, add_each
 from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
 from .collector import Collector
 from .deadletters import DeadLetter, open_store
@@ -367,6 +367,18 @@ class Batcher:
         with self._lock:
             self._intake.seal(self._open[0])  # items add()ed earlier go first
         return Bulk(self, iter(pairs), deadline).run()
+
+    def _add_columns(self, blocks: Iterator[tuple[list, list]]) -> int:
+        """add_many() for items that come as blocks of (keys, values) columns
+        (Executor.map): the same checks, room and pacing, with no step per item."""
+        if self._state is not RUNNING or self._collector.broken:  # type: ignore[union-attr]
+            self._ensure_running()
+        if len(self._open) > 1 or self._options.max_bytes is not None:
+            pairs = (pair for keys, values in blocks for pair in zip(keys, values, strict=True))
+            return add_each(self, pairs, None)
+        with self._lock:
+            self._intake.seal(self._open[0])  # items add()ed earlier go first
+        return ColumnBulk(self, blocks, None).run()
 
     # -- flush, stats ---------------------------------------------------------------------
 

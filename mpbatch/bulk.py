@@ -9,7 +9,7 @@ and max_bytes take add_each(): the checked add() path, one item at a time, still
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -111,11 +111,12 @@ class Bulk:
         # After PACE_WAIT without a wake-up, a batch and a half goes anyway: not one item.
         return min(room, allowed if allowed > 0 else pacer.floor)
 
-    def _send(self, keys: list, values: list, deadline_ns: int) -> None:
+    def _send(self, keys: list, values: list, deadline_ns: int, tag: int | None = None) -> None:
         try:
             if not PLAIN.issuperset(map(type, keys)):
                 dict.fromkeys(keys)  # every key hashable
-            frame = chunk_frame(keys, values, None, deadline_ns)
+            frame = chunk_frame(keys, values, None, deadline_ns,
+                                item_results=self.b._dispatcher.item_results)
         except Exception:
             self._send_good_prefix(keys, values, deadline_ns)
             return
@@ -125,7 +126,8 @@ class Bulk:
             try:
                 b._ensure_running()  # close() began or it stopped: raise Closed, nothing of
                 # this block taken
-                seg = Segment(keys, values, None, None, 0, b._intake.epoch, deadline_ns)
+                seg = Segment(keys, values, None, None, 0, b._intake.epoch, deadline_ns,
+                              tag=tag)
                 b._accounts.seal(len(keys), b._intake.epoch)
                 i = b._router.for_chunk()
             except BaseException:
@@ -153,6 +155,39 @@ class Bulk:
         for key, value in zip(keys, values, strict=True):
             self.b._accept(key, value, None, True, None)
             self.accepted += 1
+
+
+class ColumnBulk(Bulk):
+    """The block path for items that come as blocks of (keys, values, first tag) columns
+    already (Executor.map: its calls, numbered in order): nothing is done per item in
+    Python, and a segment's items are known by its first tag (Segment.tag)."""
+
+    def __init__(self, batcher: Batcher, blocks: Iterator[tuple[list, list, int]],
+                 deadline: float | None) -> None:
+        super().__init__(batcher, None, deadline)
+        self.blocks = blocks
+        self.keys: list = []  # taken from ``blocks``, not yet sent
+        self.values: list = []
+        self.tag = 0  # the first one's
+        self.pulled = 0  # the tag of the last block pulled
+        self.block = block_limit(batcher._options.batch_items)  # pulling costs nothing
+
+    def _pull(self, n: int) -> tuple[list, list, tuple | None]:
+        keys, values = self.keys, self.values
+        while len(keys) < n:
+            block = next(self.blocks, None)
+            if block is None:
+                break
+            if not keys:
+                self.tag = block[2]
+            keys += block[0]
+            values += block[1]
+        self.keys, self.values = keys[n:], values[n:]
+        self.pulled, self.tag = self.tag, self.tag + n
+        return keys[:n], values[:n], None
+
+    def _send(self, keys: list, values: list, deadline_ns: int, tag: int | None = None) -> None:
+        super()._send(keys, values, deadline_ns, self.pulled if tag is None else tag)
 
 
 def block_limit(size: int) -> int:

@@ -37,9 +37,9 @@ class Calls:
 
     A call is ``pickle((args, kwargs))`` (submit: pickled on its own, and its result too,
     so that an argument or a result that will not unpickle fails that call alone, not its
-    batch) or ``(tag, args)`` (map, ``tag`` = (map, index): the bulk path, pickled by the
-    block). After the batch, each value becomes its tag (or None): what travels back for
-    on_result is the map's bookkeeping, not the arguments.
+    batch) or ``args`` (map: the bulk path, pickled by the block). Results travel back one
+    per call, in stream order (Dispatcher.item_results): the caller matches them to its own
+    calls, so no argument travels twice.
     """
 
     per_item_outcomes = True  # the worker looks for ItemFailed among the results
@@ -53,17 +53,29 @@ class Calls:
             except BaseException as exc:  # the function cannot be unpickled here
                 failed = ItemFailed.of(exc, "unpickling the function", keep=True)
                 out[token] = [failed] * len(calls)
-                calls[:] = [tag_of(call) for call in calls]
                 continue
-            out[token] = [run_call(fn, call) for call in calls]
-            calls[:] = [tag_of(call) for call in calls]
+            if bytes not in map(type, calls):  # map()'s calls only: the loop inline
+                out[token] = _map_calls(fn, calls)
+            else:
+                out[token] = [run_call(fn, call) for call in calls]
         return out
 
 
-def run_call(fn: Callable[..., Any], call: Any) -> Any:
-    if type(call) is not bytes:  # map()'s (tag, args)
+def _map_calls(fn: Callable[..., Any], calls: list) -> list:
+    results = []
+    append = results.append
+    for args in calls:
         try:
-            return fn(*call[1])
+            append(fn(*args))
+        except BaseException as exc:  # SystemExit too: this call failed, not the worker
+            append(ItemFailed.of(exc, call_name(fn), keep=True))
+    return results
+
+
+def run_call(fn: Callable[..., Any], call: Any) -> Any:
+    if type(call) is not bytes:  # map()'s args
+        try:
+            return fn(*call)
         except BaseException as exc:  # SystemExit too: this call failed, not the worker
             return ItemFailed.of(exc, call_name(fn), keep=True)
     try:
@@ -82,12 +94,9 @@ def run_call(fn: Callable[..., Any], call: Any) -> Any:
             f"return picklable results (plain data)"))
 
 
+
 def call_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__name__', 'the call')}()"
-
-
-def tag_of(call: Any) -> Any:
-    return None if type(call) is bytes else call[0]
 
 
 class Initializer:

@@ -150,6 +150,9 @@ class Dispatcher:
         self.defined = [0] * counters.workers  # definitions worker i has (this incarnation)
         self.reject: Callable[[list[Segment], BaseException], None] = _no_reject
         self.stopped: BaseException | None = None  # the Batcher stopped: refuse every send
+        # Every chunk asks for one result per item, in stream order (Executor.map: results
+        # are matched to the caller's own values, which need not travel back).
+        self.item_results = False
 
     def held(self, i: int) -> int:
         return self.ledgers[i].held
@@ -253,8 +256,8 @@ class Dispatcher:
                 return good, None
             return self._frame(good, solo, full)
 
-    @staticmethod
-    def chunk_of(segments: list[Segment], solo: bool = False, full: bool = False) -> bytes:
+    def chunk_of(self, segments: list[Segment], solo: bool = False,
+                 full: bool = False) -> bytes:
         """The CHUNK frame of these segments, as one chunk; raises if an item does not
         pickle."""
         if len(segments) == 1:
@@ -266,8 +269,8 @@ class Dispatcher:
         if segments[0].sizes is not None:
             sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]
         deadline = min(s.deadline_ns for s in segments)
-        futures = any(s.futures is not None for s in segments)
-        return chunk_frame(keys, values, sizes, deadline, solo, futures, full)
+        items = self.item_results or any(s.futures is not None for s in segments)
+        return chunk_frame(keys, values, sizes, deadline, solo, items, full)
 
     def _drop_unpicklable(self, segments: list[Segment]) -> list[Segment]:
         """The slow path: an item that passed add() no longer pickles (mutated since)."""

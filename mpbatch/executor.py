@@ -30,14 +30,14 @@ from typing import Any
 import cloudpickle
 
 from .batcher import Batcher
-from .calls import Calls, Initializer, call_name, tag_of
-from .deadletters import DeadLetter
+from .calls import Calls, Initializer, call_name
 from .errors import BatchTimeout, Closed, SerializationError, WorkerDied
 from .futures import LightFuture
-from .maps import MapRun
+from .ledger import Segment
+from .maps import TAG_INDEX, TAG_SHIFT, MapRun, split_tag
 from .transport import PROTOCOL
 
-DEFAULT_SIZE = 256  # calls per batch: one pipe round trip carries this many
+DEFAULT_SIZE = 1024  # calls per batch: one pipe round trip carries this many
 DEFAULT_INTERVAL = 0.002  # s a lone call may wait for batch-mates
 # Calls in flight per worker before submit() waits: ProcessPoolExecutor's queue has no
 # bound; this one is only there to bound memory (a pending call costs ~200 bytes here).
@@ -91,7 +91,7 @@ class Executor(futures.Executor):
     max_workers, mp_context, initializer, initargs, max_tasks_per_child: as for
     ProcessPoolExecutor (mp_context chooses the start method; mpbatch's default is its
     zygote, see Batcher's start_method).
-    size: calls per batch (default 256); interval: seconds a call may wait for batch-mates
+    size: calls per batch (default 1024); interval: seconds a call may wait for batch-mates
         (default 0.002); max_attempts (default 1), timeout: seconds one call may run (its
         worker is killed; the call fails with CallTimeout), start_method, and any other
         Batcher option.
@@ -123,7 +123,6 @@ class Executor(futures.Executor):
             Calls(), workers=workers, size=size, interval=interval, start_method=start_method,
             buffer=buffer,
             init=None if initializer is None else Initializer(initializer, initargs),
-            on_result=_weakly(self._on_result), on_dead_letter=_weakly(self._on_dead_letter),
             **options)
         # Garbage collected without shutdown(): the workers finish what was submitted and
         # exit, as ProcessPoolExecutor's do. (The Batcher holds this executor only weakly:
@@ -191,7 +190,11 @@ class Executor(futures.Executor):
         token = self._by_digest.get(digest)
         if token is None:
             b = self._batcher.start()
-            b._collector.outcomes.keep_letters = False  # type: ignore[union-attr]  # futures do
+            outcomes = b._collector.outcomes  # type: ignore[union-attr]
+            outcomes.keep_letters = False  # the futures and maps hold every outcome
+            outcomes.on_items = _weakly(self._on_items)
+            outcomes.on_dead_segments = _weakly(self._on_dead_segments)
+            b._dispatcher.item_results = True
             token = self._by_digest[digest] = next(self._token_ids)
             b._dispatcher.define(token, blob)
         with contextlib.suppress(TypeError):
@@ -254,21 +257,28 @@ class Executor(futures.Executor):
 
     # -- outcomes (collector thread) -------------------------------------------------------
 
-    def _on_result(self, token: int, tags: list, results: list) -> None:
-        by_map: dict[int, list] = {}
-        for tag, result in zip(tags, results, strict=True):
-            if tag is not None:  # a map's call (submit()'s have futures)
-                by_map.setdefault(tag[0], []).append((tag[1], True, result))
-        self._deliver(by_map)
+    def _on_items(self, segments: list[Segment], results: list) -> None:
+        """A batch's results, one per call in stream order: each segment of map() calls
+        (numbered, Segment.tag) hands its run of them to its map, whole."""
+        pos = 0
+        maps = self._maps
+        for seg in segments:
+            n = len(seg)
+            if seg.tag is not None:  # submit()'s have futures instead
+                job = maps.get(seg.tag >> TAG_SHIFT)
+                if job is not None:
+                    job.deliver_run(seg.tag & TAG_INDEX, results[pos:pos + n])
+            pos += n
 
-    def _on_dead_letter(self, letter: DeadLetter) -> None:
+    def _on_dead_segments(self, segments: list[Segment], error: BaseException) -> None:
+        """Calls that failed (or were given up): map()'s raise it from their maps."""
         by_map: dict[int, list] = {}
-        error = _as_broken(letter.error)
-        for calls in letter.batch.values():
-            for call in calls:
-                tag = tag_of(call)
-                if tag is not None:
-                    by_map.setdefault(tag[0], []).append((tag[1], False, error))
+        error = _as_broken(error)
+        for seg in segments:
+            if seg.tag is not None:
+                ident, first = split_tag(seg.tag)
+                by_map.setdefault(ident, []).extend(
+                    (index, False, error) for index in range(first, first + len(seg)))
         self._deliver(by_map)
 
     def _deliver(self, by_map: dict[int, list]) -> None:

@@ -37,6 +37,9 @@ class Segment:
     """monotonic_ns by which the first item should be inside do() (interval)."""
     isolation: Isolation | None = None
     """Set once the items were in a batch that crashed: the split budget they share."""
+    tag: int | None = None
+    """An int that numbers these items, the first one's (Executor.map: its calls, which
+    come in order); None for items with no number."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -52,7 +55,8 @@ class Segment:
         return Segment(self.keys[lo:hi], self.values[lo:hi],
                        None if self.sizes is None else self.sizes[lo:hi],
                        None if self.futures is None else self.futures[lo:hi],
-                       self.attempts, self.epoch, self.deadline_ns, self.isolation)
+                       self.attempts, self.epoch, self.deadline_ns, self.isolation,
+                       None if self.tag is None else self.tag + lo)
 
 
 class Isolation:

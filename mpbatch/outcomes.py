@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,10 @@ class Outcomes:
         self.options = options
         self.letters: list[DeadLetter] = []  # every DeadLetter so far, oldest first
         self.keep_letters = True  # False: the Executor, whose futures hold every outcome
+        # Executor.map: each batch's segments (the caller's own values) and one result per
+        # item, in stream order (with Dispatcher.item_results).
+        self.on_items: Callable[[list[Segment], list], None] | None = None
+        self.on_dead_segments: Callable[[list[Segment], BaseException], None] | None = None
         self.store = store  # dead_letters=path: each letter is committed before it counts
         self.run_id = run_id
 
@@ -45,6 +50,8 @@ class Outcomes:
             self._call_on_batch(batch, grouped)
         if self.options.on_result is not None and batch is not None:
             self._call_on_result(batch, grouped)
+        if self.on_items is not None and items:
+            self.on_items(segments, items)  # not user code: the Executor's delivery
         _resolve_futures(segments, items)
         self.accounts.settle([(s.epoch, len(s)) for s in segments], ok=True, batches=1)
 
@@ -80,6 +87,8 @@ class Outcomes:
         # and its on_dead_letter run.
         if self.keep_letters:
             self.letters.append(letter)
+        if self.on_dead_segments is not None:
+            self.on_dead_segments(segments, error)  # not user code: the Executor's
         if self.store is not None:
             _keep_failed(self.store, letter, self.run_id)
         if self.options.on_dead_letter is not None:

@@ -72,6 +72,8 @@ def in_stream_order(parts: list, results: dict) -> list:
     Looks each item's own key object up, the object _hold grouped it by: a dict finds an
     object by identity first, so even a nan key (never equal to itself) finds its group.
     """
+    if len(results) == 1:  # one key: the order it was grouped in is the order it came in
+        return next(iter(results.values()))
     taken: dict = {}
     out = []
     for keys, lo, hi in parts:
@@ -139,7 +141,7 @@ def item_failures(batch: dict, results: dict,
     """Split off the items whose result is an ItemFailed (a do() with per-item outcomes):
     (batch and results without them, [(offset in the batch's stream order, ItemFailed)]),
     or the batch and results as they are and None when none failed."""
-    if not any(type(r) is ItemFailed for rs in results.values() for r in rs):
+    if not any(ItemFailed in map(type, rs) for rs in results.values()):  # per item: in C
         return batch, results, None
     failed = []
     taken: dict = {}

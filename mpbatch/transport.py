@@ -11,7 +11,8 @@ items it was about.
 caller -> worker (item pipe i)
     CHUNK  flags, n, deadline_ns | pickle((keys, values, sizes))  n items, as columns;
                                                             sizes None unless max_bytes;
-                                                            flags SOLO, ITEM_RESULTS, FULL
+                                                            flags SOLO, ITEM_RESULTS, FULL,
+                                                            ONE_KEY (keys is [key])
     FLUSH  -                                                run what you hold now
     STOP   -                                                run what you hold, then exit
     DEFINE n=token | cloudpickle(object)                    keep it as definitions[token]
@@ -55,6 +56,7 @@ CHUNK, FLUSH, STOP, DEFINE = 1, 2, 3, 4
 SOLO = 1  # flag: run this chunk as a batch of its own (a retry), not merged with others
 ITEM_RESULTS = 2  # flag: some item has a Future: report results item by item, in order
 FULL = 4  # flag: no more items can join this chunk's batch (max_bytes, a full buffer): run it
+ONE_KEY = 8  # flag: every item has the same key, sent once: keys is [key]
 _TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
 
 # worker -> caller
@@ -117,8 +119,14 @@ def chunk_frame(keys: list, values: list, sizes: list | None, deadline_ns: int,
     per item (3x faster, and no tuple for its cyclic GC to track).
     """
     flags = (SOLO if solo else 0) | (ITEM_RESULTS if item_results else 0) | (FULL if full else 0)
-    head = _TO_WORKER.pack(CHUNK, flags, len(keys), deadline_ns)
-    return _dumps_after(head, (keys, values, sizes), len(keys))
+    n = len(keys)
+    if n > 1 and keys[0] is keys[-1] and keys.count(keys[0]) == n:
+        # One key (an Executor's function, mpbatch run's null): sent once, not n times.
+        # Keys that are equal but not the same object would be grouped together anyway.
+        flags |= ONE_KEY
+        keys = keys[:1]
+    head = _TO_WORKER.pack(CHUNK, flags, n, deadline_ns)
+    return _dumps_after(head, (keys, values, sizes), n)
 
 
 def _dumps_after(head: bytes, obj: Any, items: int) -> bytes:

@@ -181,6 +181,7 @@ class _Loop:
         self.inlet = inlet
         self.held: defaultdict[Any, list] = defaultdict(list)  # do() gets a plain dict
         self.few_keys = False  # the last chunk brought few new keys: group it in C
+        self.one_key = False  # the chunk being held has one key for all its items
         self.held_n = 0
         self.held_bytes = 0
         self.held_start = 0  # stream position of the first held item
@@ -238,6 +239,9 @@ class _Loop:
         cells[base + B_END] = self.pos + n
         try:
             keys, values, sizes = tp.payload_of(frame, tp.TO_WORKER_SIZE)
+            self.one_key = bool(flags & tp.ONE_KEY)
+            if self.one_key:
+                keys = keys * n  # (in_stream_order reads each item's key)
             if len(keys) != n or len(values) != n:  # _hold pairs them up without a check
                 raise ValueError(f"a chunk of {n} items held {len(keys)} keys and "
                                  f"{len(values)} values")
@@ -297,6 +301,15 @@ class _Loop:
         self.held_want = self.held_want or want
         held = self.held
         groups = len(held)
+        self._group(held, keys, values, lo, hi)
+        self.few_keys = 4 * (len(held) - groups) < hi - lo  # for the next chunk
+        self.held_n += hi - lo
+        self.pos += hi - lo
+
+    def _group(self, held: defaultdict, keys: list, values: list, lo: int, hi: int) -> None:
+        if self.one_key:  # the whole chunk has one key: one extend, in C
+            held[keys[lo]].extend(islice(values, lo, hi))
+            return
         if lo or hi < len(keys):
             keys, values = islice(keys, lo, hi), islice(values, lo, hi)
         if self.few_keys:
@@ -311,9 +324,6 @@ class _Loop:
                     held[key] = [value]
                 else:
                     group.append(value)
-        self.few_keys = 4 * (len(held) - groups) < hi - lo  # for the next chunk
-        self.held_n += hi - lo
-        self.pos += hi - lo
 
     def _hold_by_count(self, keys: list, values: list, deadline: int, want: bool) -> None:
         i, n = 0, len(keys)
