@@ -150,6 +150,8 @@ def run_function(fn: str, n: int, rounds: int, args: argparse.Namespace) -> dict
     src = input_file(n)
     out = DATA / "out.jsonl"
     print(f"{fn}: {n:,} records from {src}", flush=True)
+    if not shutil.which("parallel"):
+        print("  GNU parallel is not installed: its contender is skipped", flush=True)
     block, tried = (sweep_blocks(fn, src, n, rounds, args.blocks, args.timeout)
                     if shutil.which("parallel") else (None, {}))
     cmds = commands(fn, src, out, block)

@@ -40,3 +40,36 @@ def test_scaling_harness_smoke_run():
     assert "| 8 | 100 |" in run.stdout and "| 2 | 1,000,000 |" in run.stdout, out[-3000:]
     assert "FAILED" not in run.stdout, out[-3000:]  # a lost or wrong result fails a run
     assert "LEFTOVER" not in run.stdout, out[-3000:]  # a process outlived its run
+
+
+def _runs_all_ok(stdout: str) -> list[str]:
+    """The per-run lines ('  [1/1] name  rate ... ok') that did not end in ok."""
+    runs = [line for line in stdout.splitlines() if line.lstrip().startswith("[")]
+    assert runs, stdout[-3000:]
+    return [line for line in runs if not line.rstrip().endswith("ok")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_files_harness_smoke_run():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/files.py", "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert _runs_all_ok(run.stdout) == [], out[-3000:]  # a lost, doubled or failed record
+    for row in ("| trivial | per-item |", "| trivial | batch |", "| work | halves |"):
+        assert row in run.stdout, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_executor_harness_smoke_run():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/executor.py", "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert _runs_all_ok(run.stdout) == [], out[-3000:]  # a wrong total or a failed call
+    for ratio in ("map_vs_ppe_best", "submit_vs_ppe", "submit_bytes_per_pending_call"):
+        assert f"| {ratio} |" in run.stdout, out[-3000:]
