@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
-from run import TreeSampler, kill_tree
+from run import TreeSampler, communicate_sampled
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -95,13 +95,7 @@ def measure(spec: dict, timeout: float) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env=env)
     sampler = TreeSampler(proc.pid)
-    sampler.start()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate()
-    sampler.stop()
+    out, err, _, _ = communicate_sampled(proc, sampler, timeout)
     lines = [x for x in out.splitlines() if x.startswith(TAG)]
     rec = json.loads(lines[-1][len(TAG):]) if lines else {"error": err[-1500:]}
     rec["peak_pss_mb"] = sampler.peak / MB

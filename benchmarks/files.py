@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
-from run import TreeSampler, _cpu_now, foreign_cpu, kill_tree
+from run import TreeSampler, _cpu_now, communicate_sampled, foreign_cpu
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -100,14 +100,8 @@ def measure(cmd: list[str], n: int, out: Path, rounds: int, timeout: float) -> d
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid)
-    sampler.start()
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        _, err = proc.communicate()
-    wall = time.perf_counter() - started
-    sampler.stop()
+    _, err, _, ended = communicate_sampled(proc, sampler, timeout)
+    wall = ended - started
     foreign, _ = foreign_cpu(before, _cpu_now(), sampler.cpu_seconds())
     rec = {"wall_s": wall, "records_per_s": n / wall, "peak_pss_mb": sampler.peak / MB,
            "exit": proc.returncode, "foreign_cpu": foreign, "ok": False}

@@ -172,6 +172,25 @@ def _alive(p):
         return False
 
 
+def communicate_sampled(proc: subprocess.Popen, sampler: "TreeSampler",
+                        timeout: float) -> tuple[str, str, bool, float]:
+    """Wait for a run while its tree is sampled; past timeout, kill the tree.
+
+    Returns its stdout, its stderr, whether it timed out and when (perf_counter) it ended,
+    taken before the sampler is stopped so that stopping it is not timed."""
+    sampler.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        timed_out = True
+    ended = time.perf_counter()
+    sampler.stop()
+    return out, err, timed_out, ended
+
+
 def kill_tree(pid):
     """Kill a timed-out child and everything it started (only processes this run started)."""
     try:
@@ -230,14 +249,9 @@ def measure(spec, timeout):
     paced = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]].paced
     sampler = TreeSampler(proc.pid, memory=not paced,
                           period=PACED_SAMPLE_PERIOD if paced else SAMPLE_PERIOD)
-    sampler.start()
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        stdout, stderr = proc.communicate()
+    stdout, stderr, timed_out, _ = communicate_sampled(proc, sampler, timeout)
+    if timed_out:
         stdout += RESULT_TAG + json.dumps({"error": f"timeout after {timeout} s"}) + "\n"
-    sampler.stop()
     foreign, foreign_s = foreign_cpu(before, _cpu_now(), sampler.cpu_seconds())
     lines = [x for x in stdout.splitlines() if x.startswith(RESULT_TAG)]
     out = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {

@@ -49,27 +49,21 @@ def _runs_all_ok(stdout: str) -> list[str]:
     return [line for line in runs if not line.rstrip().endswith("ok")]
 
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_files_harness_smoke_run():
+@pytest.mark.parametrize(("script", "rows"), [
+    ("files.py", ["| trivial | per-item |", "| trivial | batch |", "| work | halves |"]),
+    ("executor.py", ["| map_vs_ppe_best |", "| submit_vs_ppe |",
+                     "| submit_bytes_per_pending_call |"]),
+])
+def test_files_and_executor_harness_smoke_run(script, rows):
     run = subprocess.run(
-        [sys.executable, "benchmarks/files.py", "--smoke"],
+        [sys.executable, f"benchmarks/{script}", "--smoke"],
         cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
-    assert _runs_all_ok(run.stdout) == [], out[-3000:]  # a lost, doubled or failed record
-    for row in ("| trivial | per-item |", "| trivial | batch |", "| work | halves |"):
+    # a lost, doubled or failed record, a wrong total or a failed call
+    assert _runs_all_ok(run.stdout) == [], out[-3000:]
+    for row in rows:
         assert row in run.stdout, out[-3000:]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_executor_harness_smoke_run():
-    run = subprocess.run(
-        [sys.executable, "benchmarks/executor.py", "--smoke"],
-        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out[-3000:]
-    assert _runs_all_ok(run.stdout) == [], out[-3000:]  # a wrong total or a failed call
-    for ratio in ("map_vs_ppe_best", "submit_vs_ppe", "submit_bytes_per_pending_call"):
-        assert f"| {ratio} |" in run.stdout, out[-3000:]
