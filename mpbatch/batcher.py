@@ -9,7 +9,7 @@
    min(size, buffer, 1024) items or 1 MiB, when it is a full batch by max_bytes or the
    buffer is full (then flagged FULL: the worker runs it at once), when half of interval
    has passed (the collector's timer), or on flush()/close(); add_many (bulk.py) sends
-   blocks of up to 4 batches
+   blocks of up to 4 batches ("key": each block split by owner in one pass)
  dispatch (dispatch.py): pick i (least-loaded: min sent[i] - done[i] from shared memory,
    counters.py; round-robin; key: crc32 of the key), record the chunk in ledger i
    (ledger.py), sent[i] += n; add_many pulls its next block only while the least-loaded
@@ -52,7 +52,7 @@ from types import TracebackType
 from typing import Any
 
 from . import options
-from .bulk import Bulk, ColumnBulk, add_each
+from .bulk import Bulk, ColumnBulk, KeyedBulk, add_each
 from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
 from .collector import Collector
 from .deadletters import DeadLetter, open_store
@@ -362,11 +362,12 @@ class Batcher:
         if self._state is not RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         deadline = None if timeout is None else time.monotonic() + timeout
-        if len(self._open) > 1 or self._options.max_bytes is not None:
+        if self._options.max_bytes is not None:
             return add_each(self, pairs, deadline)
         with self._lock:
-            self._intake.seal(self._open[0])  # items add()ed earlier go first
-        return Bulk(self, iter(pairs), deadline).run()
+            self._intake.seal_all()  # items add()ed earlier go first
+        bulk = KeyedBulk if len(self._open) > 1 else Bulk
+        return bulk(self, iter(pairs), deadline).run()
 
     def _add_columns(self, blocks: Iterator[tuple[list, list]]) -> int:
         """add_many() for items that come as blocks of (keys, values) columns

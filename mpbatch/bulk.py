@@ -1,9 +1,10 @@
 """add_many()'s paths (caller process): blocks pulled, checked, pickled and sent whole.
 
-The block path serves "least-loaded" and "round-robin" without max_bytes: a block of pairs
-is pulled from the iterator as key and value columns, pickled as one chunk and sent to the
-least-loaded worker, paced by the work the workers report (dispatch.Pacer). "key" routing
-and max_bytes take add_each(): the checked add() path, one item at a time, still chunked.
+Without max_bytes a block of pairs is pulled from the iterator as key and value columns
+and pickled whole: under "least-loaded" as one chunk for the least-loaded worker, paced by
+the work the workers report (dispatch.Pacer); under "round-robin" for the next worker;
+under "key" (KeyedBulk) split by key owner, a chunk for each. max_bytes takes add_each():
+the checked add() path, one item at a time, still chunked.
 """
 
 from __future__ import annotations
@@ -115,21 +116,35 @@ class Bulk:
         try:
             if not PLAIN.issuperset(map(type, keys)):
                 dict.fromkeys(keys)  # every key hashable
-            frame = chunk_frame(keys, values, None, deadline_ns,
-                                item_results=self.b._dispatcher.item_results)
+            parts = self._parts(keys, values)
+            item_results = self.b._dispatcher.item_results
+            frames = [chunk_frame(k, v, None, deadline_ns, item_results=item_results)
+                      for _, k, v in parts]
         except Exception:
             self._send_good_prefix(keys, values, deadline_ns)
             return
+        # Every part checked and pickled before any is sent: the items that went in are a
+        # prefix of the stream, whatever raised.
+        for (i, k, v), frame in zip(parts, frames, strict=True):
+            self._post(i, k, v, frame, deadline_ns, tag)
+
+    def _parts(self, keys: list, values: list) -> list[tuple[int | None, list, list]]:
+        """The block as (worker, keys, values) parts; worker None: the least-loaded."""
+        return [(None, keys, values)]
+
+    def _post(self, i: int | None, keys: list, values: list, frame: bytes, deadline_ns: int,
+              tag: int | None) -> None:
         b = self.b
         with held_interrupt():  # counted as accepted, recorded in a ledger and written, or not
             b._lock.acquire()
             try:
                 b._ensure_running()  # close() began or it stopped: raise Closed, nothing of
-                # this block taken
+                # this part taken
                 seg = Segment(keys, values, None, None, 0, b._intake.epoch, deadline_ns,
                               tag=tag)
                 b._accounts.seal(len(keys), b._intake.epoch)
-                i = b._router.for_chunk()
+                if i is None:
+                    i = b._router.for_chunk()
             except BaseException:
                 b._lock.release()
                 raise
@@ -190,6 +205,44 @@ class ColumnBulk(Bulk):
         super()._send(keys, values, deadline_ns, self.pulled if tag is None else tag)
 
 
+
+class KeyedBulk(Bulk):
+    """The block path under "key" routing: each block is split by key owner in one pass and
+    every part goes to its owner.
+
+    A block is pulled only as large as the fullest worker has room for, so every part fits
+    at once: what went in is always a prefix of the stream, even when timeout= runs out.
+    """
+
+    def _room(self) -> int:
+        b = self.b
+        buffer, workers, opened = b._options.buffer, b._workers, b._open
+        held = b._dispatcher.held
+
+        def free() -> int:
+            return buffer - max(held(i) + len(opened[i].entries) for i in range(workers))
+
+        with b._lock:
+            if free() <= 0:
+                b._refuse_to_wait_for_room_in_a_callback("add_many()")
+            if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
+                b._ensure_running()  # raises Closed if close() or a failure stopped us
+                raise Full(f"add_many() waited past its timeout for room in every worker "
+                           f"(buffer={buffer}, routing='key': a worker holds {buffer} "
+                           f"unfinished items); {self.accepted} items went in", self.accepted)
+            return free()
+
+    def _parts(self, keys: list, values: list) -> list[tuple[int | None, list, list]]:
+        workers = self.b._workers
+        owners = self.b._router.owners(keys)
+        ks: list[list] = [[] for _ in range(workers)]
+        vs: list[list] = [[] for _ in range(workers)]
+        for i, key, value in zip(owners, keys, values, strict=True):
+            ks[i].append(key)
+            vs[i].append(value)
+        return [(i, ks[i], vs[i]) for i in range(workers) if ks[i]]
+
+
 def block_limit(size: int) -> int:
     """Most items in one add_many block. A block goes to one worker: a few batches' worth at
     most, so that a run of costly items (hot keys) cannot pin seconds of work to one worker
@@ -207,7 +260,7 @@ def pair(item: Any, index: int) -> tuple[Hashable, Any]:
 
 
 def add_each(b: Batcher, pairs: Iterable[tuple[Hashable, Any]], deadline: float | None) -> int:
-    """add_many for "key" routing and max_bytes: per-item checks, still chunked."""
+    """add_many with max_bytes: per-item checks and sizes, still chunked."""
     accepted = 0
     for item in pairs:
         key, value = pair(item, accepted)

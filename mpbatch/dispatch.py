@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .lifecycle import Pool
 
 ROUTINGS = ("least-loaded", "key", "round-robin")
+INT_MASK = 0x7FFFFFFFFFFFFFFF  # an int key's hash: itself, made non-negative
 HORIZON_NS = 20_000_000  # add_many keeps about this much estimated work queued per worker
 
 
@@ -35,7 +36,7 @@ def key_hash(key: Hashable) -> int:
     if kind is str:
         return zlib.crc32(key.encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
     if kind is int:
-        return key & 0x7FFFFFFFFFFFFFFF  # type: ignore[operator]
+        return key & INT_MASK  # type: ignore[operator]
     if kind is bytes:
         return zlib.crc32(key)  # type: ignore[arg-type]
     return zlib.crc32(pickle.dumps(key, protocol=4))
@@ -72,6 +73,20 @@ class Router:
         """The worker for a chunk under "least-loaded" or "round-robin" ("key" routes by
         key before items form a chunk)."""
         return self.round_robin() if self.routing == "round-robin" else self.least_loaded()
+
+    def owners(self, keys: list) -> list[int]:
+        """for_key() of every key, in bulk (add_many's blocks). str, int and bytes keys are
+        hashed directly: for them the cache costs more than the hash it saves."""
+        workers = self.workers
+        kinds = set(map(type, keys))
+        if kinds == {str}:
+            crc32 = zlib.crc32
+            return [crc32(k.encode("utf-8", "surrogatepass")) % workers for k in keys]
+        if kinds == {int}:
+            return [(k & INT_MASK) % workers for k in keys]
+        if kinds <= {str, int, bytes}:
+            return [key_hash(k) % workers for k in keys]
+        return list(map(self.for_key, keys))
 
     def for_key(self, key: Hashable) -> int:
         """The worker that owns ``key``: one key always goes to one worker."""

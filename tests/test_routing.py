@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
+import mpbatch
 from mpbatch.counters import DONE, SENT, WORK_NS, LoadCounters
-from mpbatch.dispatch import Pacer, key_hash
+from mpbatch.dispatch import Pacer, Router, key_hash
 from tests import fns
 
 
@@ -124,5 +126,84 @@ def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
                 break
         else:
             pytest.fail(f"still held back after 16 cheap batches (cost {pacer.cost:.0f} ns)")
+    finally:
+        counters.unlink()
+
+
+def test_add_many_under_key_routing_pins_each_of_many_distinct_keys(
+        batcher_factory, start_method):
+    # Every key distinct: each block is split by owner, each part goes to its owner.
+    seen = {}
+    b = batcher_factory(fns.with_pid, routing="key", size=200, workers=2,
+                        start_method=start_method,
+                        on_result=lambda k, vs, rs: seen.setdefault(k, set()).update(
+                            pid for pid, _ in rs))
+    assert b.add_many((f"user:{i}", i) for i in range(20_000)) == 20_000
+    b.flush()
+    assert len(seen) == 20_000 and all(len(pids) == 1 for pids in seen.values())
+    by_worker = {}
+    for key, pids in seen.items():
+        by_worker.setdefault(pids.pop(), set()).add(key_hash(key) % 2)
+    assert len(by_worker) == 2 and all(len(owners) == 1 for owners in by_worker.values())
+    assert b.stats().succeeded == 20_000
+
+
+def test_add_many_under_key_routing_keeps_order_after_earlier_adds(batcher_factory):
+    order = {}
+    b = batcher_factory(fns.double, routing="key", size=50, workers=2,
+                        on_result=lambda k, vs, rs: order.setdefault(k, []).extend(vs))
+    for i in range(5):
+        b.add(f"k{i}", -1)  # waits in its worker's open chunk when add_many starts
+    b.add_many((f"k{i % 5}", i) for i in range(2000))
+    b.flush()
+    for key, values in order.items():
+        assert values[0] == -1 and values[1:] == sorted(values[1:]), key
+
+
+def test_add_many_under_key_routing_a_bad_item_keeps_the_items_before_it(batcher_factory):
+    got = {}
+    b = batcher_factory(fns.double, routing="key", workers=2,
+                        on_result=lambda k, vs, rs: got.update(zip(vs, rs, strict=True)))
+    items = [(f"k{i}", i) for i in range(10)] + [("bad", threading.Lock()), ("k0", 11)]
+    with pytest.raises(mpbatch.SerializationError, match="'bad'") as info:
+        b.add_many(items)
+    assert info.value.accepted == 10
+    b.flush()
+    assert got == {i: 2 * i for i in range(10)}  # every key's owner got its part, no more
+
+
+def test_add_many_under_key_routing_times_out_with_a_prefix_accepted(batcher_factory,
+                                                                     tmp_path):
+    # One worker holds its batches until the gate opens; the other runs freely. add_many
+    # stops at its timeout, and what went in is exactly the stream's first `accepted` items.
+    gate = tmp_path / "gate"
+    got = {}
+    b = batcher_factory(fns.wait_for_file(str(gate), key="held"), routing="key", workers=2,
+                        buffer=10, size=5,
+                        on_result=lambda k, vs, rs: got.update(zip(vs, rs, strict=True)))
+    other = next(f"k{i}" for i in range(100) if key_hash(f"k{i}") % 2 != key_hash("held") % 2)
+    items = [("held" if i % 2 == 0 else other, i) for i in range(100)]
+    with pytest.raises(mpbatch.Full, match="routing='key'") as info:
+        b.add_many(iter(items), timeout=0.5)
+    accepted = info.value.accepted
+    assert 10 <= accepted < 30 and b.stats().accepted == accepted
+    gate.touch()
+    b.flush()
+    assert got == {i: 2 * i for i in range(accepted)}
+
+
+@pytest.mark.parametrize("keys", [
+    [f"user:{i}" for i in range(500)] + ["é", "\udcff"],  # str, a lone surrogate too
+    [*range(-250, 250), 2**70, -(2**70)],  # int, beyond 64 bits too
+    [b"raw", "text", 7, b"", ""],  # a mix of the plain kinds
+    [("tuple", 1), 2.5, True, None, frozenset({1}), "s"],  # kinds the cache serves
+])
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_bulk_owners_agree_with_one_key_at_a_time(keys, workers):
+    counters = LoadCounters(workers)
+    try:
+        router = Router("key", counters)
+        assert router.owners(keys) == [router.for_key(k) for k in keys]
+        assert router.owners(keys) == [key_hash(k) % workers for k in keys]
     finally:
         counters.unlink()
