@@ -5,13 +5,14 @@
    checks (intake.py): key hashable, value pickles, value <= max_bytes, room in buffer;
    errors raise here, at the call, and nothing is taken
    the item joins an open chunk (intake.py: one for least-loaded and round-robin, one per
-   worker for "key"; add() appends without a lock); a chunk is sealed at
+   worker for "key" and "affinity"; add() appends without a lock); a chunk is sealed at
    min(size, buffer, 1024) items or 1 MiB, when it is a full batch by max_bytes or the
    buffer is full (then flagged FULL: the worker runs it at once), when half of interval
    has passed (the collector's timer), or on flush()/close(); add_many (bulk.py) sends
-   blocks of up to 4 batches ("key": each block split by owner in one pass)
+   blocks of up to 4 batches ("key", "affinity": each block split by owner in one pass)
  dispatch (dispatch.py): pick i (least-loaded: min sent[i] - done[i] from shared memory,
-   counters.py; round-robin; key: crc32 of the key), record the chunk in ledger i
+   counters.py; round-robin; key: crc32 of the key; affinity: the key's home unless it
+   has spill_after of work queued, affinity.py), record the chunk in ledger i
    (ledger.py), sent[i] += n; add_many pulls its next block only while the least-loaded
    worker holds under ~20 ms of work, or 1.5 batches (Pacer: work_ns / done); a Ctrl-C
    waits until the chunk is recorded and written (interrupts.py)
@@ -56,6 +57,7 @@ from .bulk import Bulk, ColumnBulk, KeyedBulk, add_each
 from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
 from .collector import Collector
 from .deadletters import DeadLetter, open_store
+from .dispatch import PER_WORKER
 from .engine import Engine
 from .errors import Closed
 from .futures import LightFuture
@@ -80,8 +82,12 @@ class Batcher:
     workers: worker processes (default: usable CPUs, physical cores preferred).
     buffer: items accepted but unfinished, per worker; beyond it add() raises Full
         (default 10_000).
-    routing: "least-loaded" (default), "key" (one key, one worker: per-key order), or
-        "round-robin".
+    routing: "least-loaded" (default), "key" (one key, one worker: per-key order),
+        "affinity" (a key stays on its worker while that worker has under spill_after
+        seconds of work queued, then moves to the least-loaded one: warm per-key state,
+        no per-key order), or "round-robin".
+    spill_after: seconds of queued work on a key's worker before the key moves, under
+        routing="affinity" only (default 0.05).
     max_attempts: tries of do() per item before it is dead-lettered (default 1).
     retry_backoff: seconds before the first retry, doubled each time, jittered x0.5-1.5
         (default 0.1).
@@ -116,6 +122,7 @@ class Batcher:
         workers: int | None = None,
         buffer: int = 10_000,
         routing: str = "least-loaded",
+        spill_after: float | None = None,
         max_attempts: int = 1,
         retry_backoff: float = 0.1,
         timeout: float | None = None,
@@ -133,8 +140,8 @@ class Batcher:
         self._do = do
         self._options = options.checked(
             size=size, max_bytes=max_bytes, interval=interval, workers=workers, buffer=buffer,
-            routing=routing, max_attempts=max_attempts, retry_backoff=retry_backoff,
-            timeout=timeout, on_result=on_result, on_batch=on_batch,
+            routing=routing, spill_after=spill_after, max_attempts=max_attempts,
+            retry_backoff=retry_backoff, timeout=timeout, on_result=on_result, on_batch=on_batch,
             on_dead_letter=on_dead_letter, init=init,
             start_method=start_method, isolate_poison=isolate_poison,
             max_batches_per_worker=max_batches_per_worker, max_rss=max_rss,
@@ -175,7 +182,7 @@ class Batcher:
         self._dispatcher, self._collector = engine.dispatcher, engine.collector
         self._capacity = self._intake.capacity
         self._state = RUNNING
-        self._fast = self._options.routing != "key" and self._options.max_bytes is None
+        self._fast = self._options.routing not in PER_WORKER and self._options.max_bytes is None
         _LIVE.add(self)
 
     def _stop_fast_path(self) -> None:

@@ -3,8 +3,8 @@
 Without max_bytes a block of pairs is pulled from the iterator as key and value columns
 and pickled whole: under "least-loaded" as one chunk for the least-loaded worker, paced by
 the work the workers report (dispatch.Pacer); under "round-robin" for the next worker;
-under "key" (KeyedBulk) split by key owner, a chunk for each. max_bytes takes add_each():
-the checked add() path, one item at a time, still chunked.
+under "key" and "affinity" (KeyedBulk) split by key owner, a chunk for each. max_bytes
+takes add_each(): the checked add() path, one item at a time, still chunked.
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ class ColumnBulk(Bulk):
 
 
 class KeyedBulk(Bulk):
-    """The block path under "key" routing: each block is split by key owner in one pass and
-    every part goes to its owner.
+    """The block path under "key" and "affinity" routing: each block is split by key owner
+    in one pass and every part goes to its owner.
 
     A block is pulled only as large as the fullest worker has room for, so every part fits
     at once: what went in is always a prefix of the stream, even when timeout= runs out.
@@ -228,8 +228,9 @@ class KeyedBulk(Bulk):
             if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
                 b._ensure_running()  # raises Closed if close() or a failure stopped us
                 raise Full(f"add_many() waited past its timeout for room in every worker "
-                           f"(buffer={buffer}, routing='key': a worker holds {buffer} "
-                           f"unfinished items); {self.accepted} items went in", self.accepted)
+                           f"(buffer={buffer}, routing={b._options.routing!r}: a worker holds "
+                           f"{buffer} unfinished items); {self.accepted} items went in",
+                           self.accepted)
             return free()
 
     def _parts(self, keys: list, values: list) -> list[tuple[int | None, list, list]]:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from .dispatch import PER_WORKER, ROUTINGS
 from .inputs import Input
 from .report import Report, pyplot
 
@@ -127,7 +128,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--interval", type=float, help="seconds an item may wait (default 0.1)")
     group.add_argument("--workers", type=int, help="worker processes (default: the CPUs)")
     group.add_argument("--buffer", type=int, help="items in flight per worker (default 10000)")
-    group.add_argument("--routing", choices=("least-loaded", "key", "round-robin"))
+    group.add_argument("--routing", choices=ROUTINGS)
+    group.add_argument("--spill-after", type=float, metavar="SECONDS",
+                       help="with --routing affinity: queued work before a key moves")
     group.add_argument("--max-attempts", type=int, help="tries per item (default 1)")
     group.add_argument("--retry-backoff", type=float, help="seconds before a retry (0.1)")
     group.add_argument("--timeout", type=float, help="seconds one batch may run")
@@ -139,7 +142,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 BATCHER_FLAGS = ("size", "max_bytes", "interval", "workers", "buffer", "routing",
-                 "max_attempts", "retry_backoff", "timeout", "start_method")
+                 "spill_after", "max_attempts", "retry_backoff", "timeout", "start_method")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,8 +270,8 @@ def _input(path: str, fmt: str | None) -> Input:
 
 def _pairs(source: Input, field_key: Any, routing: str | None) -> Any:
     """(caller key, (line, payload)): keys are found in the workers, as the items are
-    decoded there, unless routing="key" needs them here."""
-    if routing != "key" or field_key is None:
+    decoded there, unless routing ("key", "affinity") needs them here."""
+    if routing not in PER_WORKER or field_key is None:
         return ((None, pair) for pair in source.pairs())
     from .job import Job
 

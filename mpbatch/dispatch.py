@@ -19,9 +19,11 @@ from .ledger import Segment, WorkerLedger
 from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame, define_frame
 
 if TYPE_CHECKING:
+    from .affinity import Affinity
     from .lifecycle import Pool
 
-ROUTINGS = ("least-loaded", "key", "round-robin")
+ROUTINGS = ("least-loaded", "key", "affinity", "round-robin")
+PER_WORKER = ("key", "affinity")  # routings that choose a worker per item, not per chunk
 INT_MASK = 0x7FFFFFFFFFFFFFFF  # an int key's hash: itself, made non-negative
 HORIZON_NS = 20_000_000  # add_many keeps about this much estimated work queued per worker
 
@@ -43,16 +45,22 @@ def key_hash(key: Hashable) -> int:
 
 
 class Router:
-    """Picks the worker for a chunk (least-loaded, round-robin) or for a key ("key")."""
+    """Picks the worker for a chunk (least-loaded, round-robin) or for a key ("key",
+    "affinity": see affinity.py)."""
 
     _KEY_CACHE_MAX = 65_536  # bounded: a stream of distinct keys must not grow memory
 
-    def __init__(self, routing: str, counters: LoadCounters) -> None:
+    def __init__(self, routing: str, counters: LoadCounters,
+                 affinity: Affinity | None = None) -> None:
         self.routing = routing
         self.counters = counters
         self.workers = counters.workers
         self._next = 0
         self._key_cache: dict[Hashable, int] = {}
+        self.affinity = affinity
+        if affinity is not None:  # "affinity": a key's worker is its home, which can move
+            self.for_key = affinity.for_key  # type: ignore[method-assign]
+            self.owners = affinity.owners  # type: ignore[method-assign]
 
     def least_loaded(self) -> int:
         """The worker with the fewest items sent but not reported; O(workers) per chunk."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import cloudpickle
 
+from .affinity import Affinity
 from .bulk import block_limit
 from .collector import Collector
 from .counters import LoadCounters
@@ -70,9 +71,11 @@ class Engine:
         """Route, pace, start every worker and the collector thread; on a failure, the
         collector made so far is discarded (the caller discards the pool)."""
         counters = self.counters
-        self.router = Router(opts.routing, counters)
-        # add_many's blocks go to the least-loaded worker: pace them by work, not count.
         batch = opts.batch_items
+        affinity = (Affinity(counters, batch, opts.spill_after)  # type: ignore[arg-type]
+                    if opts.routing == "affinity" else None)
+        self.router = Router(opts.routing, counters, affinity)
+        # add_many's blocks go to the least-loaded worker: pace them by work, not count.
         self.pacer = (Pacer(counters, batch, 2 * block_limit(batch))
                       if opts.routing == "least-loaded" else None)
         self.dispatcher = Dispatcher(pool, counters, self.router)

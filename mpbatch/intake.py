@@ -1,11 +1,11 @@
 """The caller's intake: item checks, the open chunks items join, and sealing (caller process).
 
 An accepted item waits in an open chunk (one for least-loaded and round-robin, one per
-worker for "key") until the chunk is sealed: at ``min(batch_items, CHUNK_ITEMS)`` items or
-CHUNK_BYTES, when it is a full batch by max_bytes, when the buffer is full, when half of
-interval has passed (the collector's timer), or on flush()/close(). Sealing moves the items
-into a Segment of the current flush epoch and hands it to the dispatcher, which records it
-in a worker's ledger and writes it to that worker's pipe.
+worker for "key" and "affinity") until the chunk is sealed: at ``min(batch_items,
+CHUNK_ITEMS)`` items or CHUNK_BYTES, when it is a full batch by max_bytes, when the buffer is
+full, when half of interval has passed (the collector's timer), or on flush()/close().
+Sealing moves the items into a Segment of the current flush epoch and hands it to the
+dispatcher, which records it in a worker's ledger and writes it to that worker's pipe.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from itertools import repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
+from .dispatch import PER_WORKER
 from .errors import Full, ItemTooLarge, SerializationError
 from .interrupts import held_interrupt
 from .ledger import Segment
@@ -84,7 +85,7 @@ class OpenChunk:
                  "worker")
 
     def __init__(self, worker: int, sized: bool) -> None:
-        self.worker = worker  # for "key" routing: the worker this chunk goes to
+        self.worker = worker  # for "key" and "affinity": the worker this chunk goes to
         self.sized = sized  # max_bytes is set: the worker needs each value's size
         self.entries: deque[tuple] = deque()
         self.rich = 0
@@ -156,8 +157,10 @@ class Intake:
         self.router, self.dispatcher = router, dispatcher
         self.capacity = self.options.buffer * workers
         sized = self.options.max_bytes is not None
-        chunks = workers if self.options.routing == "key" else 1
+        chunks = workers if self.options.routing in PER_WORKER else 1
         self.open[:] = [OpenChunk(i, sized) for i in range(chunks)]
+        if router.affinity is not None:
+            router.affinity.waiting = self.open
 
     def held(self) -> int:
         """Items in open chunks (accepted, not sealed)."""
@@ -167,7 +170,8 @@ class Intake:
         return self.open[self.router.for_key(key) if len(self.open) > 1 else 0]  # type: ignore
 
     def is_full(self, chunk: OpenChunk) -> bool:
-        """No room (hold the lock): per worker for "key", all workers together otherwise."""
+        """No room (hold the lock): per worker for "key" and "affinity", all workers together
+        otherwise."""
         if len(self.open) > 1:
             held = self.dispatcher.held(chunk.worker)  # type: ignore[union-attr]
             return held + len(chunk.entries) >= self.options.buffer
@@ -177,7 +181,7 @@ class Intake:
         """The error for an item that found no room (after waiting ``waited`` seconds)."""
         buffer = self.options.buffer
         where = (f"worker {chunk.worker} holds {buffer} unfinished items "
-                 f"(buffer={buffer}, routing='key')" if len(self.open) > 1 else
+                 f"(buffer={buffer}, routing={self.options.routing!r})" if len(self.open) > 1 else
                  f"{buffer * workers} items are unfinished "
                  f"(buffer={buffer} x {workers} workers)")
         after = "" if waited is None else f" after waiting {waited:g}s"
@@ -266,7 +270,7 @@ class Intake:
             if seg is None:
                 return  # (once the Batcher stopped, the dispatcher dead-letters what it gets)
             router = self.router
-            i = chunk.worker if router.routing == "key" else router.for_chunk()  # type: ignore
+            i = chunk.worker if len(self.open) > 1 else router.for_chunk()  # type: ignore
             self.dispatcher.send(i, [seg], full=full)  # type: ignore[union-attr]
 
     def seal_all(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .affinity import SPILL_AFTER
 from .deadletters import DeadLetter
 from .dispatch import ROUTINGS
 from .errors import shown
@@ -30,6 +31,7 @@ class Options:
     workers: int | None
     buffer: int
     routing: str
+    spill_after: float | None
     max_attempts: int
     retry_backoff: float
     timeout: float | None
@@ -64,6 +66,7 @@ def checked(**given: Any) -> Options:
         workers=check_int("workers", given["workers"], 1, optional=True),
         buffer=check_int("buffer", given["buffer"], 1),
         routing=check_choice("routing", given["routing"], ROUTINGS),
+        spill_after=check_spill_after(given["spill_after"], given["routing"]),
         max_attempts=check_int("max_attempts", given["max_attempts"], 1),
         retry_backoff=check_number("retry_backoff", given["retry_backoff"], positive=False),
         timeout=check_number("timeout", given["timeout"], positive=True, optional=True),
@@ -124,6 +127,17 @@ def check_callable(name: str, value: Any, optional: bool = True) -> Any:
     if not callable(value):
         raise TypeError(f"{name} must be callable (got {type(value).__name__}: {value!r:.80})")
     return value
+
+
+def check_spill_after(value: Any, routing: Any) -> float | None:
+    """spill_after= belongs to routing="affinity"; given with another routing, it would
+    silently do nothing."""
+    if value is None:
+        return SPILL_AFTER if routing == "affinity" else None
+    if routing != "affinity":
+        raise ValueError(f"spill_after={shown(value)} applies to routing='affinity' only "
+                         f"(routing={shown(routing)}); drop it or pass routing='affinity'")
+    return check_number("spill_after", value, positive=True)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

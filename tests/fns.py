@@ -345,3 +345,15 @@ def fails_unless_fixed(row):
     if not os.path.exists(os.environ.get("MPBATCH_FIXED", "/nonexistent")):
         raise RuntimeError("not fixed yet")
     return row["n"]
+
+
+def with_pid_gated(path, key):
+    """with_pid() that holds every batch with ``key`` until ``path`` exists."""
+
+    def do(batch):
+        if key in batch:
+            while not os.path.exists(path):
+                time.sleep(0.01)
+        return with_pid(batch)
+
+    return do

@@ -1,0 +1,140 @@
+"""routing="affinity": a key stays on its worker while that worker is under its bound of
+queued work, and moves to the least-loaded worker past it. Checked through which worker
+ran each item, not through timing."""
+
+import pytest
+
+import mpbatch
+from mpbatch.affinity import SPILL_AFTER, Affinity
+from mpbatch.counters import DONE, SENT, WORK_NS, LoadCounters
+from tests import fns
+from tests.test_cli import mpbatch_cmd, outputs, write_jsonl
+
+
+class Waiting:
+    """An open chunk as Affinity sees it: items waiting in the caller."""
+
+    def __init__(self, n=0):
+        self.entries = [None] * n
+
+
+def where_each_ran(b, items):
+    futs = [b.submit(k, v) for k, v in items]
+    b.flush()
+    return [(k, *f.result()) for (k, _), f in zip(items, futs, strict=True)]
+
+
+def test_a_key_stays_on_its_worker_while_that_worker_keeps_up(batcher_factory, start_method):
+    b = batcher_factory(fns.with_pid, routing="affinity", size=4, workers=2,
+                        start_method=start_method)
+    rows = []
+    for round_ in range(5):  # each round drains: no worker is ever over its bound
+        rows += where_each_ran(b, [(f"k{i}", (round_, i)) for i in range(8)])
+    homes = {}
+    for key, pid, _ in rows:
+        homes.setdefault(key, set()).add(pid)
+    assert all(len(pids) == 1 for pids in homes.values()), homes
+    assert len({pid for pids in homes.values() for pid in pids}) == 2  # new keys spread
+
+
+def test_a_key_moves_when_its_worker_is_past_the_bound(batcher_factory, tmp_path):
+    # The gate holds every batch of "hot", so no worker finishes anything: the bound is
+    # two batches (2 x size = 10 items) while the cost per item is unknown.
+    gate = tmp_path / "gate"
+    b = batcher_factory(fns.with_pid_gated(str(gate), "hot"), routing="affinity", size=5,
+                        workers=2)
+    futs = [b.submit("hot", i) for i in range(30)]
+    gate.touch()
+    b.flush()
+    pids = [f.result()[0] for f in futs]
+    first, second = pids[0], pids[10]
+    assert first != second
+    # 10 items at home; home moves to the idle worker; with both past the bound, it moves
+    # back only once the other holds half a bound (5 items) less
+    assert pids == [first] * 10 + [second] * 15 + [first] * 5
+
+
+def test_add_many_under_affinity_places_a_block_as_items_one_by_one(batcher_factory,
+                                                                   tmp_path):
+    gate = tmp_path / "gate"
+    got = []
+    b = batcher_factory(fns.with_pid_gated(str(gate), "hot"), routing="affinity", size=5,
+                        workers=2, on_result=lambda k, vs, rs: got.extend(rs))
+    assert b.add_many(("hot", i) for i in range(30)) == 30
+    gate.touch()
+    b.flush()
+    pid_of = {v: pid for pid, v in got}
+    pids = [pid_of[i] for i in range(30)]
+    first, second = pids[0], pids[10]
+    assert first != second
+    assert pids == [first] * 10 + [second] * 15 + [first] * 5  # as test above, by submit()
+    assert b.stats().succeeded == 30
+
+
+def test_many_keys_through_add_many_lose_nothing(batcher_factory):
+    got = {}
+    b = batcher_factory(fns.double, routing="affinity", size=50, workers=2,
+                        on_result=lambda k, vs, rs: got.update(zip(vs, rs, strict=True)))
+    assert b.add_many((f"k{i % 97}", i) for i in range(20_000)) == 20_000
+    b.flush()
+    assert got == {i: 2 * i for i in range(20_000)}
+    s = b.stats()
+    assert (s.succeeded, s.pending, s.dead_lettered) == (20_000, 0, 0)
+
+
+def test_the_bound_in_seconds_follows_each_workers_measured_cost():
+    counters = LoadCounters(2)
+    try:
+        # worker 0: 1 ms per item measured; worker 1: nothing finished yet (unknown cost)
+        counters.set(0, DONE, 100)
+        counters.set(0, SENT, 100)
+        counters.set(0, WORK_NS, 100 * 1_000_000)
+        affinity = Affinity(counters, batch_items=50, spill_after=0.005)
+        affinity.waiting = [Waiting(), Waiting()]
+        assert affinity.limits() == [5.0, 100]  # 5 ms / 1 ms; 2 batches of 50
+        affinity.homes["a"] = 0
+        owners = affinity.owners(["a"] * 12)
+        assert owners == [0] * 5 + [1] * 7  # moved at 5 items queued, to the idle worker
+        assert affinity.homes["a"] == 1 and affinity.moves == 1
+        # Items waiting in the caller's open chunk count as queued work too.
+        affinity.homes["b"] = 0
+        affinity.waiting = [Waiting(5), Waiting()]
+        assert affinity.for_key("b") == 1
+    finally:
+        counters.unlink()
+
+
+def test_homes_stay_bounded_with_a_stream_of_distinct_keys():
+    counters = LoadCounters(2)
+    try:
+        affinity = Affinity(counters, batch_items=100, spill_after=SPILL_AFTER)
+        affinity.waiting = [Waiting(), Waiting()]
+        for start in range(0, 3 * Affinity.HOMES_MAX, 10_000):
+            affinity.owners(list(range(start, start + 10_000)))
+        assert len(affinity.homes) <= Affinity.HOMES_MAX
+    finally:
+        counters.unlink()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "text"), [
+    ({"spill_after": 0.1}, ValueError,
+     "spill_after=0.1 applies to routing='affinity' only (routing='least-loaded')"),
+    ({"routing": "key", "spill_after": 1}, ValueError, "applies to routing='affinity' only"),
+    ({"routing": "affinity", "spill_after": 0}, ValueError, "spill_after must be"),
+    ({"routing": "affinity", "spill_after": "1"}, TypeError, "spill_after must be a number"),
+    ({"routing": "afinity"}, ValueError, "routing must be one of"),
+])
+def test_routing_options_are_checked_with_clear_errors(kwargs, error, text):
+    with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)")):
+        mpbatch.Batcher(fns.double, **kwargs)
+
+
+def test_the_command_takes_affinity_and_its_bound(tmp_path):
+    ns = [n for n in range(300) if n != 13]  # double_n fails 13
+    src = write_jsonl(tmp_path / "in.jsonl", [{"n": n, "g": n % 7} for n in ns])
+    proc = mpbatch_cmd("run", "tests.fns:double_n", src, "--per-item", "--key", "g",
+                       "--routing", "affinity", "--spill-after", "0.2", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(x["input"]["n"] for x in outputs(proc.stdout)) == ns
+    bad = mpbatch_cmd("run", "tests.fns:double_n", src, "--spill-after", "0.2")
+    assert bad.returncode == 2 and "applies to routing='affinity' only" in bad.stderr
