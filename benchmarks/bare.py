@@ -15,6 +15,12 @@ prepares the next one. Two of them:
 What they score on a workload is the ceiling a library works under on this machine, with and
 without keys. Their ratios are taken against the best peer like everyone's, but they are not
 peers (a user does not write them), so they never set the bar.
+
+A third, ``pipe-floor``, is for the large-value workloads (L16K-L1M) only: the machine's pipe
+bandwidth, with no pickle at all. Each value's raw bytes go, after a 4-byte length, straight
+from the caller's ``bytes`` object into one ``os.pipe()`` per worker (``os.writev``: no copy,
+no concatenation), and each worker reads them into one reused buffer (``os.readv``) and
+digests that buffer in place; results come back as packed 32-bit digests.
 """
 
 import contextlib
@@ -22,6 +28,7 @@ import os
 import pickle
 import select
 import struct
+from array import array
 from collections import deque
 from itertools import islice
 
@@ -247,3 +254,179 @@ def bare_paced(job):
 def bare_keyed_paced(job):
     return _paced(job, _serve_keyed, job.workload.do, lambda key, value: ([key], [value]),
                   lambda answer: [r for results in answer[1] for r in results])
+
+
+# --- pipe-floor: raw bytes through one pipe per worker ---------------------------------------
+
+PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ, as mpbatch widens its item pipes (the default is 64 KiB)
+_STOP = _LENGTH.pack(0)
+
+
+def _widen(fd):
+    with contextlib.suppress(ImportError, OSError):  # not Linux, or above pipe-max-size
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+
+
+def _read_into(fd, view):
+    """Fill ``view`` from ``fd``; False at EOF."""
+    while view:
+        got = os.readv(fd, [view])
+        if not got:
+            return False
+        view = view[got:]
+    return True
+
+
+def _serve_raw(digest, items, results, every):
+    """Worker: read length-prefixed values into one reused buffer, digest each in place, and
+    send the digests back every ``every`` values (and before stopping) as packed uint32s."""
+    fd_in, fd_out = items.fileno(), results.fileno()
+    head = bytearray(_LENGTH.size)
+    buf = bytearray(PIPE_SIZE)
+    view = memoryview(buf)
+    out = array("I")
+    while _read_into(fd_in, memoryview(head)):
+        (n,) = _LENGTH.unpack(head)
+        if n > 0:
+            if n > len(buf):
+                buf = bytearray(n)
+                view = memoryview(buf)
+            if not _read_into(fd_in, view[:n]):
+                break
+            out.append(digest(view[:n]))
+        if out and (len(out) >= every or n == 0):
+            data = out.tobytes()
+            while data:
+                data = data[os.write(fd_out, data):]
+            del out[:]
+        if n == 0:  # the caller's stop (EOF may never come: fork copies the write end)
+            return
+
+
+class RawPipes:
+    """The pipe floor's caller: non-blocking ``os.writev`` of the values' own buffers to the
+    worker with the fewest values unanswered among those whose pipe has room, on one thread
+    that waits on every pipe with ``select()``."""
+
+    def __init__(self, job, tally):
+        ctx = _context(job)
+        self.tally = tally
+        self.procs, self.conns, self.item_fds, self.result_fds = [], [], [], []
+        self.pending = []  # per worker: memoryviews still to write, or None
+        self.inbox = []  # per worker: digest bytes read, not yet a whole digest
+        self.sent, self.done = [0] * job.workers, [0] * job.workers
+        self.stopped = [False] * job.workers  # its stop frame is queued
+        self.ended = set()  # result descriptors at EOF: the worker stopped as told
+        for _ in range(job.workers):
+            item_r, item_w = ctx.Pipe(duplex=False)  # os.pipe() underneath
+            result_r, result_w = ctx.Pipe(duplex=False)
+            _widen(item_w.fileno())
+            proc = ctx.Process(target=_serve_raw, daemon=True,
+                               args=(job.workload.fn, item_r, result_w, job.chunk))
+            proc.start()
+            item_r.close()
+            result_w.close()
+            self.procs.append(proc)
+            self.conns += [item_w, result_r]
+            self.item_fds.append(item_w.fileno())
+            self.result_fds.append(result_r.fileno())
+            os.set_blocking(item_w.fileno(), False)
+            self.pending.append(None)
+            self.inbox.append(bytearray())
+
+    def send(self, chunk):
+        """Queue ``chunk`` (a list of bytes values) for the least-busy worker with room."""
+        while True:
+            free = [w for w, parts in enumerate(self.pending) if parts is None]
+            if free:
+                break
+            self.pump(None)
+        w = min(free, key=lambda w: self.sent[w] - self.done[w])
+        parts = []
+        for value in chunk:
+            parts += (_LENGTH.pack(len(value)), memoryview(value))
+        self.pending[w] = parts
+        self.sent[w] += len(chunk)
+        self._write(w)
+
+    def _write(self, w):
+        parts = self.pending[w]
+        try:
+            n = os.writev(self.item_fds[w], parts)
+        except BlockingIOError:
+            return
+        k = 0
+        while k < len(parts) and n >= len(parts[k]):
+            n -= len(parts[k])
+            k += 1
+        del parts[:k]
+        if parts:
+            parts[0] = parts[0][n:]
+        else:
+            self.pending[w] = None
+
+    def pump(self, timeout):
+        writes = [self.item_fds[w] for w, parts in enumerate(self.pending) if parts]
+        reads = [fd for fd in self.result_fds if fd not in self.ended]
+        readable, writable, _ = select.select(reads, writes, [], timeout)
+        for fd in writable:
+            self._write(self.item_fds.index(fd))
+        for fd in readable:
+            self._read(self.result_fds.index(fd))
+
+    def _read(self, w):
+        box, data = self.inbox[w], os.read(self.result_fds[w], 1 << 16)
+        if not data:
+            if self.stopped[w] and self.sent[w] == self.done[w]:
+                self.ended.add(self.result_fds[w])
+                return
+            raise RuntimeError(f"worker {w} exited with {self.sent[w] - self.done[w]} "
+                               "values unanswered")
+        box += data
+        whole = len(box) - len(box) % 4
+        digests = array("I", box[:whole])
+        del box[:whole]
+        self.done[w] += len(digests)
+        self.tally.count += len(digests)
+        self.tally.total += sum(digests)
+
+    def finish(self):
+        """Send each worker its stop (it sends its last digests then), wait for every
+        digest, and join the workers."""
+        for w in range(len(self.procs)):
+            while self.pending[w]:
+                self.pump(None)
+            self.pending[w] = [_STOP]
+            self.stopped[w] = True
+            self._write(w)
+        while any(self.pending) or self.sent != self.done:
+            self.pump(None)
+        self.close()
+
+    def abort(self):
+        for proc in self.procs:
+            proc.kill()
+        self.close()
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            proc.join()
+
+
+def pipe_floor_stream(job):
+    assert array("I").itemsize == 4
+    tally = Tally()
+    pipes = RawPipes(job, tally)
+    try:
+        values = job.values()
+        for chunk in iter(lambda: list(islice(values, job.chunk)), []):
+            pipes.send(chunk)
+        pipes.finish()
+    except BaseException:
+        pipes.abort()
+        raise
+    return tally.outcome()

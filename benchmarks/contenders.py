@@ -1,9 +1,10 @@
 """Contenders: one workload run through each library, written the way its users write it.
 
-Each contender is a pair of small functions, one for streamed workloads (W1-W3, MEM) and one
-for the paced latency workload (W4). Each takes a `Job` and returns `(count, checksum, extra)`:
-how many per-item results reached this (the caller) process, their sum, and metrics of its
-own. The pool is created and torn down inside the call, so cold start and teardown are timed.
+Each contender is a pair of small functions, one for streamed workloads (W1-W3, MEM,
+L16K-L1M) and one for the paced latency workload (W4). Each takes a `Job` and returns
+`(count, checksum, extra)`: how many per-item results reached this (the caller) process,
+their sum, and metrics of its own. The pool is created and torn down inside the call, so
+cold start and teardown are timed.
 
 Libraries are imported inside the functions: a run imports only what it measures, and mpbatch
 may not be importable yet while the peers are measured.
@@ -34,6 +35,7 @@ class Job:
     workers: int = 2
     start_method: str | None = None  # None: each library's own default
     keys: int | None = None  # distinct keys in W1 / MEM (scaling.py); None: the workload's
+    max_bytes: int | None = None  # mpbatch's max_bytes= (run.py --max-bytes); None: not passed
 
     def pairs(self):
         """A fresh (key, value) generator: item generation is part of the timed run."""
@@ -301,9 +303,10 @@ def _batcher(job, on_result, size, interval):
     import mpbatch
 
     # size may not exceed buffer (a batch could never fill); a user raises buffer with it.
+    extra = {} if job.max_bytes is None else {"max_bytes": job.max_bytes}
     return mpbatch.Batcher(job.workload.do, size=size, interval=interval, workers=job.workers,
                            buffer=max(10_000, size), on_result=on_result,
-                           start_method=job.start_method)
+                           start_method=job.start_method, **extra)
 
 
 def _stats(batcher):
@@ -404,6 +407,12 @@ def bare_keyed_paced(job):
     return bare.bare_keyed_paced(job)
 
 
+def pipe_floor_stream(job):
+    import bare
+
+    return bare.pipe_floor_stream(job)
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 # name -> (kind, streamed, paced). Kinds: "serial" (the baseline), "peer" (what ratios are
@@ -417,6 +426,8 @@ CONTENDERS = {
     "mpire": ("peer", mpire_stream, mpire_paced),
     "bare": ("reference", bare_stream, bare_paced),
     "bare-keyed": ("reference", bare_keyed_stream, bare_keyed_paced),
+    # Raw bytes only, streamed only: the large-value workloads (L16K-L1M).
+    "pipe-floor": ("reference", pipe_floor_stream, None),
     "mpbatch-add": ("mpbatch", mpbatch_add_stream, mpbatch_add_paced),
     "mpbatch-add_many": ("mpbatch", mpbatch_add_many_stream, mpbatch_add_many_paced),
     "mpbatch-submit": ("mpbatch", mpbatch_submit_stream, mpbatch_submit_paced),
@@ -432,6 +443,7 @@ LIBRARIES = {
     "mpire": ("mpire",),
     "bare": ("bare", "multiprocessing.connection"),
     "bare-keyed": ("bare", "multiprocessing.connection"),
+    "pipe-floor": ("bare", "multiprocessing.connection"),
     # `import mpbatch` alone imports nothing (PEP 562 lazy names): the Batcher's modules are
     # imported on first use, which put ~60-90 ms of imports inside mpbatch's timed run.
     "mpbatch-add": ("mpbatch", "mpbatch.batcher"),
@@ -442,6 +454,13 @@ LIBRARIES = {
 
 def kind(name):
     return CONTENDERS[name][0]
+
+
+def applies(name, workload):
+    """Whether contender `name` can run `workload`: the pipe floor moves bytes values only."""
+    if name == "pipe-floor":
+        return bool(workload.value_bytes) and not workload.paced
+    return True
 
 
 def preload(name):

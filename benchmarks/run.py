@@ -1,9 +1,10 @@
-"""Benchmark driver: mpbatch against the serial loop and its peers, on W1-W4 and MEM.
+"""Benchmark driver: mpbatch against the serial loop and its peers, on W1-W4, MEM and L16K-L1M.
 
-    python benchmarks/run.py                        # W1-W4 + MEM, 3 repeats, chunk sweep
+    python benchmarks/run.py                        # every workload, 3 repeats, chunk sweep
     python benchmarks/run.py --smoke                # every workload and contender, tiny (CI)
     python benchmarks/run.py --workloads W1,W2 --repeats 5 --only pool,mpbatch-add_many
     python benchmarks/run.py --workloads MEM --big  # adds MEM10M: 10M items through add_many
+    python benchmarks/run.py --workloads L16K,L64K,L1M  # large bytes values, MB/s
 
 Every measured run is a fresh child process (this file with --child): no run inherits a warm
 pool, a grown heap or imports from the one before. The child times the contender, cold start
@@ -46,7 +47,7 @@ PACED_SAMPLE_PERIOD = float(os.environ.get("MPBATCH_BENCH_PACED_PERIOD", "0.25")
 # tree (~1 ms per process) took the CPU from under the contenders and set everyone's p99 at
 # ~5 ms every 20 ms, and at 3-9 ms for mpbatch's 5-process tree still every 0.5 s.
 RESULT_TAG = "RESULT "  # prefixes the child's one line of JSON on stdout
-MB = 2**20
+MB = 2**20  # in PSS and in MB/s alike
 BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of the run,
 BUSY_SECONDS = 0.3  # and that work took this many CPU seconds
 
@@ -65,7 +66,9 @@ SCORES = {
     "W4": [("p99_ms", "p99 ms", False), ("p50_ms", "p50 ms", False)],
     "MEM": [("peak_pss_mb", "peak PSS MB", False)],
     "MEM10M": [("peak_pss_mb", "peak PSS MB", False)],
+    **{name: [("mb_per_s", "MB/s", True)] for name in workloads.LARGE},
 }
+DEFAULT_WORKLOADS = ["W1", "W2", "W3", "W4", "MEM", *workloads.LARGE]
 
 
 # --- the child: one measured run ----------------------------------------------------------------
@@ -75,7 +78,7 @@ def child_main(spec):
     """Run one contender once and print its outcome as one line of JSON."""
     w = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]]
     job = contenders.Job(w, spec["n"], spec["chunk"], spec["rounds"], spec["workers"],
-                         spec["start_method"], spec.get("keys"))
+                         spec["start_method"], spec.get("keys"), spec.get("max_bytes"))
     out = {}
     contenders.preload(spec["contender"])
     start, cpu = time.perf_counter(), time.process_time()
@@ -246,7 +249,8 @@ def measure(spec, timeout):
     path = os.pathsep.join(x for x in (here, os.environ.get("PYTHONPATH")) if x)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=here, env=os.environ | {"PYTHONPATH": path})
-    paced = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]].paced
+    w = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]]
+    paced = w.paced
     sampler = TreeSampler(proc.pid, memory=not paced,
                           period=PACED_SAMPLE_PERIOD if paced else SAMPLE_PERIOD)
     stdout, stderr, timed_out, _ = communicate_sampled(proc, sampler, timeout)
@@ -261,7 +265,7 @@ def measure(spec, timeout):
     out |= {"peak_pss": sampler.peak, "most_procs": sampler.most_procs, "foreign_cpu": foreign,
             "foreign_cpu_s": foreign_s,
             "leftovers": sampler.leftovers()}
-    count, checksum = workloads.expected(spec["n"])
+    count, checksum = w.check(spec["n"])
     out["ok"] = out.get("count") == count and out.get("checksum") == checksum
     if "error" not in out and not out["ok"]:
         out["error"] = (f"delivery check failed: got {out.get('count')} results summing to "
@@ -296,7 +300,7 @@ def wait_until_idle(limit):
 def make_spec(args, w, name, n, chunk, rounds):
     return {"workload": w.name, "contender": name, "n": n, "chunk": chunk, "rounds": rounds,
             "workers": args.workers, "start_method": args.start_method, "smoke": args.smoke,
-            "big": args.big, "mpbatch_from": str(args.mpbatch)}
+            "big": args.big, "mpbatch_from": str(args.mpbatch), "max_bytes": args.max_bytes}
 
 
 def candidates(args, w, name):
@@ -334,16 +338,19 @@ def sweep(args, w, names, rounds, log, cache):
         for chunk in options:
             rec = measure_quietly(args, make_spec(args, w, name, w.sweep_n, chunk, rounds))
             walls[chunk] = rec["wall"] if rec["ok"] else float("inf")
-            log(f"  sweep {w.name} {name:17} chunk={chunk!s:>6}: {fmt_run(rec, w.sweep_n)}")
+            log(f"  sweep {w.name} {name:17} chunk={chunk!s:>6}: "
+                f"{fmt_run(rec, w.sweep_n, w.value_bytes)}")
         chosen[name] = known[name] = min(walls, key=walls.get)
         trials[name] = {str(k): v for k, v in walls.items()}
     return chosen, trials
 
 
-def fmt_run(rec, n):
+def fmt_run(rec, n, value_bytes=0):
     if not rec["ok"]:
         return f"FAILED {rec.get('error')}"
     text = f"{rec['wall']:7.2f} s {n / rec['wall']:>10,.0f} items/s"
+    if value_bytes:
+        text += f" {n * value_bytes / MB / rec['wall']:7,.0f} MB/s"
     if rec["peak_pss"] is not None:
         text += f"  PSS {rec['peak_pss'] / MB:6.0f} MB"
     extra = rec.get("extra", {})
@@ -368,7 +375,7 @@ def run_workload(args, w, names, rounds, log, cache):
             rec |= {"contender": name, "repeat": rep, "chunk": chosen[name]}
             records.append(rec)
             log(f"{w.name} {rep + 1}/{args.repeats} {name:17} chunk={chosen[name]!s:>6}: "
-                f"{fmt_run(rec, w.n)}")
+                f"{fmt_run(rec, w.n, w.value_bytes)}")
     return chosen, trials, records
 
 
@@ -389,6 +396,8 @@ def summarize(args, w, names, records):
         walls = [r["wall"] for r in ok]
         row |= {"wall_s": statistics.median(walls), "walls": walls,
                 "items_per_s": w.n / statistics.median(walls)}
+        if w.value_bytes:  # values moved end to end, MB = 2**20 bytes
+            row["mb_per_s"] = w.n * w.value_bytes / MB / statistics.median(walls)
         if ok[0]["peak_pss"] is not None:  # W4 does not sample memory
             row["peak_pss_mb"] = statistics.median(r["peak_pss"] for r in ok) / MB
         for key in ("p50_ms", "p99_ms"):
@@ -422,7 +431,7 @@ def add_ratios(rows, metrics):
 
 
 def fmt_value(metric, value):
-    if metric == "items_per_s":
+    if metric in ("items_per_s", "mb_per_s"):
         return f"{value:,.0f}"
     return f"{value:.2f}" if metric in ("efficiency", "wall_over_ideal") else f"{value:.1f}"
 
@@ -553,7 +562,7 @@ def chart(args, done):
                  fontsize=10)
     fig.tight_layout()
     names = [w.name for w, _ in done]
-    partial = "" if names == ["W1", "W2", "W3", "W4", "MEM"] else "-" + "-".join(names)
+    partial = "" if names == DEFAULT_WORKLOADS else "-" + "-".join(names)
     path = RESULTS / f"{stem(args)}{partial}.png"  # a partial run keeps the full run's chart
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -584,6 +593,8 @@ def parse_args(argv):
                    help="before such a retry, wait up to S s for the machine to go idle")
     p.add_argument("--rounds", type=int,
                    help="sha256 rounds per ~100 us unit, instead of calibrating (to repeat a run)")
+    p.add_argument("--max-bytes", type=int, metavar="BYTES",
+                   help="pass max_bytes=BYTES to every mpbatch Batcher (default: not passed)")
     p.add_argument("--mpbatch", type=Path, default=ROOT, metavar="DIR",
                    help="import mpbatch from DIR/mpbatch (default: this checkout), e.g. a"
                         " snapshot of one commit while the checkout is being edited")
@@ -628,7 +639,8 @@ def plan(args, table, log):
     for name in chosen:
         names = args.only or [n for n in defaults.get(name, contenders.CONTENDERS)
                               if not (broken and contenders.kind(n) == "mpbatch")]
-        out.append((table[name], list(names)))
+        # The pipe floor moves bytes values only: it sits out W1-W4 and MEM.
+        out.append((table[name], [n for n in names if contenders.applies(n, table[name])]))
     return out
 
 

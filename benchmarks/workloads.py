@@ -6,12 +6,16 @@ no contender gets a pre-built list the others do not.
 
 Items are `(key, value)` pairs. mpbatch receives both; the peers, which have no notion of a
 key, receive the values only. W2-W4 values are `(i, rounds)` tuples: the hashing cost travels
-with the item, so the same `spin` does identical work in every contender.
+with the item, so the same `spin` does identical work in every contender. L16K, L64K and L1M
+values are `bytes` of that size, and each result is the value's crc32.
 """
 
+import functools
 import hashlib
+import random
 import statistics
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -22,6 +26,11 @@ HOT_KEYS = 10  # W3: keys whose items cost HOT_COST units each
 HOT_COST = 20
 HOT_TAIL = 0.3  # W3: hot runs appear only in this last fraction of the stream
 RATE = 1000.0  # W4: items offered per second, on a fixed schedule
+LARGE = {"L16K": 16 << 10, "L64K": 64 << 10, "L1M": 1 << 20}  # workload -> bytes per value
+LARGE_TOTAL = 2 << 30  # bytes of values in a measured run of each (L16K: 131,072 items)
+LARGE_SMOKE_TOTAL = 8 << 20  # ... and in a --smoke run (L1M: 8 items)
+VARIANTS = 61  # distinct large values: value i is the window of the random pool at (i % 61)
+SHIFT = 4093  # * SHIFT bytes
 
 
 # --- per-item work (peers call these directly; the do functions below wrap them) -------------
@@ -46,6 +55,11 @@ def spin(v):
     return 2 * i + (h[0] >> 8)
 
 
+def digest(v):
+    """L16K-L1M: a 32-bit digest of a large value, reading every byte (~3.5 GB/s here)."""
+    return zlib.crc32(v)
+
+
 def do_double(batch):
     """mpbatch `do` for W1 / MEM: one result per value, same order, as the spec requires."""
     return {k: [v * 2 for v in vs] for k, vs in batch.items()}
@@ -54,6 +68,11 @@ def do_double(batch):
 def do_spin(batch):
     """mpbatch `do` for W2-W4."""
     return {k: [spin(v) for v in vs] for k, vs in batch.items()}
+
+
+def do_digest(batch):
+    """mpbatch `do` for L16K-L1M."""
+    return {k: [zlib.crc32(v) for v in vs] for k, vs in batch.items()}
 
 
 # --- item streams -------------------------------------------------------------------------------
@@ -102,9 +121,51 @@ def skew_units(n):
     return RUN * ((runs - hot) + hot * HOT_COST)
 
 
+def _random_pool(size):
+    """The bytes every large value is cut from: the same in every process (a fixed seed)."""
+    return random.Random(size).randbytes(size + VARIANTS * SHIFT)
+
+
+def large_items(size):
+    """L16K-L1M: a stream of n items over 100 keys, each value `size` bytes.
+
+    Value i is a fresh `bytes` (one copy, as a user's own value would be) of the window at
+    (i % VARIANTS) * SHIFT of a random pool made once per stream (~1 ms): the values differ,
+    and making them costs a memcpy each (~30 GB/s here), not the random generator.
+    """
+
+    def items(n, rounds):
+        del rounds
+        pool = _random_pool(size)
+        for i in range(n):
+            at = i % VARIANTS * SHIFT
+            yield f"k{i % KEYS}", pool[at:at + size]
+
+    items.__name__ = f"large_items_{size}"  # the sweep caches its choices by this name
+    return items
+
+
 def expected(n):
     """(count, checksum) every run must deliver: each result is 2*i, so the sum is n*(n-1)."""
     return n, n * (n - 1)
+
+
+@functools.cache
+def _large_digests(size):
+    pool = _random_pool(size)
+    return [zlib.crc32(pool[v * SHIFT:v * SHIFT + size]) for v in range(VARIANTS)]
+
+
+def large_expected(size):
+    """(count, checksum) of L16K-L1M: the sum of every value's crc32, from the VARIANTS
+    distinct values' digests (computed once, in the checking process)."""
+
+    def check(n):
+        digests = _large_digests(size)
+        whole, rest = divmod(n, VARIANTS)
+        return n, whole * sum(digests) + sum(digests[:rest])
+
+    return check
 
 
 # --- calibration --------------------------------------------------------------------------------
@@ -133,7 +194,7 @@ def calibrate(target=UNIT_SECONDS, duration=1.0):
 class Workload:
     """One benchmark: its items, its work, its size and how its result is scored."""
 
-    name: str  # "W1" .. "W4", "MEM", "MEM10M"
+    name: str  # "W1" .. "W4", "MEM", "MEM10M", "L16K", "L64K", "L1M"
     title: str
     n: int  # items in a measured run
     items: Callable[[int, int], Iterator[tuple[str, object]]]  # (n, rounds) -> pairs
@@ -144,6 +205,8 @@ class Workload:
     sizes: tuple = ()  # mpbatch size= values to sweep (buffer= is raised to match)
     paced: bool = False  # W4: items are offered on a schedule, latency is the score
     sweep_n: int = 0  # items in a sweep run (0: no sweep)
+    value_bytes: int = 0  # L16K-L1M: bytes per value (the score is MB/s of values)
+    check: Callable[[int], tuple[int, int]] = expected  # n -> (count, checksum) expected
 
 
 def workloads(smoke=False, big=False):
@@ -163,12 +226,25 @@ def workloads(smoke=False, big=False):
                  units_per_item=1, paced=True),
         Workload("MEM", "memory: a 1M-item generator", 1_000_000, **overhead),
     ]
+    for name, size in LARGE.items():
+        n = LARGE_TOTAL // size
+        title = f"large values: bytes of {name[1:-1]} {name[-1]}iB, 2 GiB in all"
+        table.append(Workload(
+            name, title, n, large_items(size),
+            digest, do_digest, units_per_item=0, chunks=(1, 8, 64), sizes=(1, 8, 64),
+            sweep_n=n // 4, value_bytes=size, check=large_expected(size)))
     if big:
         table.append(Workload("MEM10M", "memory: a 10M-item generator", 10_000_000,
                               **{**overhead, "chunks": (10_000,), "sizes": (2000,)}))
     if smoke:
-        table = [_shrink(w, 300 if w.paced else 2000) for w in table]
+        table = [_shrink(w, _smoke_n(w)) for w in table]
     return {w.name: w for w in table}
+
+
+def _smoke_n(w):
+    if w.value_bytes:
+        return max(8, LARGE_SMOKE_TOTAL // w.value_bytes)
+    return 300 if w.paced else 2000
 
 
 def _shrink(w, n):

@@ -7,9 +7,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The peers (and the bare floor) that need no extra install; joblib and mpire come with the
-# bench extra.
-CONTENDERS = "serial,pool,ppe,bare,bare-keyed,mpbatch-add,mpbatch-add_many,mpbatch-submit"
+# The peers (and the floors) that need no extra install; joblib and mpire come with the bench
+# extra. The pipe floor runs in the large-value workloads only.
+CONTENDERS = ("serial,pool,ppe,bare,bare-keyed,pipe-floor,mpbatch-add,mpbatch-add_many,"
+              "mpbatch-submit")
 
 
 @pytest.mark.slow
@@ -21,8 +22,9 @@ def test_benchmark_harness_smoke_run():
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     assert "Overview" in run.stdout
-    for workload in ("W1", "W2", "W3", "W4", "MEM"):
+    for workload in ("W1", "W2", "W3", "W4", "MEM", "L16K", "L64K", "L1M"):
         assert f"\n{workload}:" in run.stdout, out[-3000:]
+    assert "| pipe-floor | " in run.stdout.split("\nL16K:")[1], out[-3000:]
     assert "FAILED" not in run.stdout, out[-3000:]  # a lost or wrong result fails a run
     assert "LEFTOVER" not in run.stdout, out[-3000:]  # a process outlived its run
     assert "failed" not in run.stdout, out[-3000:]
