@@ -58,6 +58,8 @@ def _runs_all_ok(stdout: str) -> list[str]:
     ("files.py", ["| trivial | per-item |", "| trivial | batch |", "| work | halves |"]),
     ("executor.py", ["| map_vs_ppe_best |", "| submit_vs_ppe |",
                      "| submit_bytes_per_pending_call |"]),
+    ("keyed.py", ["| mpbatch add_many affinity |", "| pool map |",
+                  "| affinity / the better of least-loaded and key", "W3 (1,000 items)"]),
 ])
 def test_files_and_executor_harness_smoke_run(script, rows):
     run = subprocess.run(
