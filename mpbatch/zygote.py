@@ -13,7 +13,10 @@ replacements, from that same state.
     join(): pidfd readable, then          <=======   (pid, exit code) once it reaped the child
 
 A pidfd names one process for good: kill() through it never hits a reused pid. The zygote
-exits when the caller closes its socket, or dies.
+exits when the caller asks it to (close()), closes its socket, or dies (a pidfd of the
+caller, watched with the socket). Not on end of file alone: any process forked from the
+caller later (another Batcher's zygote or fork workers, the user's own fork children)
+holds a copy of the caller's end of the socket, and the zygote would wait for those.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-_LAUNCH = struct.Struct("i")
+_LAUNCH = struct.Struct("i")  # a worker's index, or EXIT
+EXIT = -1
 _REPLY = struct.Struct("cii")  # b"P", pid, 0 (a pidfd attached) | b"X", pid, exit code
 
 
@@ -64,10 +68,11 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A Ctrl-C before the zygote ignores SIGINT would kill it: hold it until then.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        caller = os.getpid()
         try:
             pid = os.fork()
             if pid == 0:
-                _serve_forever(theirs, ours, target, args)
+                _serve_forever(theirs, ours, caller, target, args)
         except BaseException:
             ours.close()
             theirs.close()
@@ -110,6 +115,8 @@ class Zygote:
 
     def close(self) -> None:
         """End the zygote (its workers have been reaped) and reap it."""
+        with contextlib.suppress(OSError):  # it is gone already
+            self._sock.send(_LAUNCH.pack(EXIT))
         self._sock.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
@@ -163,7 +170,7 @@ class ZygoteProcess:
 
 # -- the zygote process -------------------------------------------------------------------
 
-def _serve_forever(sock: socket.socket, caller_end: socket.socket,
+def _serve_forever(sock: socket.socket, caller_end: socket.socket, caller: int,
                    target: Callable[..., None], args: tuple) -> None:
     """The zygote's whole life: never returns, never runs the caller's atexit hooks."""
     code = 0
@@ -172,7 +179,11 @@ def _serve_forever(sock: socket.socket, caller_end: socket.socket,
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         caller_end.close()
         gc.freeze()  # the caller's objects copied here are never collected (nor their fds)
-        _serve(sock, target, args)
+        try:
+            caller_fd = os.pidfd_open(caller)
+        except ProcessLookupError:
+            return  # the caller is gone already
+        _serve(sock, caller_fd, target, args)
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -197,12 +208,16 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _serve(sock: socket.socket, target: Callable[..., None], args: tuple) -> None:
+def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
+           args: tuple) -> None:
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
     poller.register(sock, select.POLLIN)
+    poller.register(caller, select.POLLIN)  # readable once the caller has exited
     while True:
         for fd, _ in poller.poll():
+            if fd == caller:
+                return
             if fd != sock.fileno():
                 _reap(sock, poller, children, fd)
                 continue
@@ -210,11 +225,11 @@ def _serve(sock: socket.socket, target: Callable[..., None], args: tuple) -> Non
                 msg, fds, _, _ = socket.recv_fds(sock, _LAUNCH.size, 3)
             except OSError:
                 msg, fds = b"", []
-            if not msg:
-                return  # the caller closed its end, or died
+            if not msg or _LAUNCH.unpack(msg)[0] == EXIT:
+                return  # the caller asked, closed its end, or died
             pid = os.fork()
             if pid == 0:
-                _run_worker(sock, children, _LAUNCH.unpack(msg)[0], fds, target, args)
+                _run_worker(sock, children, caller, _LAUNCH.unpack(msg)[0], fds, target, args)
             for f in fds:
                 os.close(f)
             pidfd = os.pidfd_open(pid)  # before any reap: the pid is still this child's
@@ -231,14 +246,15 @@ def _reap(sock: socket.socket, poller: Any, children: dict[int, int], pidfd: int
     sock.send(_REPLY.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
 
 
-def _run_worker(sock: socket.socket, children: dict[int, int], index: int, fds: list[int],
-                target: Callable[..., None], args: tuple) -> None:
+def _run_worker(sock: socket.socket, children: dict[int, int], caller: int, index: int,
+                fds: list[int], target: Callable[..., None], args: tuple) -> None:
     """A forked worker: run ``target`` and exit with its code, as multiprocessing would."""
     code = 1
     try:
         sock.close()
         for pidfd in children:  # its siblings'
             os.close(pidfd)
+        os.close(caller)
         gc.enable()
         items, drain, results = fds
         target(index, Connection(items, writable=False), Connection(drain, writable=False),

@@ -100,3 +100,66 @@ def test_a_killed_zygote_stops_the_batcher_at_the_next_replacement(batcher_facto
     b.close()
     s = b.stats()
     assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (2, 1, 1, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_zygote_ends_while_later_forks_of_the_caller_hold_its_socket(batcher_factory):
+    """A second Batcher's zygote (and a fork of the user's own) inherit the first zygote's
+    socket: close() of the first asks its zygote to exit instead of waiting for an end of
+    file those forks would hold back for as long as they live."""
+    first = batcher_factory(fns.double, workers=1, start_method="zygote").start()
+    second = batcher_factory(fns.double, workers=1, start_method="zygote").start()
+    r, w = os.pipe()
+    pid = os.fork()  # the user's own fork: it lives until we close w
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        zygote = psutil.Process(first._pool.zygote.pid)
+        assert first.submit("k", 1).result(timeout=30) == 2
+        first.close(timeout=20)
+        zygote.wait(timeout=5)  # reaped by close(): gone, not a zombie
+        assert second.submit("k", 2).result(timeout=30) == 4
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
+def test_a_zygote_ends_when_its_caller_dies_though_a_fork_holds_its_socket():
+    """Killed caller: the zygote watches the caller's pidfd, not only the socket (which the
+    caller's own fork child keeps open here until the test lets it go)."""
+    r, w = os.pipe()
+    code = f"""
+    import os
+    b = mpbatch.Batcher(lambda batch: {{k: [v + 1 for v in vs] for k, vs in batch.items()}},
+                        workers=1, start_method="zygote").start()
+    if os.fork() == 0:  # holds the zygote's socket until the test closes its pipe
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)  # not the test's stdout: run() would wait for it
+        os.dup2(null, 2)
+        os.read({r}, 1)
+        os._exit(0)
+    print(b._pool.zygote.pid, b._pool.procs[0].pid, flush=True)
+    os.kill(os.getpid(), 9)
+    """
+    script = "import mpbatch\nif __name__ == '__main__':\n" + textwrap.indent(
+        textwrap.dedent(code), "    ")
+    # Not run(): it would wait for the end of stdout, which multiprocessing's resource
+    # tracker holds until the fork child (which holds the tracker's pipe) exits.
+    caller = subprocess.Popen([sys.executable, "-c", script], pass_fds=(r,), text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE)
+    try:
+        procs = [psutil.Process(int(pid)) for pid in caller.stdout.readline().split()]
+        assert caller.wait(timeout=30) == -signal.SIGKILL
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            p.kill()
+        assert not alive, f"outlived their caller: {alive}"
+    finally:
+        os.close(w)  # the fork child reads end of file and exits
+        os.close(r)
+        caller.kill()
+        caller.wait()
+        caller.stdout.close()
