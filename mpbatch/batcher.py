@@ -257,8 +257,8 @@ class Batcher:
                     if not chunk.opened:
                         self._intake.opened(chunk, wake=not due and room > 1)
                     if due or room == 1:  # full: no item can join it until one finishes
-                        with self._lock:
-                            self._intake.seal(chunk, full=room == 1)
+                        self._lock.acquire()  # seal() lets it go before writing
+                        self._intake.seal(chunk, full=room == 1, unlock=self._lock)
                 except BaseException:
                     self._intake.unsealed()
                     raise
@@ -279,8 +279,9 @@ class Batcher:
         if self._state is not RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         nbytes = check_item(key, value, self._options.max_bytes)
-        intake = self._intake
-        with self._lock:
+        intake, lock = self._intake, self._lock
+        lock.acquire()
+        try:
             if self._state is not RUNNING:  # close() began since the check above
                 self._ensure_running()
             chunk = intake.chunk_for(key)
@@ -288,11 +289,14 @@ class Batcher:
                 self._wait_for_room(chunk, block, timeout)
                 if self._state is not RUNNING:  # close() began while we waited
                     self._ensure_running()
-            try:
-                intake.append(chunk, key, value, fut, nbytes)
-            except BaseException:
-                intake.unsealed()
-                raise
+        except BaseException:
+            lock.release()
+            raise
+        try:
+            intake.append(chunk, key, value, fut, nbytes, unlock=lock)  # lets go of the lock
+        except BaseException:
+            intake.unsealed()
+            raise
 
     def _ensure_running(self) -> None:
         if self._state is NEW:

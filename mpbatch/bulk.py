@@ -15,10 +15,10 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from .errors import Full, SerializationError
-from .intake import PLAIN, check_item
+from .intake import CHUNK_BYTES, PLAIN, check_item
 from .interrupts import held_interrupt
 from .ledger import Segment
-from .transport import chunk_frame
+from .transport import chunk_frame, frame_size
 
 if TYPE_CHECKING:
     from .batcher import Batcher
@@ -39,6 +39,7 @@ class Bulk:
         # it is not, since the first item of a block waits for the last (a slow iterator,
         # e.g. items arriving at 1,000/s, must not hold an item back for a whole block).
         self.block = 1
+        self.item_bytes = 0.0  # pickled bytes per item of the last block (0: none yet)
 
     def run(self) -> int:
         b = self.b
@@ -55,6 +56,8 @@ class Bulk:
                 grow = time.monotonic() - started <= budget
                 self.block = min(limit, self.block * 2) if grow else max(1, self.block // 2)
                 self._send(keys, values, int(started * 1e9) + b._intake.interval_ns)
+                if self.item_bytes:  # large values: a block of about CHUNK_BYTES at most
+                    self.block = max(1, min(self.block, int(CHUNK_BYTES / self.item_bytes)))
             if bad is not None:
                 raise TypeError(f"add_many() takes (key, value) pairs; item {self.accepted} is "
                                 f"{type(bad[0]).__name__}: {bad[0]!r:.80}")
@@ -120,6 +123,7 @@ class Bulk:
             item_results = self.b._dispatcher.item_results
             frames = [chunk_frame(k, v, None, deadline_ns, item_results=item_results)
                       for _, k, v in parts]
+            self.item_bytes = sum(map(frame_size, frames)) / len(keys)
         except Exception:
             self._send_good_prefix(keys, values, deadline_ns)
             return

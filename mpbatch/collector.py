@@ -66,7 +66,7 @@ class Collector(threading.Thread):
         os.set_blocking(self._wake_w, False)
         self._waitables: dict[Any, tuple[str, int]] = {}
         self._buried: set[Any] = set()  # processes whose death was handled, not replaced
-        self._partial: dict[Any, bytearray] = {}  # result pipe -> bytes of a partial frame
+        self._partial: dict[Any, tp.FrameReader] = {}  # result pipe -> its partial frame
         # Items another thread could not send, for this thread to dead-letter (see reject).
         self._handed: deque[tuple[list[Segment], BaseException]] = deque()
         self._hand_lock = threading.Lock()
@@ -188,23 +188,24 @@ class Collector(threading.Thread):
         conn = self.pool.results[i]
         if conn is None:
             return
-        pending = self._partial.setdefault(conn, bytearray())
+        reader = self._partial.get(conn)
+        if reader is None:
+            reader = self._partial[conn] = tp.FrameReader()
         while True:
             try:
-                data = os.read(conn.fileno(), 1 << 20)
+                frames = reader.read(conn.fileno())
             except BlockingIOError:
-                return  # all read; a partial frame waits in ``pending``
+                return  # all read; a partial frame waits in the reader
             except OSError:
-                data = b""
-            if not data:  # EOF: the worker is exiting; its sentinel will fire
+                frames = None
+            if frames is None:  # EOF: the worker is exiting; its sentinel will fire
                 if self._waitables.pop(conn, None) is not None:
                     with contextlib.suppress(KeyError, ValueError, OSError):
                         self._selector.unregister(conn)
                 return
-            pending += data
-            for frame in tp.split_frames(pending):
+            for frame in frames:
                 self._on_frame(i, frame)
-            if len(data) < 1 << 20:
+            if reader.short:
                 return
 
     def _on_frame(self, i: int, frame: bytes) -> None:

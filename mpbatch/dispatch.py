@@ -189,18 +189,21 @@ class Dispatcher:
         is taken, so that the write (which may wait for a busy worker) does not hold it up;
         what is sent to worker i stays in order, under its send lock.
         """
-        if frame is None:
-            segments, frame = self._frame(segments, solo, full)
+        try:
             if frame is None:
+                segments, frame = self._frame(segments, solo, full)
+                if frame is None:
+                    return
+            with self.pool.send_locks[i]:
                 if unlock is not None:
-                    unlock.release()
-                return
-        with self.pool.send_locks[i]:
-            if unlock is not None:
+                    unlock, lock = None, unlock
+                    lock.release()
+                stopped = self.stopped  # read under the send lock: see Collector._halt
+                if stopped is None:
+                    self.send_held(i, segments, frame)
+        finally:
+            if unlock is not None:  # not let go above: no frame, or an error
                 unlock.release()
-            stopped = self.stopped  # read under the send lock: see Collector._halt
-            if stopped is None:
-                self.send_held(i, segments, frame)
         if stopped is not None:
             self.reject(segments, stopped)  # outside the send lock, as settling must be
 

@@ -42,7 +42,7 @@ class Inlet:
         self.fd = items.fileno()
         os.set_blocking(self.fd, False)  # the reader drains it until it is empty
         self.drain_fd = drain.fileno()
-        self.pending = bytearray()
+        self.pending = tp.FrameReader()  # and the partial frame it holds
         self.frames: deque = deque()  # read, not yet taken; None marks EOF
         self.lock = threading.Lock()
         self._poll = select.poll()  # the main thread's; not select(): it fails past fd 1024
@@ -82,17 +82,21 @@ class Inlet:
         it held nothing, or at EOF. All of it at once: one frame per hand-over between
         threads capped a worker at ~200 frames/s when the other thread held the GIL."""
         try:
-            data = os.read(self.fd, 1 << 20)
+            frames = self.pending.read(self.fd)
         except BlockingIOError:
             return False
         except OSError:
-            data = b""
-        if not data:
+            frames = None
+        if frames is None:
             self.frames.append(None)
             return False
-        self.pending += data
-        self.frames.extend(tp.split_frames(self.pending))
+        self.frames.extend(frames)
         return True
+
+    def recycle(self, frame: Any) -> None:
+        """The main thread is done with ``frame``: its buffer may be read into again."""
+        with self.lock:
+            self.pending.recycle(frame)
 
     def _drain(self) -> None:
         """Reader thread: each byte on the drain pipe means "the caller found me full"."""

@@ -87,7 +87,18 @@ def default_workers() -> int:
     return max(1, n)
 
 
-def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int,
+def _written(parts: list[memoryview], n: int) -> None:
+    """Drop the ``n`` bytes written from the head of ``parts``."""
+    k = 0
+    while k < len(parts) and n >= len(parts[k]):
+        n -= len(parts[k])
+        k += 1
+    del parts[:k]
+    if n:
+        parts[0] = parts[0][n:]
+
+
+def _write(fd: int, frame: bytes | list, hold: held_interrupt, drain: int,
            stalled: Callable[[], bool]) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
     worker has taken nothing from its pipe for STUCK_WRITE seconds (init() or do() hung).
@@ -100,11 +111,16 @@ def _write(fd: int, frame: bytes, hold: held_interrupt, drain: int,
     ran too long, and the write ends in EPIPE; past close(timeout)'s deadline, ``stalled``
     returns False and the worker is given up. So does a pending Ctrl-C.
     """
-    view = memoryview(frame)
+    parts = [memoryview(p) for p in frame] if isinstance(frame, list) else [memoryview(frame)]
     stuck = 0.0
-    while view:
+    while parts:
         try:
-            view = view[os.write(fd, view):]
+            if len(parts) == 1:
+                parts[0] = parts[0][os.write(fd, parts[0]):]
+                if not parts[0]:
+                    parts.clear()
+            else:
+                _written(parts, os.writev(fd, parts[:tp.IOV_MAX]))
             stuck = 0.0
             continue
         except BlockingIOError:
@@ -232,7 +248,7 @@ class Pool:
         proc.start()
         return proc
 
-    def send(self, i: int, frame: bytes) -> bool:
+    def send(self, i: int, frame: bytes | list) -> bool:
         """Write one wire frame to worker i (hold send_locks[i]); False if it is gone (its
         death is handled elsewhere)."""
         conn = self.items[i]

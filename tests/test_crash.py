@@ -359,8 +359,9 @@ def test_a_replacement_that_cannot_start_stops_the_batcher_and_loses_nothing(
 def test_close_timeout_ends_while_another_thread_waits_on_a_full_pipe(
         batcher_factory, tmp_path, start_method):
     """No timeout=: a do() holding the GIL in C keeps its pipe full, and an add() in another
-    thread waits in the write holding the Batcher's lock. close(timeout) used to wait for
-    that lock for good; now the writer gives the worker up at close()'s deadline."""
+    thread waits in the write holding worker 0's send lock (close() needs it to send the
+    worker its stop). close(timeout) used to wait for that lock for good; now the writer
+    gives the worker up at close()'s deadline."""
     fifo = tmp_path / "stuck"
     os.mkfifo(fifo)
     reader = fns.fifo_reader(fifo)
@@ -398,14 +399,16 @@ def test_close_timeout_ends_while_another_thread_waits_on_a_full_pipe(
 
 
 def _writer_waits_on_full_pipe(b):
-    """Worker 0's item pipe is (about) full and another thread holds the Batcher's lock."""
+    """Worker 0's item pipe is (about) full and another thread holds its send lock (the
+    write no longer holds the Batcher's lock: the collector settles outcomes meanwhile)."""
     fd = b._pool.items[0].fileno()
     queued = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, queued)
     # Partly filled pages keep a pipe's bytes short of its size (F_GETPIPE_SZ = 1032).
     if queued[0] < fcntl.fcntl(fd, 1032) * 3 // 4:
         return False
-    free = b._lock.acquire(blocking=False)
+    lock = b._pool.send_locks[0]
+    free = lock.acquire(blocking=False)
     if free:
-        b._lock.release()
+        lock.release()
     return not free
