@@ -28,20 +28,29 @@ INT_MASK = 0x7FFFFFFFFFFFFFFF  # an int key's hash: itself, made non-negative
 HORIZON_NS = 20_000_000  # add_many keeps about this much estimated work queued per worker
 
 
+GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio (Fibonacci hashing)
+M64 = 0xFFFFFFFFFFFFFFFF
+
+
 def key_hash(key: Hashable) -> int:
     """A hash of ``key`` that is the same in every process and every run.
 
     Python's ``hash()`` of str and bytes is salted per process (PYTHONHASHSEED), so it
-    cannot pin a key to a worker across a restart or a replay.
+    cannot pin a key to a worker across a restart or a replay. The raw hash (crc32 of the
+    key's bytes, an int key itself) is spread before it is taken modulo the workers: crc32
+    is linear, so ``crc32(k) % 2`` put "k0".."k3" on one worker of two and "k4".."k7" on
+    the other, and even ids would all go to worker 0.
     """
     kind = type(key)
     if kind is str:
-        return zlib.crc32(key.encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
-    if kind is int:
-        return key & INT_MASK  # type: ignore[operator]
-    if kind is bytes:
-        return zlib.crc32(key)  # type: ignore[arg-type]
-    return zlib.crc32(pickle.dumps(key, protocol=4))
+        raw = zlib.crc32(key.encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
+    elif kind is int:
+        raw = key & INT_MASK  # type: ignore[operator]
+    elif kind is bytes:
+        raw = zlib.crc32(key)  # type: ignore[arg-type]
+    else:
+        raw = zlib.crc32(pickle.dumps(key, protocol=4))
+    return (raw * GOLDEN & M64) >> 32  # the top half of the product: every bit moves it
 
 
 class Router:
@@ -87,11 +96,12 @@ class Router:
         hashed directly: for them the cache costs more than the hash it saves."""
         workers = self.workers
         kinds = set(map(type, keys))
-        if kinds == {str}:
+        if kinds == {str}:  # key_hash(), inlined
             crc32 = zlib.crc32
-            return [crc32(k.encode("utf-8", "surrogatepass")) % workers for k in keys]
+            return [((crc32(k.encode("utf-8", "surrogatepass")) * GOLDEN & M64) >> 32)
+                    % workers for k in keys]
         if kinds == {int}:
-            return [(k & INT_MASK) % workers for k in keys]
+            return [(((k & INT_MASK) * GOLDEN & M64) >> 32) % workers for k in keys]
         if kinds <= {str, int, bytes}:
             return [key_hash(k) % workers for k in keys]
         return list(map(self.for_key, keys))
