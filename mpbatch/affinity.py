@@ -8,6 +8,15 @@ the bound less (so a hot key that keeps every worker past its bound moves in run
 item by item). So a hot key no longer pins one worker
 as under "key", and a cold key is not scattered over every worker as under "least-loaded".
 
+Two kinds of key are placed otherwise, judged by their share of the last WINDOW items:
+- a key too hot for one worker (a share above 1/workers) has no home that could keep up:
+  its items go to the least-loaded worker one by one, and every worker keeps it warm, while
+  the other keys stay where they are (moving the hot key from home to home cost a warm-up
+  of every key it displaced, each time);
+- a new key goes to the least-loaded worker or one within half a bound of it, whichever is
+  home to the fewest busy keys (a share of BUSY or more): warm slots are spread, not
+  stacked where the hot keys already live.
+
 Queued work is read from the shared-memory counters (items sent and not done, times the
 worker's measured cost per item: WORK_NS / DONE) plus the items waiting in the caller's
 open chunk for that worker. Before a worker has finished anything its cost is unknown, and
@@ -27,6 +36,8 @@ if TYPE_CHECKING:
     from .intake import OpenChunk
 
 SPILL_AFTER = 0.05  # s of queued work on its home before a key moves (the default)
+WINDOW = 2048  # items: keys' shares are counted over this many, then start again
+BUSY = 0.02  # a key with this share of the last window holds a warm slot on its home
 
 
 class Affinity:
@@ -44,6 +55,10 @@ class Affinity:
         # queued work too, though no counter has them yet.
         self.waiting: list[OpenChunk] = []
         self.moves = 0  # keys that left a home for another worker
+        self.counts: dict[Hashable, int] = {}  # items per key in the current window
+        self.seen = 0  # items in the current window
+        self.hot: frozenset = frozenset()  # keys above 1/workers of the last window
+        self.busy = [0] * self.workers  # busy keys homed on each worker, last window
 
     def limits(self) -> list[float]:
         """Items each worker may have queued before its keys move."""
@@ -70,22 +85,45 @@ class Affinity:
         """The worker for each of ``keys``, in order: a block is placed as if its items came
         one by one, each counted on the worker it goes to."""
         homes, limits, loads = self.homes, self.limits(), self.loads()
+        counts, hot, spread = self.counts, self.hot, range(self.workers)
         out = []
         for key in keys:
-            home = homes.get(key)
-            if home is None:
-                home = self._settle(key, loads)
-            elif loads[home] >= limits[home]:
-                home = self._move(key, home, loads, limits[home])
+            counts[key] = counts.get(key, 0) + 1
+            if key in hot:
+                home = min(spread, key=loads.__getitem__)
+            else:
+                home = homes.get(key)
+                if home is None:
+                    home = self._settle(key, loads, limits)
+                elif loads[home] >= limits[home]:
+                    home = self._move(key, home, loads, limits[home])
             loads[home] += 1
             out.append(home)
+        self.seen += len(keys)
+        if self.seen >= WINDOW:
+            self._new_window()
         return out
 
-    def _settle(self, key: Hashable, loads: list[int]) -> int:
-        """A key without a home: the least-loaded worker becomes it."""
+    def _new_window(self) -> None:
+        """Judge the keys by their shares of the window that ends now, and start another."""
+        counts, seen, homes = self.counts, self.seen, self.homes
+        self.hot = frozenset(k for k, c in counts.items() if c * self.workers > seen)
+        busy = [0] * self.workers
+        for key, c in counts.items():
+            home = homes.get(key)
+            if home is not None and c >= BUSY * seen and key not in self.hot:
+                busy[home] += 1
+        self.busy = busy
+        self.counts, self.seen = {}, 0
+
+    def _settle(self, key: Hashable, loads: list[int], limits: list[float]) -> int:
+        """A key without a home: of the workers within half a bound of the least-loaded,
+        the one home to the fewest busy keys becomes it."""
         if len(self.homes) >= self.HOMES_MAX:
             self.homes.clear()  # homes are a hint: losing them costs warm-ups, not items
-        home = self.homes[key] = min(range(self.workers), key=loads.__getitem__)
+        least = min(loads)
+        near = [i for i in range(self.workers) if loads[i] - least <= limits[i] / 2]
+        home = self.homes[key] = min(near, key=lambda i: (self.busy[i], loads[i]))
         return home
 
     def _move(self, key: Hashable, home: int, loads: list[int], limit: float) -> int:

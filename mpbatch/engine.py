@@ -75,9 +75,10 @@ class Engine:
         affinity = (Affinity(counters, batch, opts.spill_after)  # type: ignore[arg-type]
                     if opts.routing == "affinity" else None)
         self.router = Router(opts.routing, counters, affinity)
-        # add_many's blocks go to the least-loaded worker: pace them by work, not count.
+        # add_many's blocks go to the least-loaded worker (or to keys' homes, which move
+        # by queued work): pace them by work, not count.
         self.pacer = (Pacer(counters, batch, 2 * block_limit(batch))
-                      if opts.routing == "least-loaded" else None)
+                      if opts.routing in ("least-loaded", "affinity") else None)
         self.dispatcher = Dispatcher(pool, counters, self.router)
         intake.attach(pool.workers, self.router, self.dispatcher)
         for i in range(pool.workers):

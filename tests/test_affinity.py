@@ -5,7 +5,7 @@ ran each item, not through timing."""
 import pytest
 
 import mpbatch
-from mpbatch.affinity import SPILL_AFTER, Affinity
+from mpbatch.affinity import SPILL_AFTER, WINDOW, Affinity
 from mpbatch.counters import DONE, SENT, WORK_NS, LoadCounters
 from tests import fns
 from tests.test_cli import mpbatch_cmd, outputs, write_jsonl
@@ -100,6 +100,42 @@ def test_the_bound_in_seconds_follows_each_workers_measured_cost():
         affinity.homes["b"] = 0
         affinity.waiting = [Waiting(5), Waiting()]
         assert affinity.for_key("b") == 1
+    finally:
+        counters.unlink()
+
+
+def test_a_key_too_hot_for_one_worker_is_spread_and_the_others_stay_home():
+    """Past 1/workers of a window's items, a key has no home: each of its items goes to the
+    least-loaded worker, and the keys homed around it do not move."""
+    counters = LoadCounters(2)
+    try:
+        affinity = Affinity(counters, batch_items=10_000, spill_after=SPILL_AFTER)
+        affinity.waiting = [Waiting(), Waiting()]
+        affinity.homes.update({"hot": 0, "a": 0, "b": 1})
+        window = ["hot"] * 1400 + ["a"] * 300 + ["b"] * 348  # hot: 68 %
+        assert len(window) == WINDOW
+        affinity.owners(window)
+        assert affinity.hot == {"hot"}
+        owners = affinity.owners(["hot"] * 10 + ["a", "b"])
+        assert owners[:10] == [0, 1] * 5 or owners[:10] == [1, 0] * 5  # shared, item by item
+        assert owners[10:] == [0, 1] and affinity.homes == {"hot": 0, "a": 0, "b": 1}
+    finally:
+        counters.unlink()
+
+
+def test_a_new_key_goes_where_fewer_busy_keys_live():
+    """Both workers near the least load: the new key goes to the worker home to fewer busy
+    keys (a share of BUSY or more of the last window), not to the one with the hot keys."""
+    counters = LoadCounters(2)
+    try:
+        affinity = Affinity(counters, batch_items=10_000, spill_after=SPILL_AFTER)
+        affinity.waiting = [Waiting(), Waiting()]
+        affinity.homes.update({"x": 1, "y": 1, "z": 0})
+        window = ["x"] * 600 + ["y"] * 600 + ["z"] * 848
+        affinity.owners(window)
+        assert affinity.busy == [1, 2] and affinity.hot == frozenset()
+        counters.set(0, SENT, 3)  # worker 0 a little busier, within half a bound
+        assert affinity.for_key("new") == 0
     finally:
         counters.unlink()
 
