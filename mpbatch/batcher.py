@@ -11,7 +11,7 @@
    has passed (the collector's timer), or on flush()/close(); add_many (bulk.py) sends
    blocks of up to 4 batches ("key", "affinity": each block split by owner in one pass)
  dispatch (dispatch.py): pick i (least-loaded: min sent[i] - done[i] from shared memory,
-   counters.py; round-robin; key: crc32 of the key; affinity: the key's home unless it
+   counters.py; round-robin; key: spread crc32 of the key; affinity: its home unless it
    has spill_after of work queued, affinity.py), record the chunk in ledger i
    (ledger.py), sent[i] += n; add_many pulls its next block only while the least-loaded
    worker holds under ~20 ms of work, or 1.5 batches (Pacer: work_ns / done); a Ctrl-C
