@@ -136,8 +136,8 @@ class Bulk:
         """The block as (worker, keys, values) parts; worker None: the least-loaded."""
         return [(None, keys, values)]
 
-    def _post(self, i: int | None, keys: list, values: list, frame: bytes, deadline_ns: int,
-              tag: int | None) -> None:
+    def _post(self, i: int | None, keys: list, values: list, frame: bytes | list,
+              deadline_ns: int, tag: int | None) -> None:
         b = self.b
         with held_interrupt():  # counted as accepted, recorded in a ledger and written, or not
             b._lock.acquire()

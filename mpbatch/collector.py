@@ -241,7 +241,7 @@ class Collector(threading.Thread):
         if not segments:  # dead-lettered already (the Batcher stopped): one outcome each
             return
         try:
-            batch, grouped, items, failed = tp.payload_of(frame, tp.TO_CALLER_SIZE)
+            batch, grouped, items, failed, layout = tp.payload_of(frame, tp.TO_CALLER_SIZE)
         except BaseException as exc:  # __reduce__ of a result is user code: even a
             # SystemExit or KeyboardInterrupt it raises costs only this batch, not this thread
             self.accounts.bump(batches=1)
@@ -250,6 +250,8 @@ class Collector(threading.Thread):
                 f"the caller ({described(exc)}); return plain data from do()")
             self.recovery.attempt_failed(segments, error, None)
             return
+        if layout is not None:
+            batch, grouped = _rebuilt(segments, layout, grouped)
         if failed:
             segments = self._fail_alone(i, segments, failed, items)
         self.outcomes.succeeded(segments, batch, grouped, items)
@@ -331,3 +333,25 @@ class Collector(threading.Thread):
     def halted(self) -> bool:
         """Stopped, and every item held then has its outcome."""
         return self.recovery.halted
+
+
+def _rebuilt(segments: list[Segment], layout: list[list[int]],
+             grouped: list | None) -> tuple[dict, list | None]:
+    """The batch a worker ran (and its results), from the caller's own items (``layout``:
+    each key's offsets in the batch, see results.layout_of). Each group takes the key
+    object of its first item. Two groups meet under one key only when the worker held two
+    objects of a key that is not equal to itself (nan) from two chunks, where the caller
+    has one object: their items and results are joined, in stream order."""
+    if len(segments) == 1:
+        keys, values = segments[0].keys, segments[0].values
+    else:
+        keys = [k for s in segments for k in s.keys]
+        values = [v for s in segments for v in s.values]
+    batch: dict = {}
+    results: dict = {}
+    for n, group in enumerate(layout):
+        key = keys[group[0]]
+        batch.setdefault(key, []).extend([values[j] for j in group])
+        if grouped is not None:
+            results.setdefault(key, []).extend(grouped[n])
+    return batch, None if grouped is None else list(results.values())

@@ -191,7 +191,7 @@ class Dispatcher:
         return self.ledgers[i].held
 
     def send(self, i: int, segments: list[Segment], solo: bool = False,
-             frame: bytes | None = None, unlock: Any = None, full: bool = False) -> None:
+             frame: bytes | list | None = None, unlock: Any = None, full: bool = False) -> None:
         """Write ``segments`` to worker i as one chunk (``frame``: already pickled; ``full``:
         the worker runs what it holds once this chunk is in, see transport.FULL).
 
@@ -217,7 +217,7 @@ class Dispatcher:
         if stopped is not None:
             self.reject(segments, stopped)  # outside the send lock, as settling must be
 
-    def send_held(self, i: int, segments: list[Segment], frame: bytes) -> None:
+    def send_held(self, i: int, segments: list[Segment], frame: bytes | list) -> None:
         """send() of a pickled chunk (``chunk_of``), for a caller that holds worker i's send
         lock already."""
         if self.defined[i] < len(self.definitions):
@@ -293,7 +293,7 @@ class Dispatcher:
             return self._frame(good, solo, full)
 
     def chunk_of(self, segments: list[Segment], solo: bool = False,
-                 full: bool = False) -> bytes:
+                 full: bool = False) -> bytes | list:
         """The CHUNK frame of these segments, as one chunk; raises if an item does not
         pickle."""
         if len(segments) == 1:

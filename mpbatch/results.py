@@ -84,6 +84,24 @@ def in_stream_order(parts: list, results: dict) -> list:
     return out
 
 
+def layout_of(parts: list, batch: dict) -> list[list[int]]:
+    """Where each of ``batch``'s keys has its items, in batch's key order: their offsets in
+    the batch's run of the stream. The caller rebuilds the batch from its own ledger with
+    them (large values: sending them back doubled what crossed the pipes).
+
+    Groups by each item's own key object, as _hold did (identity first: nan keys too)."""
+    where: dict = {}
+    offset = 0
+    for keys, lo, hi in parts:
+        for key in islice(keys, lo, hi):
+            group = where.get(key)
+            if group is None:
+                group = where[key] = []
+            group.append(offset)
+            offset += 1
+    return [where[key] for key in batch]
+
+
 def unpicklable(results: dict | None, batch: dict) -> str:
     """Name the key whose result (or value) will not pickle; the slow path after a failure."""
     for part in (results or {}, batch):

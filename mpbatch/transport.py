@@ -22,7 +22,7 @@ caller -> worker (item pipe i)
                                                             each sent once per worker)
 worker -> caller (result pipe i)
     READY        pid                                        init() done, taking items
-    FINISHED     start, n, ns | pickle((batch, grouped, items, failed))
+    FINISHED     start, n, ns | pickle((batch, grouped, items, failed, layout))
                                                             stream items [start, start+n) done,
                                                             ns nanoseconds inside do()
     FAILED       start, n, ns | pickle(error)               that attempt failed
@@ -33,9 +33,11 @@ FINISHED carries ``batch`` and ``grouped`` (a list of result lists, in the order
 keys) when on_result needs them, and ``items`` (one result per item, in stream order) when a
 chunk asked for ITEM_RESULTS. ``failed`` is None, or, from a do() with per-item outcomes
 (peritem.py), [(offset, ItemFailed)] for the items that failed alone: they are left out of
-``batch`` and ``grouped`` and are None in ``items``. The caller matches results by
-position, never by looking a key up: a key that is not equal to itself (nan) would not be
-found again after pickling.
+``batch`` and ``grouped`` and are None in ``items``. After an OUT_OF_BAND chunk ``batch``
+is None and ``layout`` says where each key's items sit in [start, start+n) instead
+(results.layout_of): the caller rebuilds the batch from its own ledger rather than have
+large values cross back. The caller matches results by position, never by looking a key
+up: a key that is not equal to itself (nan) would not be found again after pickling.
 
 ``start`` is a position in the worker's item stream: the items of its chunks, in the order
 they were sent. A batch is always a contiguous run of that stream, so two integers name
@@ -210,8 +212,10 @@ class FrameReader:
 
 
 def chunk_frame(keys: list, values: list, sizes: list | None, deadline_ns: int,
-                solo: bool = False, item_results: bool = False, full: bool = False) -> bytes:
-    """A CHUNK frame for items given as columns, on the wire; raises if one does not pickle.
+                solo: bool = False, item_results: bool = False,
+                full: bool = False) -> bytes | list:
+    """A CHUNK frame for items given as columns, on the wire (one buffer, or a list of them
+    for os.writev: see _out_of_band); raises if one does not pickle.
 
     Columns, not a list of pairs: the worker then unpickles two lists instead of a tuple
     per item (3x faster, and no tuple for its cyclic GC to track).

@@ -47,6 +47,7 @@ from .results import (
     failure,
     in_stream_order,
     item_failures,
+    layout_of,
     unpicklable,
 )
 
@@ -208,6 +209,7 @@ class _Loop:
         self.held: defaultdict[Any, list] = defaultdict(list)  # do() gets a plain dict
         self.few_keys = False  # the last chunk brought few new keys: group it in C
         self.one_key = False  # the chunk being held has one key for all its items
+        self.layout = False  # the last chunk's values were large: report a layout (results.py)
         self.held_n = 0
         self.held_bytes = 0
         self.held_start = 0  # stream position of the first held item
@@ -290,6 +292,9 @@ class _Loop:
     def _hold_chunk(self, keys: list, values: list, sizes: list | None, flags: int,
                     deadline: int) -> None:
         want = bool(flags & tp.ITEM_RESULTS)
+        # Large values: report where each key's items sit, not the values (the caller has
+        # them in its ledger); sending them back doubled what crossed the pipes.
+        self.layout = bool(flags & tp.OUT_OF_BAND) and not self.per_item
         if flags & tp.SOLO:
             self._flush()
             self._hold(keys, values, 0, len(keys), deadline, want)
@@ -442,7 +447,10 @@ class _Loop:
                 items = in_stream_order(parts, results)
                 for offset, _ in failed or ():
                     items[offset] = None
-        payload = (batch if self.want_values else None, grouped, items, failed)
+        values, layout = batch if self.want_values else None, None
+        if values is not None and self.layout:
+            values, layout = None, layout_of(parts, batch)
+        payload = (values, grouped, items, failed, layout)
         return tp.caller_frame(tp.FINISHED, start, n, payload, ns)
 
     def _send(self, frame: bytes, n: int) -> None:

@@ -162,3 +162,35 @@ def test_large_values_survive_a_killed_worker(batcher_factory, tmp_path, routing
     assert [f.result(timeout=60) for f in futures] == _expected(values)
     s = b.stats()
     assert s.worker_restarts >= 1 and s.redelivered + s.splits >= 1  # re-sent or re-run
+
+
+@pytest.mark.timeout(120)
+def test_on_result_and_on_batch_get_large_values_from_the_callers_ledger(batcher_factory):
+    """After out-of-band chunks the worker reports where each key's items sit, not their
+    values: the caller rebuilds the batch from its own items, nan keys included (two nan
+    objects are two keys; no key is looked up)."""
+    nan_a, nan_b = float("nan"), float("nan")
+    keys = ["a", nan_a, 3, nan_b, ("t", 1)]
+    rng = random.Random(3)  # every value large: every chunk goes out of band
+    values = [rng.randbytes(rng.choice([tp.OOB_MIN, 40_000, 1 << 20])) for _ in range(60)]
+    sent = [(keys[i % len(keys)], v) for i, v in enumerate(values)]
+    per_key, batches = {}, []
+
+    def on_result(key, vs, rs):
+        per_key.setdefault(id(key) if key != key else key, []).extend(zip(vs, rs, strict=True))
+
+    def on_batch(batch, results):
+        batches.append(sum(map(len, batch.values())))
+        assert list(batch) == list(results)
+
+    b = batcher_factory(fns.digest, size=8, workers=2, on_result=on_result, on_batch=on_batch)
+    b.add_many(sent)
+    b.flush()
+    want = {}
+    for key, v in sent:
+        want.setdefault(id(key) if key != key else key, []).append(v)
+    assert sorted(per_key, key=repr) == sorted(want, key=repr)
+    for key, pairs in per_key.items():
+        assert sorted(v for v, _ in pairs) == sorted(want[key])
+        assert all(r == (len(v), zlib.crc32(v), "bytes") for v, r in pairs)
+    assert sum(batches) == len(sent)
