@@ -84,11 +84,11 @@ MB = 2**20
 WORKERS = 2
 ITEM_US = 100.0  # CPU work per item
 WARM_MS = 5.0  # CPU work to warm a key up
-# The hot keys, hottest first. Named so that routing="key" (crc32(key) % 2) gives the
-# hottest a worker of its own and the other four the other worker: the best split any
-# static partition can make of these weights. (Names that differ only in a last digit
-# 0-3, such as "hot0".."hot3", share crc32 % 2: "key" would pin the four hottest together.)
-HOT_NAMES = ("alpha", "bravo", "delta", "golf", "hotel")
+# The hot keys, hottest first. Named so that routing="key" (mpbatch.dispatch.key_hash(key)
+# % 2) gives the hottest a worker of its own and the other four the other worker: the best
+# split any static partition can make of these weights. (key_hash spreads crc32 since
+# 67189bb; before, names that differ only in a last digit 0-3 shared crc32 % 2.)
+HOT_NAMES = ("alpha", "bravo", "charlie", "golf", "hotel")
 HOT_ZIPF = 2.0  # weights 1/r**2: 68.3 %, 17.1 %, 7.6 %, 4.3 %, 2.7 % of the hot items
 TAIL_KEYS = 400
 TAIL_SHARE = 0.005  # of the items (153 of the first 30,000, over 75 distinct tail keys)

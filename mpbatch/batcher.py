@@ -257,8 +257,8 @@ class Batcher:
                     if not chunk.opened:
                         self._intake.opened(chunk, wake=not due and room > 1)
                     if due or room == 1:  # full: no item can join it until one finishes
-                        self._lock.acquire()  # seal() lets it go before writing
-                        self._intake.seal(chunk, full=room == 1, unlock=self._lock)
+                        with self._lock:  # let go while the chunk is written (seal())
+                            self._intake.seal(chunk, full=room == 1, unlock=self._lock)
                 except BaseException:
                     self._intake.unsealed()
                     raise
@@ -279,9 +279,8 @@ class Batcher:
         if self._state is not RUNNING or self._collector.broken:  # type: ignore[union-attr]
             self._ensure_running()
         nbytes = check_item(key, value, self._options.max_bytes)
-        intake, lock = self._intake, self._lock
-        lock.acquire()
-        try:
+        intake = self._intake
+        with self._lock:
             if self._state is not RUNNING:  # close() began since the check above
                 self._ensure_running()
             chunk = intake.chunk_for(key)
@@ -289,14 +288,11 @@ class Batcher:
                 self._wait_for_room(chunk, block, timeout)
                 if self._state is not RUNNING:  # close() began while we waited
                     self._ensure_running()
-        except BaseException:
-            lock.release()
-            raise
-        try:
-            intake.append(chunk, key, value, fut, nbytes, unlock=lock)  # lets go of the lock
-        except BaseException:
-            intake.unsealed()
-            raise
+            try:  # the lock is let go while a chunk it seals is written (seal())
+                intake.append(chunk, key, value, fut, nbytes, unlock=self._lock)
+            except BaseException:
+                intake.unsealed()
+                raise
 
     def _ensure_running(self) -> None:
         if self._state is NEW:

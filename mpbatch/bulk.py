@@ -139,19 +139,13 @@ class Bulk:
     def _post(self, i: int | None, keys: list, values: list, frame: bytes | list,
               deadline_ns: int, tag: int | None) -> None:
         b = self.b
-        with held_interrupt():  # counted as accepted, recorded in a ledger and written, or not
-            b._lock.acquire()
-            try:
-                b._ensure_running()  # close() began or it stopped: raise Closed, nothing of
-                # this part taken
-                seg = Segment(keys, values, None, None, 0, b._intake.epoch, deadline_ns,
-                              tag=tag)
-                b._accounts.seal(len(keys), b._intake.epoch)
-                if i is None:
-                    i = b._router.for_chunk()
-            except BaseException:
-                b._lock.release()
-                raise
+        with held_interrupt(), b._lock:  # counted as accepted, in a ledger and written, or not
+            b._ensure_running()  # close() began or it stopped: raise Closed, nothing of
+            # this part taken
+            seg = Segment(keys, values, None, None, 0, b._intake.epoch, deadline_ns, tag=tag)
+            b._accounts.seal(len(keys), b._intake.epoch)
+            if i is None:
+                i = b._router.for_chunk()
             # The write happens outside the Batcher's lock (the collector settles outcomes
             # under it) but inside worker i's send lock, taken first: a flush() or close()
             # that follows still writes after this chunk.

@@ -195,25 +195,29 @@ class Dispatcher:
         """Write ``segments`` to worker i as one chunk (``frame``: already pickled; ``full``:
         the worker runs what it holds once this chunk is in, see transport.FULL).
 
-        ``unlock``: a lock the caller holds once, released as soon as worker i's send lock
-        is taken, so that the write (which may wait for a busy worker) does not hold it up;
-        what is sent to worker i stays in order, under its send lock.
+        ``unlock``: a lock the caller holds, let go as soon as worker i's send lock is
+        taken and taken back once the write is done (send lock let go first: no order of
+        the two is ever held the other way round), so that the write, which may wait for
+        a busy worker, does not hold it up; what is sent to worker i stays in order, under
+        its send lock. Call it inside held_interrupt(): a Ctrl-C must not stop the lock
+        from being taken back.
         """
-        try:
+        if frame is None:
+            segments, frame = self._frame(segments, solo, full)
             if frame is None:
-                segments, frame = self._frame(segments, solo, full)
-                if frame is None:
-                    return
+                return
+        released = False
+        try:
             with self.pool.send_locks[i]:
                 if unlock is not None:
-                    unlock, lock = None, unlock
-                    lock.release()
+                    unlock.release()
+                    released = True
                 stopped = self.stopped  # read under the send lock: see Collector._halt
                 if stopped is None:
                     self.send_held(i, segments, frame)
         finally:
-            if unlock is not None:  # not let go above: no frame, or an error
-                unlock.release()
+            if released:
+                unlock.acquire()
         if stopped is not None:
             self.reject(segments, stopped)  # outside the send lock, as settling must be
 

@@ -190,23 +190,18 @@ class Intake:
     def append(self, chunk: OpenChunk, key: Hashable, value: Any, fut: Future | None,
                nbytes: int | None, unlock: Any = None) -> None:
         """Add one checked item to ``chunk``, which has room; seal it if that fills it
-        (hold the lock; ``unlock``: the lock, taken for this call alone, which it lets go
-        whatever happens: see seal())."""
-        try:
-            if self._overflows(chunk, nbytes):
-                self.seal(chunk, full=True)  # a full batch by bytes: it runs now
-            n = chunk.add(key, value, fut, nbytes)
-            limit = self.options.max_bytes
-            full = self.is_full(chunk) or (limit is not None and chunk.nbytes >= limit)
-            due = full or n >= self.chunk_items or chunk.nbytes >= CHUNK_BYTES
-            if not chunk.opened:
-                self.opened(chunk, wake=not due)
-            if due:
-                unlock, lock = None, unlock
-                self.seal(chunk, full=full, unlock=lock)
-        finally:
-            if unlock is not None:
-                unlock.release()
+        (hold the lock; ``unlock``: the lock, to let go while that chunk is written, see
+        seal())."""
+        if self._overflows(chunk, nbytes):
+            self.seal(chunk, full=True)  # a full batch by bytes: it runs now
+        n = chunk.add(key, value, fut, nbytes)
+        limit = self.options.max_bytes
+        full = self.is_full(chunk) or (limit is not None and chunk.nbytes >= limit)
+        due = full or n >= self.chunk_items or chunk.nbytes >= CHUNK_BYTES
+        if not chunk.opened:
+            self.opened(chunk, wake=not due)
+        if due:
+            self.seal(chunk, full=full, unlock=unlock)  # the last thing done under the lock
 
     def _overflows(self, chunk: OpenChunk, nbytes: int | None) -> bool:
         """The open chunk is a full batch by max_bytes: this item would take it past.
@@ -270,26 +265,23 @@ class Intake:
         """Send an open chunk to its worker (hold the lock). ``full``: no more items can
         join its batch (max_bytes, or the buffer is full), so the worker runs it at once.
 
-        ``unlock``: the lock, when the caller took it for this seal alone. It is let go as
-        soon as the chunk's worker's send lock is taken (whatever happens), so the write,
-        which waits while that worker's pipe is full, does not keep the collector from
-        settling outcomes: large values used to stall the whole pipeline there (the
-        worker blocked writing results the collector could not read).
+        ``unlock``: the lock, when nothing is done under it after this seal (add()). It is
+        let go once the chunk's worker's send lock is taken and taken back after the
+        write (Dispatcher.send), so the write, which waits while that worker's pipe is
+        full, does not keep the collector from settling outcomes: large values used to
+        stall the whole pipeline there (the worker blocked writing results the collector
+        could not read). The caller still takes and gives the lock back with ``with``: a
+        Ctrl-C cannot leave it held.
         """
-        try:
-            if self.sealed_off:
-                return  # the workers are gone; a late add() takes its item back (withdrawn)
-            with held_interrupt():  # from the open chunk to a ledger, whole or not at all
-                seg = self.take(chunk)
-                if seg is None:
-                    return  # (once the Batcher stopped, the dispatcher dead-letters it)
-                router = self.router
-                i = chunk.worker if len(self.open) > 1 else router.for_chunk()  # type: ignore
-                unlock, lock = None, unlock
-                self.dispatcher.send(i, [seg], full=full, unlock=lock)  # type: ignore
-        finally:
-            if unlock is not None:
-                unlock.release()
+        if self.sealed_off:
+            return  # the workers are gone; a late add() takes its item back (withdrawn)
+        with held_interrupt():  # from the open chunk to a ledger, whole or not at all
+            seg = self.take(chunk)
+            if seg is None:
+                return  # (once the Batcher stopped, the dispatcher dead-letters it)
+            router = self.router
+            i = chunk.worker if len(self.open) > 1 else router.for_chunk()  # type: ignore
+            self.dispatcher.send(i, [seg], full=full, unlock=unlock)  # type: ignore
 
     def seal_all(self) -> None:
         """Send every open chunk now (hold the lock): flush() and close()."""

@@ -84,10 +84,11 @@ def in_stream_order(parts: list, results: dict) -> list:
     return out
 
 
-def layout_of(parts: list, batch: dict) -> list[list[int]]:
+def layout_of(parts: list, batch: dict) -> list[list[int]] | None:
     """Where each of ``batch``'s keys has its items, in batch's key order: their offsets in
     the batch's run of the stream. The caller rebuilds the batch from its own ledger with
-    them (large values: sending them back doubled what crossed the pipes).
+    them (large values: sending them back doubled what crossed the pipes). None if do()
+    changed the batch's keys or the lengths of its lists: then the batch itself is sent.
 
     Groups by each item's own key object, as _hold did (identity first: nan keys too)."""
     where: dict = {}
@@ -99,7 +100,15 @@ def layout_of(parts: list, batch: dict) -> list[list[int]]:
                 group = where[key] = []
             group.append(offset)
             offset += 1
-    return [where[key] for key in batch]
+    if len(where) != len(batch):
+        return None
+    out = []
+    for key, values in batch.items():
+        group = where.get(key)
+        if group is None or len(group) != len(values):
+            return None
+        out.append(group)
+    return out
 
 
 def unpicklable(results: dict | None, batch: dict) -> str:

@@ -205,8 +205,8 @@ class FrameReader:
         buf = frame.obj
         try:
             frame.release()
-        except BufferError:  # still exported: leave it be
-            return
+        except BufferError:  # this very view is exported (views derived from it are not
+            return  # seen here: the consumer's word that it is done is what counts)
         if len(self.spare) < SPARES and len(buf) <= SPARE_BYTES:
             self.spare.append(buf)
 

@@ -449,7 +449,8 @@ class _Loop:
                     items[offset] = None
         values, layout = batch if self.want_values else None, None
         if values is not None and self.layout:
-            values, layout = None, layout_of(parts, batch)
+            layout = layout_of(parts, batch)
+            values = None if layout is not None else values
         payload = (values, grouped, items, failed, layout)
         return tp.caller_frame(tp.FINISHED, start, n, payload, ns)
 

@@ -364,3 +364,9 @@ def with_pid_gated(path, key):
         return with_pid(batch)
 
     return do
+
+
+def digest_and_add_a_key(batch):
+    """do() that adds a key of its own to the batch it was given, with a result for it."""
+    batch["added"] = [b"x"]
+    return digest(batch)

@@ -194,3 +194,16 @@ def test_on_result_and_on_batch_get_large_values_from_the_callers_ledger(batcher
         assert sorted(v for v, _ in pairs) == sorted(want[key])
         assert all(r == (len(v), zlib.crc32(v), "bytes") for v, r in pairs)
     assert sum(batches) == len(sent)
+
+
+@pytest.mark.timeout(60)
+def test_a_do_that_changes_its_batch_gets_the_batch_it_made_reported(batcher_factory):
+    """The layout report describes the items as they came; a do() that adds a key to its
+    batch has the batch itself sent back instead, as with small values."""
+    got = []
+    b = batcher_factory(fns.digest_and_add_a_key, size=2, workers=1,
+                        on_result=lambda key, vs, rs: got.append((key, len(vs), rs[0][0])))
+    b.add_many([("k", b"a" * tp.OOB_MIN), ("k", b"b" * tp.OOB_MIN)])
+    b.flush()
+    assert sorted(got) == [("added", 1, 1), ("k", 2, tp.OOB_MIN)]
+    assert b.stats().succeeded == 2
