@@ -8,6 +8,7 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
   streaming               (mode "stream") the stream reached item AT; adding goes on
   closing                 (mode "closing") every item is accepted; close() runs next
+  inside close            (mode "closing") close() has begun: the Batcher is closing
 MODE: "wait" (block until a signal), "closing" (leave the with block at once: close()
 flushes for most of the run, where a first Ctrl-C must still flush), "exit" (os._exit while
 workers are busy), "noclose" (return from main without close(): atexit must flush), "stream"
@@ -41,6 +42,7 @@ def _report():
 
 
 import mpbatch  # noqa: E402 - after the hook above, on purpose
+from mpbatch.closing import CLOSING  # noqa: E402
 
 
 def do(batch):
@@ -94,6 +96,7 @@ def main():
             b.add_many(("k", i) for i in range(items))
             print("added", flush=True)
             if mode == "closing":
+                threading.Thread(target=say_when_closing, args=(b,), daemon=True).start()
                 print("closing", flush=True)
                 return
             if mode == "exit":
@@ -105,6 +108,14 @@ def main():
                 raise
     finally:
         print("closed", len(done), b.stats(), flush=True)
+
+
+def say_when_closing(b):
+    """Print "inside close" once close() has begun: a Ctrl-C sent on "closing" alone could
+    land before it, in the print itself (seen on CPython 3.13)."""
+    while b._state is not CLOSING:
+        time.sleep(0.001)  # a state to watch, not a time to wait out
+    print("inside close", flush=True)
 
 
 def stream(b, at, how):

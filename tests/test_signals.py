@@ -111,9 +111,9 @@ def read_err_until(proc, text):
 
 
 def interrupt_inside_close(caller):
-    """Ctrl-C once the caller is inside close(): it left the with block ("closing") and a
+    """Ctrl-C once the caller is inside close(): close() has begun ("inside close") and a
     batch began after that (the batches before it take 0.5 s), so close() is waiting."""
-    read_until(caller, "closing")
+    read_until(caller, "inside")
     read_until(caller, "batch")
     os.killpg(caller.pid, signal.SIGINT)
 
