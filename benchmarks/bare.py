@@ -405,16 +405,7 @@ class RawPipes:
             self.pump(None)
         self.close()
 
-    def abort(self):
-        for proc in self.procs:
-            proc.kill()
-        self.close()
-
-    def close(self):
-        for conn in self.conns:
-            conn.close()
-        for proc in self.procs:
-            proc.join()
+    abort, close = PipePool.abort, PipePool.close  # the same teardown: procs and conns
 
 
 def pipe_floor_stream(job):

@@ -27,13 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
-from run import TreeSampler, communicate_sampled
+from run import HERE, MB, RESULT_TAG, RESULTS, ROOT, TreeSampler, communicate_sampled
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
-TAG = "RESULT "
-MB = 2**20
 WORKERS = 2
 ROUNDS = int(os.environ.get("EXECUTOR_ROUNDS", "300"))
 
@@ -96,8 +91,8 @@ def measure(spec: dict, timeout: float) -> dict:
                             cwd=ROOT, env=env)
     sampler = TreeSampler(proc.pid)
     out, err, _, _ = communicate_sampled(proc, sampler, timeout)
-    lines = [x for x in out.splitlines() if x.startswith(TAG)]
-    rec = json.loads(lines[-1][len(TAG):]) if lines else {"error": err[-1500:]}
+    lines = [x for x in out.splitlines() if x.startswith(RESULT_TAG)]
+    rec = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {"error": err[-1500:]}
     rec["peak_pss_mb"] = sampler.peak / MB
     rec["calls_per_s"] = spec["n"] / rec["wall_s"] if "wall_s" in rec else 0.0
     want = expected(spec["fn"], spec["n"])
@@ -150,7 +145,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
     if args.child:
-        print(TAG + json.dumps(child(json.loads(args.child))), flush=True)
+        print(RESULT_TAG + json.dumps(child(json.loads(args.child))), flush=True)
         return
     args.chunks = [int(c) for c in args.chunks.split(",")]
     if args.smoke:

@@ -67,6 +67,11 @@ from pathlib import Path
 import psutil
 import workloads
 from run import (
+    HERE,
+    MB,
+    RESULT_TAG,
+    RESULTS,
+    ROOT,
     TreeSampler,
     _cpu_now,
     busy,
@@ -76,11 +81,6 @@ from run import (
     wait_until_idle,
 )
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
-TAG = "RESULT "
-MB = 2**20
 WORKERS = 2
 ITEM_US = 100.0  # CPU work per item
 WARM_MS = 5.0  # CPU work to warm a key up
@@ -357,8 +357,8 @@ def measure(spec: dict, args: argparse.Namespace) -> dict:
     sampler = TreeSampler(proc.pid)
     out, err, timed_out, _ = communicate_sampled(proc, sampler, args.timeout)
     foreign, foreign_s = foreign_cpu(before, _cpu_now(), sampler.cpu_seconds())
-    lines = [x for x in out.splitlines() if x.startswith(TAG)]
-    rec = json.loads(lines[-1][len(TAG):]) if lines else {
+    lines = [x for x in out.splitlines() if x.startswith(RESULT_TAG)]
+    rec = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {
         "error": f"timeout after {args.timeout} s" if timed_out else err[-1500:]}
     rec |= {"peak_pss_mb": sampler.peak / MB, "foreign_cpu": foreign,
             "foreign_cpu_s": foreign_s, "leftovers": sampler.leftovers()}
@@ -515,7 +515,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.child:
-        print(TAG + json.dumps(child(json.loads(args.child))), flush=True)
+        print(RESULT_TAG + json.dumps(child(json.loads(args.child))), flush=True)
         return
     started = time.monotonic()
     # Bytecode, as an installed package has it (run.py does the same): with

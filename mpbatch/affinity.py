@@ -4,9 +4,9 @@ A key goes to its home, the worker that took it last, so that state a worker kee
 (a model, a connection, a warmed cache: see Batcher's ``init``) stays warm. While the
 home's queued work is under ``spill_after`` seconds the key stays; past it, the key goes to
 the least-loaded worker, which becomes its new home, if that worker holds at least half
-the bound less (so a hot key that keeps every worker past its bound moves in runs, not
-item by item). So a hot key no longer pins one worker
-as under "key", and a cold key is not scattered over every worker as under "least-loaded".
+the bound less (so a key that keeps every worker past its bound moves in runs, not item
+by item). So a hot key does not pin one worker as under "key", and a cold key is not
+scattered over every worker as under "least-loaded".
 
 Two kinds of key are placed otherwise, judged by their share of the last WINDOW items:
 - a key too hot for one worker (a share above 1/workers) has no home that could keep up:

@@ -90,14 +90,19 @@ class Bulk:
         def free() -> int:
             return cap - acc.outstanding
 
+        return self._wait_for_room(free, f"with {cap} items unfinished (buffer="
+                                         f"{b._options.buffer} x {b._workers} workers)")
+
+    def _wait_for_room(self, free: Any, where: str) -> int:
+        """``free()`` (read under the lock) once it is above 0; Full past timeout=."""
+        b = self.b
         with b._lock:
             if free() <= 0:
                 b._refuse_to_wait_for_room_in_a_callback("add_many()")
             if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
                 b._ensure_running()  # raises Closed if close() or a failure stopped us
-                raise Full(f"add_many() waited past its timeout with {cap} items unfinished "
-                           f"(buffer={b._options.buffer} x {b._workers} workers); "
-                           f"{self.accepted} items went in", self.accepted)
+                raise Full(f"add_many() waited past its timeout {where}; {self.accepted} "
+                           f"items went in", self.accepted)
             return free()
 
     def _paced(self, room: int) -> int:
@@ -220,16 +225,9 @@ class KeyedBulk(Bulk):
         def free() -> int:
             return buffer - max(held(i) + len(opened[i].entries) for i in range(workers))
 
-        with b._lock:
-            if free() <= 0:
-                b._refuse_to_wait_for_room_in_a_callback("add_many()")
-            if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
-                b._ensure_running()  # raises Closed if close() or a failure stopped us
-                raise Full(f"add_many() waited past its timeout for room in every worker "
-                           f"(buffer={buffer}, routing={b._options.routing!r}: a worker holds "
-                           f"{buffer} unfinished items); {self.accepted} items went in",
-                           self.accepted)
-            return free()
+        return self._wait_for_room(free, f"for room in every worker (buffer={buffer}, "
+                                         f"routing={b._options.routing!r}: a worker holds "
+                                         f"{buffer} unfinished items)")
 
     def _parts(self, keys: list, values: list) -> list[tuple[int | None, list, list]]:
         workers = self.b._workers

@@ -34,15 +34,15 @@ class Inlet:
     and the reader moves everything in the item pipe to ``frames`` while do() runs. It
     costs nothing when pipes do not fill: no wake-up of the reader per batch.
 
-    ``lock`` goes with the item pipe and the partial frame in ``pending``: one thread
-    reads at a time, and frames keep their order.
+    ``lock`` goes with the item pipe and the partial frame in ``wire`` (a FrameReader): one
+    thread reads at a time, and frames keep their order.
     """
 
     def __init__(self, items: Connection, drain: Connection) -> None:
         self.fd = items.fileno()
         os.set_blocking(self.fd, False)  # the reader drains it until it is empty
         self.drain_fd = drain.fileno()
-        self.pending = tp.FrameReader()  # and the partial frame it holds
+        self.wire = tp.FrameReader()  # what was read of the pipe, partial frame included
         self.frames: deque = deque()  # read, not yet taken; None marks EOF
         self.lock = threading.Lock()
         self._poll = select.poll()  # the main thread's; not select(): it fails past fd 1024
@@ -82,7 +82,7 @@ class Inlet:
         it held nothing, or at EOF. All of it at once: one frame per hand-over between
         threads capped a worker at ~200 frames/s when the other thread held the GIL."""
         try:
-            frames = self.pending.read(self.fd)
+            frames = self.wire.read(self.fd)
         except BlockingIOError:
             return False
         except OSError:
@@ -96,7 +96,7 @@ class Inlet:
     def recycle(self, frame: Any) -> None:
         """The main thread is done with ``frame``: its buffer may be read into again."""
         with self.lock:
-            self.pending.recycle(frame)
+            self.wire.recycle(frame)
 
     def _drain(self) -> None:
         """Reader thread: each byte on the drain pipe means "the caller found me full"."""

@@ -1,5 +1,6 @@
 """Memory: the OOM killer and address-space limits end clearly; a long stream stays bounded."""
 
+import contextlib
 import os
 
 import psutil
@@ -77,3 +78,41 @@ def test_a_long_stream_runs_in_bounded_memory(batcher_factory):
     grown = me.memory_info().rss - first
     assert grown < 20 * 1024 * 1024, f"caller grew {grown / 1e6:.1f} MB over 1.5 M more items"
     assert b.stats().succeeded == 1_800_000
+
+
+def _tree_rss(me):
+    procs = [me, *me.children(recursive=True)]
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker exiting meanwhile
+            total += p.memory_info().rss
+    return total
+
+
+@pytest.mark.timeout(120)
+def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory):
+    """Guarantee 6 on the large-value path (values out of band, worker buffers reused,
+    freed memory kept by the workers' malloc): after a warm-up of 100 MiB, 600 MiB more of
+    1 MiB values leave the whole process tree, caller and workers, within 100 MB of where
+    it was."""
+    me = psutil.Process()
+    pool = os.urandom((1 << 20) + 4096)
+    peak = [0]
+
+    def values(n):
+        for i in range(n):
+            if i % 25 == 0:
+                peak[0] = max(peak[0], _tree_rss(me))
+            yield f"k{i % 7}", pool[i % 4096:(i % 4096) + (1 << 20)]  # a fresh 1 MiB each
+
+    got = [0]
+    b = batcher_factory(fns.digest, size=4, workers=2, buffer=8,
+                        on_result=lambda key, vs, rs: got.__setitem__(0, got[0] + len(rs)))
+    b.add_many(values(100))
+    b.flush()
+    start, peak[0] = _tree_rss(me), 0
+    b.add_many(values(600))
+    b.flush()
+    grown = peak[0] - start
+    assert grown < 100 * 1024 * 1024, f"the tree grew {grown / 1e6:.0f} MB over 600 MiB more"
+    assert got[0] == 700 and b.stats().succeeded == 700
