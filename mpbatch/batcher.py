@@ -110,6 +110,14 @@ class Batcher:
         many bytes (default None).
     dead_letters: a SQLite file where every dead letter is committed, one row per item,
         before it is counted (default None: in memory only); read it with DeadLetterStore.
+    backend: "process" (default: worker processes of this machine) or "ray" (each worker a
+        Ray actor, on a local Ray or a cluster: pip install "mpbatch[ray]"; see README,
+        "Beyond one machine").
+    address: backend="ray" only: None (default) uses the Ray this program initialised, or
+        starts a local one sized to ``workers`` and shuts it down at close(); "host:port"
+        or "auto" joins an existing cluster.
+    ray_options: backend="ray" only: options for each worker's actor (num_cpus, resources,
+        runtime_env, ...); default {"num_cpus": 1}.
     """
 
     def __init__(
@@ -135,6 +143,9 @@ class Batcher:
         max_batches_per_worker: int | None = None,
         max_rss: int | None = None,
         dead_letters: str | os.PathLike[str] | None = None,
+        backend: str = "process",
+        address: str | None = None,
+        ray_options: dict[str, Any] | None = None,
     ) -> None:
         check_callable("do", do, optional=False)
         self._do = do
@@ -145,7 +156,8 @@ class Batcher:
             on_dead_letter=on_dead_letter, init=init,
             start_method=start_method, isolate_poison=isolate_poison,
             max_batches_per_worker=max_batches_per_worker, max_rss=max_rss,
-            dead_letters=dead_letters)
+            dead_letters=dead_letters, backend=backend, address=address,
+            ray_options=ray_options)
         self._store = open_store(self._options.dead_letters)
         self._state = NEW
         self._start_lock = threading.Lock()

@@ -54,9 +54,7 @@ class Engine:
         self.counters = LoadCounters(self.workers)
         pool = None
         try:
-            # The default is chosen now: whether this process has other threads decides it.
-            pool = Pool(self.workers, opts.start_method or default_start_method(),
-                        self.counters.name, blob)
+            pool = self._pool(opts, blob)
             self.collector = self._start(pool, opts, accounts, intake, store)
         except BaseException:
             if pool is not None:
@@ -65,6 +63,16 @@ class Engine:
             raise
         self.pool = pool
         self.collector.recovery.on_broken = on_broken
+
+    def _pool(self, opts: Options, blob: bytes) -> Pool:
+        if opts.backend == "ray":
+            from .raypool import RayPool  # Ray loads only for backend="ray"
+
+            return RayPool(self.workers, blob, self.counters,  # type: ignore[return-value]
+                           opts.batch_items, opts.address, opts.ray_options)
+        # The default is chosen now: whether this process has other threads decides it.
+        return Pool(self.workers, opts.start_method or default_start_method(),
+                    self.counters.name, blob)
 
     def _start(self, pool: Pool, opts: Options, accounts: Accounts, intake: Intake,
                store: DeadLetterStore | None) -> Collector:
@@ -101,6 +109,7 @@ class Engine:
         collector = self.collector
         collector.recovery.stop_error = error
         collector.recovery.stopping = True  # read under send_locks: no replacement after this
+        self.pool.stopping = True  # (Ray: an actor killed now counts as ended at once)
         if error is not None:
             for i in range(self.workers):
                 self.pool.kill(i)

@@ -199,6 +199,7 @@ class Pool:
         # close(timeout)'s deadline (monotonic s): a write still waiting then gives its
         # worker up, or close() could not even take the lock that writer holds.
         self.give_up_at: float | None = None
+        self.stopping = False  # close() stops the workers (read by the Ray pool only)
 
     def start(self, i: int) -> None:
         """Start a process for slot i (first start or replacement); hold send_locks[i].

@@ -44,6 +44,9 @@ class Options:
     max_batches_per_worker: int | None
     max_rss: int | None
     dead_letters: str | None
+    backend: str = "process"
+    address: str | None = None
+    ray_options: dict | None = None
 
     @property
     def want_values(self) -> bool:
@@ -80,6 +83,8 @@ def checked(**given: Any) -> Options:
                                          given["max_batches_per_worker"], 1, optional=True),
         max_rss=check_int("max_rss", given["max_rss"], 1, optional=True),
         dead_letters=check_path("dead_letters", given["dead_letters"]),
+        **check_backend(given.get("backend", "process"), given.get("address"),
+                        given.get("ray_options"), given["start_method"]),
     )
 
 
@@ -162,6 +167,38 @@ def check_path(name: str, value: Any) -> str | None:
         raise ValueError(f"{name}={path!r}: the folder {folder!r} does not exist; create it "
                          f"or give another path")
     return path
+
+
+BACKENDS = ("process", "ray")
+
+
+def check_backend(backend: Any, address: Any, ray_options: Any,
+                  start_method: Any) -> dict[str, Any]:
+    """backend=, with address= and ray_options=, which belong to backend="ray" only."""
+    backend = check_choice("backend", backend, BACKENDS)
+    if backend != "ray":
+        for name, value in (("address", address), ("ray_options", ray_options)):
+            if value is not None:
+                raise ValueError(f"{name}={shown(value)} applies to backend='ray' only; drop "
+                                 f"it or pass backend='ray'")
+        return {"backend": backend}
+    if start_method is not None:
+        raise ValueError(f"start_method={shown(start_method)} applies to backend='process' "
+                         f"only: Ray starts the actors' processes itself")
+    if address is not None and not isinstance(address, str):
+        raise TypeError(f"address must be a str ('host:port' or 'auto') or None "
+                        f"(got {type(address).__name__}: {shown(address)})")
+    if address is not None and not address:
+        raise ValueError("address must be 'host:port', 'auto', or None (got '')")
+    if ray_options is not None and not isinstance(ray_options, dict):
+        raise TypeError(f"ray_options must be a dict of Ray actor options or None (got "
+                        f"{type(ray_options).__name__}: {shown(ray_options)})")
+    fixed = {"max_restarts", "max_task_retries", "max_concurrency", "lifetime"}
+    taken = sorted(fixed & set(ray_options or ()))
+    if taken:
+        raise ValueError(f"ray_options may not set {', '.join(taken)}: mpbatch sets them to keep "
+                         f"its own accounting of attempts (and never detaches its actors)")
+    return {"backend": backend, "address": address, "ray_options": ray_options}
 
 
 def check_start_method(value: Any) -> str | None:

@@ -220,6 +220,8 @@ class Recovery:
             return True
         cause = self.init_errors.get(i)
         why = str(cause) if cause is not None else f"it exited with {signal_name(exitcode)}"
+        if cause is None and exitcode is None:  # a Ray actor: no exit code is reported
+            why = "its actor died; Ray does not report an exit code"
         self.broken = WorkerDied(
             f"{MAX_START_FAILURES} workers in a row died before taking items (worker {i}: "
             f"{why}), so the Batcher stopped; {self._start_advice(cause, exitcode)}, then "
@@ -296,6 +298,8 @@ class Recovery:
         attempt = max(s.attempts for s in inside) + 1
         how = signal_name(proc.exitcode)
         verb = f"was killed by {how}" if proc.exitcode and proc.exitcode < 0 else f"exited ({how})"
+        if proc.exitcode is None:  # a Ray actor (raypool.py)
+            verb = "died (Ray does not report an actor's exit code or signal)"
         hint = ("; a SIGKILL with no traceback is typical of the OOM killer: try a smaller size= "
                 "or max_bytes=" if proc.exitcode == -9 else "")
         return WorkerDied(

@@ -217,6 +217,9 @@ class _Loop:
         self.held_want = False  # some held chunk asked for ITEM_RESULTS
         self.pos = 0  # stream position of the next item to arrive
         self.deadline = 0  # monotonic_ns by which the held items must run
+        # Added to a chunk's deadline: this node's monotonic clock minus the caller's (a Ray
+        # actor on another node, rayworker.py); 0 in a worker process of the caller's.
+        self.clock_offset_ns = 0
 
     def run(self) -> bool:
         """Serve until STOP or EOF (False), or until due for recycling (True)."""
@@ -240,7 +243,7 @@ class _Loop:
             elif kind == tp.DEFINE:
                 DEFINITIONS[n] = memoryview(frame)[tp.TO_WORKER_SIZE:].tobytes()  # calls.py
             else:
-                self._take_chunk(frame, flags, n, deadline)
+                self._take_chunk(frame, flags, n, deadline + self.clock_offset_ns)
                 self.inlet.recycle(frame)  # its items are unpickled (and maybe run) by now
 
     def _worn_out(self) -> bool:
