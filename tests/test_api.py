@@ -163,7 +163,7 @@ def test_close_without_start_is_fine_and_idempotent():
         b.add("k", 1)
 
 
-def test_add_many_add_submit_results_in_one_batcher(batcher_factory):
+def test_add_many_add_submit_results_in_one_batcher(batcher_factory, backend):
     seen = []
     b = batcher_factory(fns.double, size=50, on_result=lambda k, vs, rs: seen.extend(rs))
     b.add("a", 1)

@@ -15,21 +15,21 @@ def shapes(b, items):
     return [f.result() for f in futs]
 
 
-def test_size_flushes_full_batches_of_all_keys_together(batcher_factory):
+def test_size_flushes_full_batches_of_all_keys_together(batcher_factory, backend):
     b = batcher_factory(fns.batch_shape, size=10, interval=60, workers=1)
     futs = [b.submit(f"k{i % 3}", i) for i in range(30)]
     # Three full batches ran without flush() and without waiting out the 60 s interval.
     assert [f.result(timeout=10) for f in futs] == [(3, 10)] * 30
 
 
-def test_values_of_a_key_arrive_in_add_order(batcher_factory):
+def test_values_of_a_key_arrive_in_add_order(batcher_factory, backend):
     b = batcher_factory(fns.with_pid, size=100, workers=1)
     futs = [b.submit(f"k{i % 3}", i) for i in range(300)]
     b.flush()
     assert [f.result()[1] for f in futs] == list(range(300))
 
 
-def test_max_bytes_flushes_before_the_limit(batcher_factory):
+def test_max_bytes_flushes_before_the_limit(batcher_factory, backend):
     b = batcher_factory(fns.batch_shape, size=1000, max_bytes=300, interval=60, workers=1)
     # Each value pickles to ~105 bytes: two fit under 300, a third would not.
     result = shapes(b, [("k", "x" * 100) for _ in range(6)])
@@ -81,7 +81,7 @@ def test_item_larger_than_max_bytes_is_refused(batcher_factory):
     assert b.stats().succeeded == 1
 
 
-def test_interval_bounds_the_wait_of_a_lone_item(batcher_factory):
+def test_interval_bounds_the_wait_of_a_lone_item(batcher_factory, backend):
     b = batcher_factory(fns.double, size=1000, interval=0.2, workers=2)
     b.submit("warm", 1).result(timeout=10)  # workers started
     started = time.monotonic()
@@ -99,7 +99,7 @@ def test_flush_does_not_wait_out_the_interval(batcher_factory):
     assert [f.result() for f in futs] == [0, 2, 4, 6, 8]
 
 
-def test_flush_waits_for_callbacks(batcher_factory):
+def test_flush_waits_for_callbacks(batcher_factory, backend):
     done = []
     b = batcher_factory(fns.double, size=1000, interval=60,
                         on_result=lambda k, vs, rs: done.extend(vs))

@@ -36,7 +36,7 @@ def test_unhashable_key_is_a_type_error(batcher_factory):
     assert b.stats().accepted == 0
 
 
-def test_full_raises_and_block_waits(batcher_factory, tmp_path):
+def test_full_raises_and_block_waits(batcher_factory, tmp_path, backend):
     gate = tmp_path / "gate"
     b = batcher_factory(fns.wait_for_file(str(gate)), workers=1, buffer=3, size=1)
     for i in range(3):
@@ -82,7 +82,7 @@ def test_add_many_waits_for_room_and_times_out_with_accepted(batcher_factory, tm
     assert counters(b) == (110, 110, 0, 0)
 
 
-def test_add_many_bad_item_keeps_the_items_before_it(batcher_factory):
+def test_add_many_bad_item_keeps_the_items_before_it(batcher_factory, backend):
     b = batcher_factory(fns.double)
     items = [("k", 1), ("k", 2), ("bad", threading.Lock()), ("k", 4)]
     with pytest.raises(mpbatch.SerializationError, match="'bad'") as info:

@@ -7,7 +7,7 @@ from mpbatch.peritem import PerItem
 from tests import fns
 
 
-def test_a_raise_fails_only_its_item(batcher_factory):
+def test_a_raise_fails_only_its_item(batcher_factory, backend):
     seen = []
     b = batcher_factory(PerItem(fns.square_unless_bad), size=10, workers=2,
                         on_result=lambda k, vs, rs: seen.extend(zip(vs, rs, strict=True)))

@@ -6,14 +6,14 @@ import mpbatch
 from tests import fns
 
 
-def test_futures_get_their_own_results_across_keys(batcher_factory):
+def test_futures_get_their_own_results_across_keys(batcher_factory, backend):
     b = batcher_factory(fns.double, size=7)
     futs = {(f"k{i % 4}", i): b.submit(f"k{i % 4}", i) for i in range(100)}
     b.flush()
     assert all(f.result() == 2 * v for (_, v), f in futs.items())
 
 
-def test_on_result_gets_key_values_and_results_in_order(batcher_factory):
+def test_on_result_gets_key_values_and_results_in_order(batcher_factory, backend):
     calls = []
     b = batcher_factory(fns.double, size=10, workers=1,
                         on_result=lambda k, vs, rs: calls.append((k, vs, rs)))
@@ -71,7 +71,7 @@ def test_groups_keep_each_keys_order_with_few_keys_and_with_new_keys(batcher_fac
     assert [f.result() for f in futs] == [2 * i for i in range(20_000, 20_100)]
 
 
-def test_none_means_every_item_succeeded_with_none(batcher_factory):
+def test_none_means_every_item_succeeded_with_none(batcher_factory, backend):
     calls = []
     b = batcher_factory(fns.nothing, on_result=lambda k, vs, rs: calls.append(rs))
     fut = b.submit("k", 1)
@@ -112,7 +112,7 @@ def test_a_bad_shape_fails_even_without_futures(batcher_factory):
     assert "expected 3" in str(b.dead_letters()[0].error)
 
 
-def test_unpicklable_result_fails_only_that_batch(batcher_factory):
+def test_unpicklable_result_fails_only_that_batch(batcher_factory, backend):
     b = batcher_factory(fns.returns_unpicklable, size=1, workers=1)
     fut = b.submit("locks", 1)
     b.flush()
@@ -186,7 +186,7 @@ def test_a_blocking_add_inside_a_callback_is_refused_not_deadlocked(batcher_fact
     assert b.stats().succeeded == 2
     assert "cannot wait for room inside on_result" in caplog.text
 
-def test_init_state_is_passed_and_kept(batcher_factory):
+def test_init_state_is_passed_and_kept(batcher_factory, backend):
     b = batcher_factory(fns.use_state, init=fns.init_state, size=3)
     futs = [b.submit("k", i) for i in range(9)]
     b.flush()
@@ -201,7 +201,7 @@ def test_flush_inside_a_callback_is_refused_not_deadlocked(batcher_factory, capl
     assert "cannot run inside on_result" in caplog.text
 
 
-def test_on_batch_gets_each_batch_as_do_got_and_returned_it(batcher_factory):
+def test_on_batch_gets_each_batch_as_do_got_and_returned_it(batcher_factory, backend):
     batches = []
     b = batcher_factory(fns.double, size=10, workers=2, interval=60,
                         on_batch=lambda batch, results: batches.append((batch, results)))

@@ -8,7 +8,7 @@ import mpbatch
 from tests import fns
 
 
-def test_raising_do_is_tried_max_attempts_times(batcher_factory):
+def test_raising_do_is_tried_max_attempts_times(batcher_factory, backend):
     letters = []
     b = batcher_factory(fns.raise_value_error, size=5, workers=2, max_attempts=3,
                         retry_backoff=0.01, on_dead_letter=letters.append)
@@ -26,7 +26,7 @@ def test_raising_do_is_tried_max_attempts_times(batcher_factory):
     assert isinstance(letter.error.__cause__, Exception)
 
 
-def test_a_flaky_failure_succeeds_on_retry(batcher_factory, tmp_path):
+def test_a_flaky_failure_succeeds_on_retry(batcher_factory, tmp_path, backend):
     b = batcher_factory(fns.once_then(str(tmp_path), fns.raise_value_error), size=4,
                         max_attempts=2, retry_backoff=0)
     futs = [b.submit("k", i) for i in range(8)]

@@ -19,7 +19,7 @@ def pids_and_values(b, items):
     return [(k, *f.result()) for k, f in futs]
 
 
-def test_key_routing_pins_each_key_to_one_worker_in_order(batcher_factory):
+def test_key_routing_pins_each_key_to_one_worker_in_order(batcher_factory, backend):
     b = batcher_factory(fns.with_pid, routing="key", size=7, workers=2)
     rows = pids_and_values(b, [(f"user:{i % 11}", i) for i in range(500)])
     by_key = {}
@@ -31,7 +31,7 @@ def test_key_routing_pins_each_key_to_one_worker_in_order(batcher_factory):
     assert len({pid for _, pid, _ in rows}) == 2  # both workers got keys
 
 
-def test_key_routing_order_holds_across_many_batches_with_add_many(batcher_factory):
+def test_key_routing_order_holds_across_many_batches_with_add_many(batcher_factory, backend):
     order = {}
     b = batcher_factory(fns.double, routing="key", size=5, workers=2,
                         on_result=lambda k, vs, rs: order.setdefault(k, []).extend(vs))
@@ -54,7 +54,7 @@ def test_key_hash_is_stable_across_processes_and_hash_seeds():
     assert outs == {f"{[key_hash(k) for k in keys]}\n"}
 
 
-def test_least_loaded_uses_every_worker(batcher_factory):
+def test_least_loaded_uses_every_worker(batcher_factory, backend):
     b = batcher_factory(fns.with_pid, routing="least-loaded", size=10, workers=2)
     rows = pids_and_values(b, [("same-key", i) for i in range(2000)])
     assert len({pid for _, pid, _ in rows}) == 2
