@@ -31,9 +31,12 @@ for dead make the pool restart it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 import select
+import struct
 import threading
 import time
 from multiprocessing import Pipe
@@ -53,13 +56,26 @@ from .counters import (
     LoadCounters,
 )
 from .errors import MpbatchError
-from .rayworker import RayWorker
+from .lifecycle import _widen
+from .rayworker import PULL_WAIT, RayWorker
+
+log = logging.getLogger("mpbatch")
 
 EXTRA = 'backend="ray" needs Ray, which is not installed: pip install "mpbatch[ray]"'
 OBJECT_STORE_BYTES = 256 << 20  # a local Ray started by mpbatch: chunks pass through it
 GET_WAIT = 0.5  # s between a pump's or a sender's looks at close()
-ROOM_WAIT = 3.0  # s start() waits for CPUs that closed actors are giving back
+ROOM_WAIT = 3.0  # s start() waits for the actors' resources (closed actors give theirs back)
 KILLED = -9  # the exit code recorded for an actor mpbatch killed while stopping
+PUSH_BYTES = 32 << 20  # at most this much in one push (it passes through the object store)
+START_ERRORS = 3  # failed pulls in a row before an instance that never replied counts dead
+_CHUNK_HEAD = struct.Struct("<BBq")  # a CHUNK frame's kind, flags and item count
+
+
+def items_in(frame: bytes) -> int:
+    """Items in a wire frame: n of a CHUNK, 0 for any other frame."""
+    at = 12 if frame[:4] == b"\xff\xff\xff\xff" else 4  # tp.wire: a 2 GiB frame's longer length
+    kind, _, n = _CHUNK_HEAD.unpack_from(frame, at)
+    return n if kind == tp.CHUNK else 0
 
 
 def import_ray() -> Any:
@@ -67,26 +83,58 @@ def import_ray() -> Any:
         import ray
     except ImportError as exc:
         raise ImportError(EXTRA) from exc
+    # Ray registers its shutdown at exit when imported: register mpbatch's close of open
+    # Batchers again, after it, so that it runs first (atexit runs the last one first) and
+    # flushes on actors that still exist.
+    from .batcher import _close_all
+
+    atexit.unregister(_close_all)
+    atexit.register(_close_all)
     return ray
+
+
+_ours = 0  # pools open on a Ray that mpbatch started: the last one to close shuts it down
+_ours_lock = threading.Lock()
 
 
 def connect(ray: Any, address: str | None, workers: int) -> bool:
     """Reuse the Ray this program initialised, join ``address``, or start a local Ray
-    sized to ``workers``; True if this call started one (close() then shuts it down).
+    sized to ``workers``; True if the Ray in use is one mpbatch started (the last pool on
+    it to close shuts it down).
 
     A new local instance is asked for as address="local": plain ray.init() would follow
     RAY_ADDRESS, or a ray_current_cluster file that a cluster stopped without ``ray stop``
     leaves behind, and join whatever that names.
     """
-    if address is None and ray.is_initialized():
-        return False
-    if address is not None:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(address="local", num_cpus=workers, include_dashboard=False,
-             object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True,
-             _node_ip_address="127.0.0.1")
-    return True
+    global _ours
+    with _ours_lock:
+        if ray.is_initialized():
+            if address is not None:
+                raise MpbatchError(
+                    f"address={address!r}, but this program has initialised Ray already "
+                    f"(ray.init); a process joins one cluster: pass address=None to use "
+                    f"that one, or call ray.shutdown() first")
+            if _ours:
+                _ours += 1
+                return True
+            return False
+        if address is not None:
+            ray.init(address=address, log_to_driver=True)
+            return False
+        ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                 object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
+        _ours = 1
+        return True
+
+
+def release(ray: Any) -> None:
+    """A pool on a Ray that mpbatch started has closed."""
+    global _ours
+    with _ours_lock:
+        _ours -= 1
+        if _ours == 0:
+            ray.shutdown()
 
 
 class RayProc:
@@ -101,6 +149,8 @@ class RayProc:
         self.token: int | None = None
         self.exitcode: int | None = None
         self.ended = threading.Event()
+        self.sent = 0  # items pushed to this instance (in flight included): the most it ran
+        self.errors = 0  # failed pulls in a row before its first reply
 
     def end(self, exitcode: int | None) -> None:
         self.exitcode = exitcode
@@ -129,13 +179,14 @@ class _Slot:
         self.handle: Any = None
         self.proc = RayProc()
         self.token: int | None = None  # the current instance's, once it replied
-        self.outbox: list[bytes] = []
+        self.outbox: list[tuple[bytes, int]] = []  # (wire frames, items in them)
         self.cond = threading.Condition()
         self.results_w: Connection | None = None
         self.retired: list[Connection] = []  # result pipes of ended instances: the pump,
         # their only writer, closes them (closing one it may be writing to could hand its
         # descriptor's number to another file mid-write)
         self.dead_tokens: set[int] = set()
+        self.retiring: set[int] = set()  # instances asked to exit (retire())
         self.dead_handle = False  # Ray will not restart it (its creation failed)
         self.threads: list[threading.Thread] = []
         self.procs = [self.proc]  # every instance's, closed at close()
@@ -156,13 +207,15 @@ class RayPool:
         self.size = size
         self.started_ray = connect(ray, address, workers)
         options = {"num_cpus": 1, **(ray_options or {})}
+        self.group: Any = None
         try:
-            self._check_room(options)
+            options = self._reserve(options)
+            self.actor_class = ray.remote(RayWorker).options(
+                max_restarts=-1, max_task_retries=0, max_concurrency=4, **options)
         except BaseException:
+            self._release_group()
             self._shutdown_ray()
             raise
-        self.actor_class = ray.remote(RayWorker).options(
-            max_restarts=-1, max_task_retries=0, max_concurrency=4, **options)
         self.procs: list[Any] = [None] * workers
         self.results: list[Connection | None] = [None] * workers
         self.ready = [False] * workers
@@ -173,21 +226,41 @@ class RayPool:
         self.stopping = False
         self._closed = False
 
-    def _check_room(self, options: dict) -> None:
-        """Fail at start when the cluster lacks the CPUs for every actor: Ray would make
-        the extra ones wait for a CPU forever."""
-        need = options.get("num_cpus", 1) * self.workers
-        deadline = time.monotonic() + ROOM_WAIT
-        while (free := self.ray.available_resources().get("CPU", 0)) < need:
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)  # actors released a moment ago give their CPUs back soon
-        if free < need:
+    def _reserve(self, options: dict) -> dict:
+        """Reserve every actor's resources at once (a placement group, one bundle an
+        actor), and fail at start when the cluster cannot hold them: Ray would make the
+        extra actors wait for a CPU forever. Returns the actor options that use it (as
+        they are if the caller chose where actors go)."""
+        if "scheduling_strategy" in options or "placement_group" in options:
+            return options
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0),
+                  **options.get("resources", {})}
+        if options.get("memory"):
+            bundle["memory"] = options["memory"]
+        bundle = {k: v for k, v in bundle.items() if v}
+        self.group = placement_group([bundle] * self.workers)
+        try:  # freed CPUs of actors closed a moment ago come back within it
+            self.ray.get(self.group.ready(), timeout=ROOM_WAIT)
+        except self.ray.exceptions.GetTimeoutError:
+            free = self.ray.available_resources()
+            shown = ", ".join(f"{k}={free.get(k, 0):g}" for k in bundle)
             raise MpbatchError(
-                f"backend='ray' needs {need:g} free CPUs for workers={self.workers} actors "
-                f"of num_cpus={options.get('num_cpus', 1):g}, and the Ray cluster has "
-                f"{free:g} free; pass fewer workers=, a smaller ray_options['num_cpus'], or "
-                f"add nodes to the cluster")
+                f"backend='ray' needs {bundle} for each of workers={self.workers} actors, "
+                f"and the Ray cluster cannot hold them all (free now: {shown}); pass fewer "
+                f"workers=, ask less in ray_options, or add nodes to the cluster") from None
+        return {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.group, placement_group_capture_child_tasks=False)}
+
+    def _release_group(self) -> None:
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.group)
+            self.group = None
 
     # -- the Pool interface ---------------------------------------------------------------
 
@@ -196,21 +269,36 @@ class RayPool:
         slot = self.slots[i]
         old = slot.proc if slot.handle is not None else None
         results_r, results_w = Pipe(duplex=False)
-        os.set_blocking(results_r.fileno(), False)
-        os.set_blocking(results_w.fileno(), False)
-        proc = RayProc()
-        with slot.cond:
-            if slot.handle is None or slot.dead_handle:
-                slot.handle = self.actor_class.remote(self.config_blob)
-                slot.dead_handle = False
-            elif old is not None and old.exitcode is not None:
-                # Alive but done (recycled, init() failed): a fresh process takes its place.
-                self.ray.kill(slot.handle, no_restart=False)
-            if slot.results_w is not None:
-                slot.retired.append(slot.results_w)
-            slot.proc, slot.token, slot.results_w, slot.outbox = proc, None, results_w, []
-            slot.procs.append(proc)
-            slot.cond.notify_all()
+        proc = None
+        try:
+            for conn in (results_r, results_w):
+                os.set_blocking(conn.fileno(), False)
+            _widen(results_w)
+            proc = RayProc()
+            with slot.cond:
+                if slot.handle is None or slot.dead_handle:
+                    slot.handle = self.actor_class.remote(self.config_blob)
+                    slot.dead_handle = False
+                elif old is not None and old.exitcode is not None and old.token is not None:
+                    # Alive but done (recycled, init() failed): a fresh process takes its
+                    # place. That instance exits, not whichever one is current by then.
+                    self._retire(slot, old.token)
+                if slot.results_w is not None:
+                    slot.retired.append(slot.results_w)
+                slot.proc, slot.token, slot.results_w, slot.outbox = proc, None, results_w, []
+                slot.procs.append(proc)
+                slot.cond.notify_all()
+        except BaseException:
+            results_r.close()
+            results_w.close()
+            if proc is not None:
+                proc.close()
+            raise
+        # The collector is done with every instance but the last two (the one it is
+        # replacing may still be in its epoll set until it rebuilds it).
+        for done in slot.procs[:-3]:
+            done.close()
+        del slot.procs[:-3]
         old_r = self.results[i]
         self.procs[i], self.results[i] = proc, results_r
         self.ready[i] = False
@@ -227,8 +315,9 @@ class RayPool:
         """Queue one wire frame for worker i (hold send_locks[i]); the sender pushes it."""
         slot = self.slots[i]
         data = b"".join(frame) if isinstance(frame, list) else frame
+        n = items_in(data)
         with slot.cond:
-            slot.outbox.append(data)
+            slot.outbox.append((data, n))
             slot.cond.notify_all()
         return True
 
@@ -295,23 +384,36 @@ class RayPool:
         for conn in self.results:
             if conn is not None:
                 conn.close()
+        self._release_group()
         self._shutdown_ray()
 
     def _shutdown_ray(self) -> None:
         if self.started_ray:
             self.started_ray = False
-            self.ray.shutdown()
+            release(self.ray)
+
+    def _retire(self, slot: _Slot, token: int) -> None:
+        """Ask the instance ``token`` of worker i to exit (once): Ray starts a fresh one.
+        ray.kill would kill whichever instance is current when it lands."""
+        if token in slot.retiring:
+            return
+        slot.retiring.add(token)
+        with contextlib.suppress(Exception):  # it is gone already
+            slot.handle.retire.remote(token)
 
     # -- the threads ----------------------------------------------------------------------
 
-    def _get(self, ref: Any) -> Any:
-        """ray.get, looking at close() every GET_WAIT; None once the pool closed."""
+    def _get(self, ref: Any, waiting: Any = None) -> Any:
+        """ray.get, looking at close() (and calling ``waiting``) every GET_WAIT; None once
+        the pool closed."""
         while True:
             try:
                 return self.ray.get(ref, timeout=GET_WAIT)
             except self.ray.exceptions.GetTimeoutError:
                 if self._closed:
                     return None
+                if waiting is not None:
+                    waiting()
 
     def _cancel(self, slot: _Slot) -> bool:
         """run()'s Ctrl-C (closing.py sets CANCEL): the actor starts no new batch."""
@@ -319,70 +421,121 @@ class RayPool:
 
     def _send_loop(self, slot: _Slot) -> None:
         """Push what queued for worker i, one push in flight (so pushes arrive in order)."""
-        ray = self.ray
-        while True:
+        while not self._closed:
+            try:
+                self._push_next(slot)
+            except Exception:  # a bug of ours: end the instance rather than go silent
+                log.exception("mpbatch ray sender %d: unexpected error", slot.i)
+                with slot.cond:
+                    self._end(slot, slot.proc, None)
+
+    def _push_next(self, slot: _Slot) -> None:
+        with slot.cond:
+            while not (slot.outbox and slot.token is not None) and not self._closed:
+                slot.cond.wait()
+            if self._closed:
+                return
+            take, size = 0, 0
+            for data, _ in slot.outbox:  # one push is bounded: it crosses the object store
+                if take and size + len(data) > PUSH_BYTES:
+                    break
+                take, size = take + 1, size + len(data)
+            batch, slot.outbox = slot.outbox[:take], slot.outbox[take:]
+            token, proc = slot.token, slot.proc
+            n = sum(k for _, k in batch)
+            proc.sent += n  # before the push: a death mid-push may have run them
+        data = batch[0][0] if take == 1 else b"".join(d for d, _ in batch)
+        try:
+            taken = self._get(slot.handle.push.remote(token, time.monotonic_ns(), [data],
+                                                      self._cancel(slot)))
+        except self.ray.exceptions.RayError:
+            taken = False
+        if taken is None:  # the pool closed
+            return
+        if not taken:
+            # Not a push that this instance took in order (it died, or the call failed):
+            # its stream no longer matches the ledger, so it ends here. Its items are in
+            # the ledger and are re-sent; a live instance is asked to exit.
             with slot.cond:
-                while not (slot.outbox and slot.token is not None) and not self._closed:
-                    slot.cond.wait()
-                if self._closed:
-                    return
-                parts, slot.outbox, token = slot.outbox, [], slot.token
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            # A death: the pump sees it, and the items are in the ledger.
-            with contextlib.suppress(ray.exceptions.RayError):
-                self._get(slot.handle.push.remote(token, time.monotonic_ns(), [data],
-                                                  self._cancel(slot)))
+                if not taken and proc.token == token:
+                    self._retire(slot, token)
+                    self._end(slot, proc, None)
 
     def _pump_loop(self, slot: _Slot) -> None:
         """Pull worker i's reports into its result pipe and counters; end an instance that
         died, and wait for the collector to start the next."""
         stash = None  # a reply from the next instance, read before the collector started it
-        while True:
+        while not self._closed:
+            try:
+                stash = self._pump_once(slot, stash)
+            except Exception:  # a bug of ours: end the instance rather than go silent
+                log.exception("mpbatch ray pump %d: unexpected error", slot.i)
+                stash = None
+                with slot.cond:
+                    self._end(slot, slot.proc, None)
+
+    def _pump_once(self, slot: _Slot, stash: tuple | None) -> tuple | None:
+        """One pull of worker i, or one wait for its next instance; returns the stash."""
+        with slot.cond:
+            while not slot.proc.is_alive() and not self._closed:
+                slot.cond.wait()
+            if self._closed:
+                return None
+            proc = slot.proc
+            retired, slot.retired = slot.retired, []
+        for conn in retired:
+            conn.close()
+        reply = stash or self._pull(slot, proc)
+        if reply is None:
+            return None
+        token, pid, data, snapshot, exitcode = reply
+        if token in slot.dead_tokens:  # an instance given up for dead still runs
             with slot.cond:
-                while not slot.proc.is_alive() and not self._closed:
-                    slot.cond.wait()
-                if self._closed:
-                    return
-                proc = slot.proc
-                retired, slot.retired = slot.retired, []
-            for conn in retired:
-                conn.close()
-            reply, stash = stash, None
-            if reply is None:
-                reply = self._pull(slot, proc)
-                if reply is None:
-                    continue
-            token, pid, data, snapshot, exitcode = reply
-            if token in slot.dead_tokens:  # an instance given up for dead still runs
-                with contextlib.suppress(Exception):
-                    self.ray.kill(slot.handle, no_restart=False)
-                continue
-            if proc.token is None:
+                self._retire(slot, token)
+            time.sleep(0.05)  # until it has exited: pulls would reach it again at once
+            return None
+        if proc.token is None:
+            with slot.cond:
+                if slot.proc is not proc:
+                    return reply  # replaced meanwhile: the next instance's first reply
                 proc.token, proc.pid = token, pid
-                with slot.cond:
-                    if slot.proc is proc:
-                        slot.token = token
-                        slot.cond.notify_all()
-            elif token != proc.token:  # it died and restarted between two pulls
-                stash = reply
-                with slot.cond:
-                    self._end(slot, proc, None)
-                continue
-            if not self._forward(slot, proc, data, snapshot):
-                continue
-            if exitcode is not None:
-                with slot.cond:
-                    self._end(slot, proc, exitcode)
+                slot.token = token
+                slot.cond.notify_all()
+        elif token != proc.token:  # it died and restarted between two pulls
+            with slot.cond:
+                self._end(slot, proc, None)
+            return reply
+        if self._forward(slot, proc, data, snapshot) and exitcode is not None:
+            with slot.cond:
+                self._end(slot, proc, exitcode)
+        return None
 
     def _pull(self, slot: _Slot, proc: RayProc) -> tuple | None:
-        """One pull; None (having ended ``proc``) if the actor died or is gone."""
+        """One pull; None if the actor died (``proc`` ended then) or is not up yet."""
         ray = self.ray
+        sent = time.monotonic_ns()
+
+        def unanswered() -> None:
+            # do() holding the GIL keeps pulls from being answered: from a while after
+            # this one was sent, count the actor as busy since then, for timeout=.
+            cells, at = self.counters.cells, CELLS * slot.i + BUSY_NS
+            if not cells[at] and time.monotonic_ns() - sent > (PULL_WAIT + 1.0) * 1e9:
+                cells[at] = sent + int(PULL_WAIT * 1e9)
+
         try:
-            return self._get(slot.handle.pull.remote(self._cancel(slot)))
+            reply = self._get(slot.handle.pull.remote(self._cancel(slot)),
+                              unanswered if proc.token is not None else None)
+            proc.errors = 0
+            return reply
         except ray.exceptions.RayError as exc:
             with slot.cond:
                 if isinstance(exc, ray.exceptions.ActorDiedError):
                     slot.dead_handle = True  # no restart will come: start() makes a new one
+                elif proc.token is None and proc.errors + 1 < START_ERRORS:
+                    # Not up yet (Ray is restarting it): not a death of this instance.
+                    proc.errors += 1
+                    slot.cond.wait(0.2)
+                    return None
                 if slot.proc is proc:
                     self._end(slot, proc, None)
             return None
@@ -405,10 +558,10 @@ class RayPool:
             cells[base + DONE] = done
             conn = slot.results_w
         if data and conn is not None:
-            self._write(conn, data)
+            self._write(slot, conn, data)
         return True
 
-    def _write(self, conn: Connection, data: bytes) -> None:
+    def _write(self, slot: _Slot, conn: Connection, data: bytes) -> None:
         """Write to the collector's end; give up only when the pool closes."""
         view = memoryview(data)
         while view:
@@ -421,6 +574,9 @@ class RayPool:
                 return
             if self._closed:
                 return
+            # The collector is not reading: the counters copied with these frames grow old
+            # meanwhile, and a batch long finished must not look like one past timeout=.
+            self.counters.cells[CELLS * slot.i + BUSY_NS] = 0
             room = select.poll()
             room.register(conn.fileno(), select.POLLOUT)
             room.poll(100)
@@ -433,10 +589,14 @@ class RayPool:
         if proc.token is not None:
             slot.dead_tokens.add(proc.token)
         if exitcode is None or exitcode == KILLED:
+            # Reports tile the stream in order: the first item not reported is the first
+            # that may have run; the batch last seen in do(), or one batch from there, may
+            # have; no item the instance was never sent can have.
             cells, base = self.counters.cells, CELLS * slot.i
-            first = cells[base + DONE]  # reports tile the stream in order: the first not
-            cells[base + B_START] = first  # reported is the first that may have run
-            cells[base + B_END] = max(cells[base + B_END], first + self.size)
+            first = cells[base + DONE]
+            last = min(max(cells[base + B_END], first + self.size), proc.sent)
+            cells[base + B_START], cells[base + B_END] = (first, last) if last > first \
+                else (0, 0)
         slot.token = None
         proc.end(exitcode)
         slot.cond.notify_all()

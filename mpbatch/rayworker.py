@@ -35,6 +35,7 @@ from . import transport as tp
 from . import worker
 from .counters import B_END, B_START, BATCHES, BUSY_NS, CANCEL, CELLS, DONE, WORK_NS
 from .inlet import Inlet
+from .lifecycle import _widen
 from .results import failure
 
 PULL_WAIT = 0.2  # s a pull waits for a report before it returns an empty one
@@ -64,6 +65,8 @@ class RayWorker:
         self._items_w, self._drain_w = items_w.fileno(), drain_w.fileno()
         self._results_r = results_r.fileno()
         self._keep = (items_r, items_w, drain_r, drain_w, results_r, results_w)
+        for conn in (items_w, results_r):
+            _widen(conn)
         os.set_blocking(self._items_w, False)
         os.set_blocking(self._drain_w, False)
         os.set_blocking(self._results_r, False)
@@ -103,7 +106,8 @@ class RayWorker:
         if self.clock_offset is None or offset < self.clock_offset:
             self.clock_offset = offset
             self._loop.clock_offset_ns = offset
-        self.counters.cells[CANCEL] = int(cancel)
+        if cancel:  # never undone: a push sent before the cancel must not clear it
+            self.counters.cells[CANCEL] = 1
         with self._push_lock:
             for part in parts:
                 self._write(memoryview(part))
@@ -122,10 +126,17 @@ class RayWorker:
             room.register(self._items_w, select.POLLOUT)
             room.poll(WRITE_WAIT_MS)
 
+    def retire(self, token: int) -> None:
+        """Exit if this is instance ``token`` (done, or given up for dead by the caller):
+        Ray then starts a fresh one in its place."""
+        if token == self.token:
+            os._exit(worker.EXIT_RECYCLED)
+
     def pull(self, cancel: bool) -> tuple[int, int, bytes, tuple, int | None]:
         """(token, pid, frames, counters, exit code once the loop has ended): what the loop
         reported since the last pull, waiting up to PULL_WAIT for the first report."""
-        self.counters.cells[CANCEL] = int(cancel)
+        if cancel:
+            self.counters.cells[CANCEL] = 1
         with self._pull_lock:
             wait = select.poll()
             wait.register(self._results_r, select.POLLIN)

@@ -238,6 +238,7 @@ def test_ctrl_c_stops_reading_and_exits_130_then_resume_finishes(tmp_path):
     assert sorted(ns) == list(range(3000))  # none skipped, none written twice
 
 
+@pytest.mark.slow
 def test_a_job_killed_again_and_again_resumes_with_nothing_lost_or_doubled(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"n": n} for n in range(4000)])
     out = tmp_path / "out.jsonl"

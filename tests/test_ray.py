@@ -178,7 +178,9 @@ def test_exceptions_from_do_carry_the_remote_traceback(batcher_factory):
 @pytest.mark.usefixtures("ray_local")
 def test_too_few_free_cpus_is_a_clear_error_at_start(batcher_factory):
     b = ray_batcher(batcher_factory, fns.double, workers=rayenv.CPUS + 1)
-    with pytest.raises(mpbatch.MpbatchError, match=r"needs 5 free CPUs .* has 4 free"):
+    with pytest.raises(mpbatch.MpbatchError, match=r"needs \{'CPU': 1\} for each of "
+                       r"workers=5 actors, and the Ray cluster cannot hold them all "
+                       r"\(free now: CPU=4\)"):
         b.start()
 
 
@@ -202,12 +204,29 @@ SCRIPT = textwrap.dedent("""
     import mpbatch
     from tests import fns
     from tests.rayenv import actors
-    b = mpbatch.Batcher(fns.double, backend="ray", workers=2, address=ADDRESS)
+    done = []
+    if MODE == "noclose":  # registered first, so it runs last: after mpbatch's hook
+        import atexit
+        atexit.register(lambda: print("at exit", len(done), b.stats(), flush=True))
+    # Half a CPU an actor: "two" fits a second Batcher beside this one.
+    b = mpbatch.Batcher(fns.double, backend="ray", workers=2, address=ADDRESS,
+                        on_result=lambda k, vs, rs: done.extend(rs),
+                        ray_options={"num_cpus": 0.5})
     futs = [b.submit(i % 3, i) for i in range(300)]
     assert [f.result(timeout=60) for f in futs] == [2 * i for i in range(300)]
     print("actors", *[p.pid for p in actors()], flush=True)
     if MODE == "hang":
         time.sleep(600)
+    if MODE == "two":  # a second Batcher on the Ray the first one started
+        other = mpbatch.Batcher(fns.double, backend="ray", workers=2, address=ADDRESS,
+                                ray_options={"num_cpus": 0.5})
+        assert other.submit("k", 1).result(timeout=60) == 2
+        b.close()  # leaves the Ray, and other's actors, running
+        assert other.submit("k", 2).result(timeout=60) == 4
+        other.close()
+    if MODE == "noclose":  # atexit closes it: every item added still gets its result
+        b.add_many(("k", i) for i in range(1000))
+        sys.exit(0)
     b.close()
     print("closed", b.stats(), flush=True)
 """)
@@ -248,6 +267,43 @@ def test_the_callers_death_leaves_no_actor_behind():
     finally:
         rayenv.kill_ray_under(folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_a_batcher_left_open_at_exit_is_flushed_before_ray_shuts_down():
+    proc = run_script(None, "noclose")
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, out
+    # mpbatch's exit hook runs before Ray's: all 1,300 results, none dead-lettered
+    assert "at exit 1300 Stats(accepted=1300, succeeded=1300, dead_lettered=0" in out, out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_a_ray_started_by_mpbatch_stays_up_while_another_batcher_uses_it():
+    proc = run_script(None, "two")
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, out
+    assert "pending=0" in out
+    assert rayenv.actors() == []
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("ray_local")
+def test_timeout_ends_a_do_that_holds_the_gil(batcher_factory, tmp_path):
+    fifo = tmp_path / "started"
+    os.mkfifo(fifo)
+    reader = fns.fifo_reader(fifo)
+    b = ray_batcher(batcher_factory, fns.hold_gil_on("stuck", str(fifo)), size=1,
+                    timeout=1.0, isolate_poison=False)
+    fut = b.submit("stuck", "x")
+    reader.readline()  # inside do(): from now on the actor answers no pull
+    with pytest.raises(mpbatch.BatchTimeout, match="timeout=1s"):
+        fut.result(timeout=60)
+    assert b.submit("ok", "abc").result(timeout=60) == 3
+    reader.close()
 
 
 @pytest.mark.ray
