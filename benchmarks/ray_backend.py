@@ -74,10 +74,11 @@ from pathlib import Path
 
 import psutil
 import workloads
+from contenders import MPBATCH_INTERVAL as INTERVAL
+from contenders import Tally
 from run import BUSY, BUSY_SECONDS, HERE, MB, RESULTS, ROOT, mpbatch_digest, wait_until_idle
 
 WORKERS = 2
-INTERVAL = 0.05  # mpbatch interval= (contenders.py's MPBATCH_INTERVAL)
 # size= per (workload, call): the sizes run.py's sweep chose on 2026-12-06 (README)
 SIZES = {("W1", "add_many"): 5000, ("W1", "add"): 2000,
          ("W2", "add_many"): 50, ("W2", "add"): 200}
@@ -305,23 +306,6 @@ def _where():
 
     return {"mpbatch_file": mpbatch.__file__, "workloads_file": workloads.__file__,
             "pid": os.getpid()}
-
-
-class Tally:
-    """Count and sum of the results that reached the caller (contenders.py's)."""
-
-    def __init__(self):
-        self.count = self.total = 0
-
-    def add(self, result):
-        self.count += 1
-        self.total += result
-
-    def on_result(self, key, values, results):
-        del key, values
-        results = results or ()
-        self.count += len(results)
-        self.total += sum(results)
 
 
 def wait_ready(b):

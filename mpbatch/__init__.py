@@ -6,6 +6,7 @@ Imports run one way, from the scripts layer down to the worker, with no cycle:
     executor -> maps, calls, futures -> batcher
     batcher -> options, intake, bulk, closing, engine -> collector -> outcomes, recovery
       -> dispatch, ledger, lifecycle, zygote, counters, transport -> worker -> inlet, results
+    engine -> raypool (backend="ray" only; it alone imports Ray) -> rayworker -> worker
 
 with errors, stats, deadletters and interrupts beside them (imported by many, importing
 none of the above). bulk and closing name the Batcher in type hints only. See batcher.py
@@ -82,7 +83,8 @@ _MODULES = frozenset({"batcher", "bulk", "calls", "cli", "closing", "collector",
                       "deadletters", "dispatch", "engine", "errors", "executor", "futures",
                       "inlet", "inputs",
                       "intake", "interrupts", "job", "journal", "ledger", "lifecycle", "maps",
-                      "options", "outcomes", "peritem", "progress", "recovery", "replay",
+                      "options", "outcomes", "peritem", "progress", "raypool", "rayworker",
+                      "recovery", "replay",
                       "report", "results", "stats", "transport", "worker", "zygote"})
 
 

@@ -35,6 +35,11 @@
    finish, a second gives up); STOP workers, join them; stop the collector; unlink the
    shared memory (engine.py: what start() builds and close() takes down).
 
+backend="ray" (raypool.py, rayworker.py): the same road, with worker i a Ray actor that runs
+the same worker loop behind pipes of its own; the caller's item pipe i becomes a sender thread
+pushing chunks to the actor, and result pipe i is fed by a pump thread pulling its reports and
+copying its counters into line i of the shared memory, which the collector reads as above.
+
 Every accepted item sits in an open chunk, in a ledger, or in the retry queue until its
 outcome is counted, so accepted == succeeded + dead_lettered + pending at every moment.
 """
