@@ -241,6 +241,8 @@ class RayPool:
         if options.get("memory"):
             bundle["memory"] = options["memory"]
         bundle = {k: v for k, v in bundle.items() if v}
+        if not bundle:  # actors that ask for nothing: nothing to reserve
+            return options
         self.group = placement_group([bundle] * self.workers)
         try:  # freed CPUs of actors closed a moment ago come back within it
             self.ray.get(self.group.ready(), timeout=ROOM_WAIT)
