@@ -66,6 +66,7 @@ OBJECT_STORE_BYTES = 256 << 20  # a local Ray started by mpbatch: chunks pass th
 GET_WAIT = 0.5  # s between a pump's or a sender's looks at close()
 ROOM_WAIT = 3.0  # s start() waits for the actors' resources (closed actors give theirs back)
 KILLED = -9  # the exit code recorded for an actor mpbatch killed while stopping
+LINGER = 0.002  # s a pump between pulls waits for frames to carry, while the actor is busy
 PUSH_BYTES = 32 << 20  # at most this much in one push (it passes through the object store)
 START_ERRORS = 3  # failed pulls in a row before an instance that never replied counts dead
 _CHUNK_HEAD = struct.Struct("<BBq")  # a CHUNK frame's kind, flags and item count
@@ -179,6 +180,8 @@ class _Slot:
         self.handle: Any = None
         self.proc = RayProc()
         self.token: int | None = None  # the current instance's, once it replied
+        self.seq = 0  # the next push's number (per instance: the actor writes them in order)
+        self.pulling = False  # the pump waits on a pull: frames queued now go by push
         self.outbox: list[tuple[bytes, int]] = []  # (wire frames, items in them)
         self.cond = threading.Condition()
         self.results_w: Connection | None = None
@@ -288,6 +291,7 @@ class RayPool:
                 if slot.results_w is not None:
                     slot.retired.append(slot.results_w)
                 slot.proc, slot.token, slot.results_w, slot.outbox = proc, None, results_w, []
+                slot.seq = 0
                 slot.procs.append(proc)
                 slot.cond.notify_all()
         except BaseException:
@@ -437,31 +441,47 @@ class RayPool:
                 slot.cond.wait()
             if self._closed:
                 return
-            take, size = 0, 0
-            for data, _ in slot.outbox:  # one push is bounded: it crosses the object store
-                if take and size + len(data) > PUSH_BYTES:
-                    break
-                take, size = take + 1, size + len(data)
-            batch, slot.outbox = slot.outbox[:take], slot.outbox[take:]
-            token, proc = slot.token, slot.proc
-            n = sum(k for _, k in batch)
-            proc.sent += n  # before the push: a death mid-push may have run them
-        data = batch[0][0] if take == 1 else b"".join(d for d, _ in batch)
+            if not slot.pulling:
+                # The pump is between two pulls: its next one carries the frames (one call
+                # where a push and a pull would be two), unless it does not come soon.
+                slot.cond.wait(LINGER)
+                if not (slot.outbox and slot.token is not None) or self._closed:
+                    return
+            data, seq, token, proc = self._take_outbox(slot)
         try:
-            taken = self._get(slot.handle.push.remote(token, time.monotonic_ns(), [data],
+            taken = self._get(slot.handle.push.remote(token, seq, time.monotonic_ns(), [data],
                                                       self._cancel(slot)))
         except self.ray.exceptions.RayError:
             taken = False
         if taken is None:  # the pool closed
             return
         if not taken:
-            # Not a push that this instance took in order (it died, or the call failed):
-            # its stream no longer matches the ledger, so it ends here. Its items are in
-            # the ledger and are re-sent; a live instance is asked to exit.
             with slot.cond:
-                if not taken and proc.token == token:
-                    self._retire(slot, token)
-                    self._end(slot, proc, None)
+                self._not_taken(slot, proc, token)
+
+    def _take_outbox(self, slot: _Slot) -> tuple[bytes, int, int, RayProc]:
+        """The frames to send next, at most PUSH_BYTES (one call crosses the object store),
+        with their push's sequence number (hold slot.cond; the outbox is not empty)."""
+        take, size = 0, 0
+        for data, _ in slot.outbox:
+            if take and size + len(data) > PUSH_BYTES:
+                break
+            take, size = take + 1, size + len(data)
+        batch, slot.outbox = slot.outbox[:take], slot.outbox[take:]
+        proc = slot.proc
+        proc.sent += sum(n for _, n in batch)  # before the push: a death mid-push may run them
+        seq = slot.seq
+        slot.seq += 1
+        data = batch[0][0] if take == 1 else b"".join(d for d, _ in batch)
+        return data, seq, slot.token, proc  # type: ignore[return-value]
+
+    def _not_taken(self, slot: _Slot, proc: RayProc, token: int) -> None:
+        """A push that instance ``token`` did not take in order (it died, or the call
+        failed): its stream no longer matches the ledger, so it ends here. Its items are in
+        the ledger and are re-sent; a live instance is asked to exit (hold slot.cond)."""
+        if proc.token == token:
+            self._retire(slot, token)
+            self._end(slot, proc, None)
 
     def _pump_loop(self, slot: _Slot) -> None:
         """Pull worker i's reports into its result pipe and counters; end an instance that
@@ -513,8 +533,18 @@ class RayPool:
         return None
 
     def _pull(self, slot: _Slot, proc: RayProc) -> tuple | None:
-        """One pull; None if the actor died (``proc`` ended then) or is not up yet."""
+        """One pull, carrying what queued for the actor if anything did (an exchange);
+        None if the actor died (``proc`` ended then) or is not up yet."""
         ray = self.ray
+        with slot.cond:
+            if self.counters.load(slot.i) and not slot.outbox and proc.token is not None:
+                # Items are queued there: its next report is not due at once, and add_many
+                # sends its next block right after a report: wait a moment to carry it along.
+                slot.cond.wait(LINGER)
+            carried = None
+            if slot.outbox and slot.token is not None and slot.proc is proc:
+                carried = self._take_outbox(slot)
+            slot.pulling = True
         sent = time.monotonic_ns()
 
         def unanswered() -> None:
@@ -525,8 +555,19 @@ class RayPool:
                 cells[at] = sent + int(PULL_WAIT * 1e9)
 
         try:
-            reply = self._get(slot.handle.pull.remote(self._cancel(slot)),
-                              unanswered if proc.token is not None else None)
+            watch = unanswered if proc.token is not None else None
+            if carried is None:
+                reply = self._get(slot.handle.pull.remote(self._cancel(slot)), watch)
+            else:
+                data, seq, token, _ = carried
+                both = self._get(slot.handle.exchange.remote(
+                    token, seq, time.monotonic_ns(), [data], self._cancel(slot)), watch)
+                if both is None:  # the pool closed
+                    return None
+                taken, reply = both
+                if not taken:
+                    with slot.cond:
+                        self._not_taken(slot, proc, token)
             proc.errors = 0
             return reply
         except ray.exceptions.RayError as exc:
@@ -541,6 +582,8 @@ class RayPool:
                 if slot.proc is proc:
                     self._end(slot, proc, None)
             return None
+        finally:
+            slot.pulling = False
 
     def _forward(self, slot: _Slot, proc: RayProc, data: bytes, snapshot: tuple) -> bool:
         """Copy the actor's counters into line i, then hand its frames to the collector;

@@ -71,6 +71,8 @@ class RayWorker:
         os.set_blocking(self._drain_w, False)
         os.set_blocking(self._results_r, False)
         self._push_lock = threading.Lock()
+        self._next_seq = 0  # the next push to write (push())
+        self._early: dict[int, list] = {}  # pushes that arrived before their predecessor
         self._pull_lock = threading.Lock()
         self._wire = tp.FrameReader()
         self.counters = _LocalCounters()
@@ -97,9 +99,10 @@ class RayWorker:
         recycle = self._loop.run()
         self.exitcode = worker.EXIT_RECYCLED if recycle else 0
 
-    def push(self, token: int, caller_ns: int, parts: list, cancel: bool) -> bool:
-        """Write frames (wire format, several to a part) to the loop's item pipe; False if
-        they were meant for another instance (then they are dropped)."""
+    def push(self, token: int, seq: int, caller_ns: int, parts: list, cancel: bool) -> bool:
+        """Write frames (wire format, several to a part) to the loop's item pipe, in the
+        order of ``seq`` (0, 1, ... per instance: a push and an exchange may run at once on
+        two threads); False if they were meant for another instance (then dropped)."""
         if token != self.token:
             return False
         offset = time.monotonic_ns() - caller_ns  # clock offset plus this call's transit
@@ -109,9 +112,21 @@ class RayWorker:
         if cancel:  # never undone: a push sent before the cancel must not clear it
             self.counters.cells[CANCEL] = 1
         with self._push_lock:
-            for part in parts:
-                self._write(memoryview(part))
+            if seq != self._next_seq:
+                self._early[seq] = parts  # its predecessor is still on its way
+                return True
+            while parts is not None:
+                for part in parts:
+                    self._write(memoryview(part))
+                self._next_seq += 1
+                parts = self._early.pop(self._next_seq, None)
         return True
+
+    def exchange(self, token: int, seq: int, caller_ns: int, parts: list,
+                 cancel: bool) -> tuple[bool, tuple]:
+        """push(), then pull(): one call where two would cost twice Ray's overhead."""
+        taken = self.push(token, seq, caller_ns, parts, cancel)
+        return taken, self.pull(cancel)
 
     def _write(self, view: memoryview) -> None:
         while view:
