@@ -521,8 +521,9 @@ class RayPool:
                 if slot.proc is not proc:
                     return reply  # replaced meanwhile: the next instance's first reply
                 proc.token, proc.pid = token, pid
-                slot.token = token
-                slot.cond.notify_all()
+                if exitcode is None:  # (an instance whose init() failed takes no frames)
+                    slot.token = token
+                    slot.cond.notify_all()
         elif token != proc.token:  # it died and restarted between two pulls
             with slot.cond:
                 self._end(slot, proc, None)

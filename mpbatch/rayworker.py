@@ -74,7 +74,6 @@ class RayWorker:
         self._next_seq = 0  # the next push to write (push())
         self._early: dict[int, list] = {}  # pushes that arrived before their predecessor
         self._pull_lock = threading.Lock()
-        self._wire = tp.FrameReader()
         self.counters = _LocalCounters()
         self.exitcode: int | None = None  # the loop ended: 0 (STOP) or EXIT_RECYCLED
         self.clock_offset = None  # this node's monotonic clock minus the caller's, at least

@@ -151,7 +151,7 @@ def test_a_first_start_that_fails_half_way_leaves_no_worker(batcher_factory, mon
     assert b.stats().accepted == 0
 
 
-def test_init_that_always_fails_stops_the_batcher(batcher_factory):
+def test_init_that_always_fails_stops_the_batcher(batcher_factory, backend):
     b = batcher_factory(fns.use_state, init=fns.init_fails, workers=2)
     futs = [b.submit("k", i) for i in range(3)]
     for fut in futs:
@@ -198,7 +198,7 @@ def test_add_many_into_a_batcher_that_stops_raises_and_loses_nothing(batcher_fac
     assert s.pending == 0 and s.accepted == s.dead_lettered > 0
     assert sum(len(letter.batch["k"]) for letter in b.dead_letters()) == s.accepted
 
-def test_a_do_that_cannot_be_unpickled_in_a_worker_is_named(batcher_factory):
+def test_a_do_that_cannot_be_unpickled_in_a_worker_is_named(batcher_factory, backend):
     b = batcher_factory(fns.needs_the_caller(fns.LoadsOnlyInTheCaller()), workers=2)
     futs = [b.submit("k", i) for i in range(3)]
     for fut in futs:
