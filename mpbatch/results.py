@@ -41,6 +41,8 @@ def checked_results(batch: dict, result: Any) -> tuple[dict | None, BatchFailed 
         return None, BatchFailed(
             f"do() must return None or a mapping key -> list of results; it returned "
             f"{type(result).__name__}", "TypeError")
+    if _well_formed(batch, result):
+        return result, None
     out = {}
     for key, values in batch.items():
         if key not in result:
@@ -64,6 +66,16 @@ def checked_results(batch: dict, result: Any) -> tuple[dict | None, BatchFailed 
         return None, BatchFailed(f"do() returned results for keys not in the batch: {extra!r}",
                                  "KeyError")
     return out, None
+
+
+def _well_formed(batch: dict, result: Any) -> bool:
+    """The common case, checked in C: a dict with the batch's keys in the batch's order and
+    a list of the right length for each. (With many keys of one item each, the loop below
+    cost a fifth of a worker's time.) Anything else takes the loop, which names the fault."""
+    return (type(result) is dict and len(result) == len(batch)
+            and list(result) == list(batch)
+            and set(map(type, result.values())) == {list}  # plain lists: sent as they are
+            and list(map(len, result.values())) == list(map(len, batch.values())))
 
 
 def in_stream_order(parts: list, results: dict) -> list:

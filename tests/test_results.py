@@ -239,3 +239,20 @@ def test_an_on_batch_that_raises_is_logged_and_its_items_succeed(batcher_factory
     assert [f.result() for f in futs] == [0, 2, 4, 6, 8]
     assert "on_batch raised" in caplog.text
     assert b.stats().succeeded == 5
+
+
+def test_results_checked_in_c_and_by_the_loop_agree():
+    from mpbatch.results import checked_results
+
+    batch = {"a": [1, 2], "b": [3], float("nan"): [4]}
+    plain = {k: [v * 2 for v in vs] for k, vs in batch.items()}
+    assert checked_results(batch, plain) == (plain, None)  # the common case, as it is
+    # reordered keys, tuples, a list subclass: the loop makes plain lists in the batch's order
+    other = {"b": (6,), "a": type("L", (list,), {})([2, 4])}
+    other.update({k: [8] for k in batch if k not in ("a", "b")})
+    out, error = checked_results(batch, other)
+    assert error is None
+    assert list(out) == list(batch) and [type(v) for v in out.values()] == [list] * 3
+    assert list(out.values())[:2] == [[2, 4], [6]]
+    _, short = checked_results(batch, {**plain, "a": [2]})
+    assert "returned 1 results for key 'a'; expected 2" in str(short)
