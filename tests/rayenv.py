@@ -33,6 +33,15 @@ def installed() -> bool:
     return True
 
 
+def can_isolate() -> bool:
+    """This user can make a network namespace (scripts/offline-ray's `unshare -n`)."""
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def inside() -> bool:
     """This process runs under scripts/offline-ray, in its own network namespace."""
     if os.environ.get("MPBATCH_OFFLINE_RAY") != "1":
