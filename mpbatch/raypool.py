@@ -447,9 +447,9 @@ class RayPool:
                 slot.cond.wait(LINGER)
                 if not (slot.outbox and slot.token is not None) or self._closed:
                     return
-            data, seq, token, proc = self._take_outbox(slot)
+            parts, seq, token, proc = self._take_outbox(slot)
         try:
-            taken = self._get(slot.handle.push.remote(token, seq, time.monotonic_ns(), [data],
+            taken = self._get(slot.handle.push.remote(token, seq, time.monotonic_ns(), parts,
                                                       self._cancel(slot)))
         except self.ray.exceptions.RayError:
             taken = False
@@ -459,7 +459,7 @@ class RayPool:
             with slot.cond:
                 self._not_taken(slot, proc, token)
 
-    def _take_outbox(self, slot: _Slot) -> tuple[bytes, int, int, RayProc]:
+    def _take_outbox(self, slot: _Slot) -> tuple[list[bytes], int, int, RayProc]:
         """The frames to send next, at most PUSH_BYTES (one call crosses the object store),
         with their push's sequence number (hold slot.cond; the outbox is not empty)."""
         take, size = 0, 0
@@ -472,8 +472,8 @@ class RayPool:
         proc.sent += sum(n for _, n in batch)  # before the push: a death mid-push may run them
         seq = slot.seq
         slot.seq += 1
-        data = batch[0][0] if take == 1 else b"".join(d for d, _ in batch)
-        return data, seq, slot.token, proc  # type: ignore[return-value]
+        # As a list: the actor writes each frame as it is (joining them cost a copy here).
+        return [d for d, _ in batch], seq, slot.token, proc  # type: ignore[return-value]
 
     def _not_taken(self, slot: _Slot, proc: RayProc, token: int) -> None:
         """A push that instance ``token`` did not take in order (it died, or the call
@@ -560,9 +560,9 @@ class RayPool:
             if carried is None:
                 reply = self._get(slot.handle.pull.remote(self._cancel(slot)), watch)
             else:
-                data, seq, token, _ = carried
+                parts, seq, token, _ = carried
                 both = self._get(slot.handle.exchange.remote(
-                    token, seq, time.monotonic_ns(), [data], self._cancel(slot)), watch)
+                    token, seq, time.monotonic_ns(), parts, self._cancel(slot)), watch)
                 if both is None:  # the pool closed
                     return None
                 taken, reply = both

@@ -49,9 +49,6 @@ class _LocalCounters:
     def __init__(self) -> None:
         self.cells = memoryview(bytearray(8 * CELLS)).cast("q")
 
-    def close(self) -> None:
-        pass
-
 
 class RayWorker:
     """One mpbatch worker: init() in the constructor, batches on a thread of its own."""
