@@ -342,10 +342,10 @@ def count_pushes(b):
             counts["bytes_queued"] += size
         return send(i, frame)
 
-    def getting(ref):
+    def getting(ref, *rest):
         with lock:
             counts["gets"] += 1
-        return get(ref)
+        return get(ref, *rest)
 
     def pulling(slot, proc):
         with lock:
