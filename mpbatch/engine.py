@@ -55,6 +55,11 @@ class Engine:
         pool = None
         try:
             pool = self._pool(opts, blob)
+            if opts.backend == "ray":
+                # Past half the buffer in flight, the caller waits on results for room:
+                # the Ray pool then answers and sends at once instead of gathering.
+                cap = opts.buffer * self.workers
+                pool.pressed = lambda: accounts.outstanding * 2 >= cap  # type: ignore
             self.collector = self._start(pool, opts, accounts, intake, store)
         except BaseException:
             if pool is not None:

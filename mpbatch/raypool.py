@@ -39,6 +39,7 @@ import select
 import struct
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import Any
@@ -209,7 +210,10 @@ class RayPool:
         self.counters = counters
         self.size = size
         self.started_ray = connect(ray, address, workers)
-        options = {"num_cpus": 1, **(ray_options or {})}
+        # No task events by default: Ray's GCS keeps a record of each call (up to its cap
+        # of 100,000), which grew its memory with the stream, and reporting them costs CPU
+        # on every call. ray_options={"enable_task_events": True} turns them back on.
+        options = {"num_cpus": 1, "enable_task_events": False, **(ray_options or {})}
         self.group: Any = None
         try:
             options = self._reserve(options)
@@ -227,6 +231,9 @@ class RayPool:
         self.on_stall: Any = lambda: None  # (a push never waits on a full pipe here)
         self.give_up_at: float | None = None
         self.stopping = False
+        # True while the caller waits on results for room (engine.py sets it): no
+        # lingering to carry frames along, and the actor answers pulls at once.
+        self.pressed: Callable[[], bool] = lambda: False
         self._closed = False
 
     def _reserve(self, options: dict) -> dict:
@@ -441,7 +448,7 @@ class RayPool:
                 slot.cond.wait()
             if self._closed:
                 return
-            if not slot.pulling:
+            if not slot.pulling and not self.pressed():
                 # The pump is between two pulls: its next one carries the frames (one call
                 # where a push and a pull would be two), unless it does not come soon.
                 slot.cond.wait(LINGER)
@@ -538,7 +545,9 @@ class RayPool:
         None if the actor died (``proc`` ended then) or is not up yet."""
         ray = self.ray
         with slot.cond:
-            if self.counters.load(slot.i) and not slot.outbox and proc.token is not None:
+            hurry = self.pressed()
+            if self.counters.load(slot.i) and not slot.outbox and proc.token is not None \
+                    and not hurry:
                 # Items are queued there: its next report is not due at once, and add_many
                 # sends its next block right after a report: wait a moment to carry it along.
                 slot.cond.wait(LINGER)
@@ -558,11 +567,11 @@ class RayPool:
         try:
             watch = unanswered if proc.token is not None else None
             if carried is None:
-                reply = self._get(slot.handle.pull.remote(self._cancel(slot)), watch)
+                reply = self._get(slot.handle.pull.remote(self._cancel(slot), hurry), watch)
             else:
                 parts, seq, token, _ = carried
                 both = self._get(slot.handle.exchange.remote(
-                    token, seq, time.monotonic_ns(), parts, self._cancel(slot)), watch)
+                    token, seq, time.monotonic_ns(), parts, self._cancel(slot), hurry), watch)
                 if both is None:  # the pool closed
                     return None
                 taken, reply = both

@@ -39,6 +39,10 @@ from .lifecycle import _widen
 from .results import failure
 
 PULL_WAIT = 0.2  # s a pull waits for a report before it returns an empty one
+# While do() runs, a pull is answered at most this long after the previous answer: a Ray
+# call costs ~1 ms of CPU across both ends, and answering each report as it came made one
+# call per batch (the pacer keeps ~20 ms of work queued, so the worker does not run dry).
+REPLY_GAP = 0.008
 WRITE_WAIT_MS = 100  # ms between looks at a full item pipe
 
 
@@ -71,6 +75,7 @@ class RayWorker:
         self._next_seq = 0  # the next push to write (push())
         self._early: dict[int, list] = {}  # pushes that arrived before their predecessor
         self._pull_lock = threading.Lock()
+        self._answered = 0.0  # time.monotonic() of the last pull's answer
         self.counters = _LocalCounters()
         self.exitcode: int | None = None  # the loop ended: 0 (STOP) or EXIT_RECYCLED
         self.clock_offset = None  # this node's monotonic clock minus the caller's, at least
@@ -118,11 +123,11 @@ class RayWorker:
                 parts = self._early.pop(self._next_seq, None)
         return True
 
-    def exchange(self, token: int, seq: int, caller_ns: int, parts: list,
-                 cancel: bool) -> tuple[bool, tuple]:
+    def exchange(self, token: int, seq: int, caller_ns: int, parts: list, cancel: bool,
+                 hurry: bool = False) -> tuple[bool, tuple]:
         """push(), then pull(): one call where two would cost twice Ray's overhead."""
         taken = self.push(token, seq, caller_ns, parts, cancel)
-        return taken, self.pull(cancel)
+        return taken, self.pull(cancel, hurry)
 
     def _write(self, view: memoryview) -> None:
         while view:
@@ -143,9 +148,11 @@ class RayWorker:
         if token == self.token:
             os._exit(worker.EXIT_RECYCLED)
 
-    def pull(self, cancel: bool) -> tuple[int, int, bytes, tuple, int | None]:
+    def pull(self, cancel: bool, hurry: bool = False) -> tuple[int, int, bytes, tuple, int | None]:
         """(token, pid, frames, counters, exit code once the loop has ended): what the loop
-        reported since the last pull, waiting up to PULL_WAIT for the first report."""
+        reported since the last pull, waiting up to PULL_WAIT for the first report, then
+        (unless the caller is in a ``hurry``: it waits on results for room) letting more
+        gather while a batch runs, up to REPLY_GAP after the last answer."""
         if cancel:
             self.counters.cells[CANCEL] = 1
         with self._pull_lock:
@@ -154,6 +161,8 @@ class RayWorker:
             ended = False
             data = bytearray()
             if wait.poll(PULL_WAIT * 1000):
+                if not hurry:
+                    self._gather()
                 while True:
                     try:
                         got = os.read(self._results_r, tp.READ_SIZE)
@@ -168,6 +177,18 @@ class RayWorker:
             busy = cells[BUSY_NS]
             snapshot = (cells[DONE], cells[WORK_NS], cells[BATCHES], cells[B_START],
                         cells[B_END], time.monotonic_ns() - busy if busy else -1)
+            self._answered = time.monotonic()
             exitcode = self.exitcode if ended or self.exitcode == worker.EXIT_INIT_FAILED \
                 else None
             return self.token, self.pid, bytes(data), snapshot, exitcode
+
+    def _gather(self) -> None:
+        """Let reports gather until REPLY_GAP after the last answer, while a batch runs
+        (an idle loop's report is answered at once: it may be the last one of a flush)."""
+        cells = self.counters.cells
+        until = self._answered + REPLY_GAP
+        while cells[BUSY_NS] and not cells[CANCEL]:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.001))
