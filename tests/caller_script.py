@@ -3,7 +3,8 @@
 It prints lines the test waits on (no sleeps needed on the test's side):
   pids <worker pids>      the workers are up
   added                   every item is accepted
-  batch <pid>             a worker entered do() (printed by the worker)
+  batch <pid>             a worker entered do() (printed by the worker; with BACKEND=ray,
+                          "batch 0" by the caller once its counters show a batch in do())
   interrupted             (mode "wait") the first Ctrl-C landed; close() runs next
   closed <done> <stats>   close() returned (after a first Ctrl-C, that means it flushed)
   streaming               (mode "stream") the stream reached item AT; adding goes on
@@ -16,6 +17,8 @@ workers are busy), "noclose" (return from main without close(): atexit must flus
 adding thread is), "stuck" (init() never returns and holds the GIL, in C, so not even the
 worker's reader thread drains the item pipes; add_many of 64 MB then waits for room in a
 full pipe; prints "adding" once the pipes are full).
+BACKEND=ray: the workers are actors of a local Ray this process starts (run it under
+scripts/offline-ray, as every Ray start here).
 """
 
 import atexit
@@ -74,12 +77,18 @@ def main():
     mode = sys.argv[1]
     items = int(os.environ.get("ITEMS", "40"))
     done = []
+    ray = os.environ.get("BACKEND") == "ray"  # a local Ray this process starts (and stops)
     b = mpbatch.Batcher(do, size=int(os.environ.get("SIZE", "5")), workers=2, interval=0.05,
                         on_result=lambda k, vs, rs: done.extend(rs),
                         init=hang if mode == "stuck" else None,
-                        start_method=os.environ.get("START_METHOD"))
+                        start_method=os.environ.get("START_METHOD"),
+                        backend="ray" if ray else "process")
     b.start()
+    while ray and not all(b._pool.ready):  # an actor's pid is known once it reported
+        time.sleep(0.01)  # a state to watch, not a time to wait out
     print("pids", *[p.pid for p in b._pool.procs], flush=True)
+    if ray:  # an actor's stdout reaches no pipe of ours: say "batch" when one is in do()
+        threading.Thread(target=say_when_busy, args=(b,), daemon=True).start()
     zygote = b._pool.zygote
     print("method", b._pool.start_method, zygote.pid if zygote else 0, flush=True)
     if mode == "noclose":
@@ -116,6 +125,16 @@ def say_when_closing(b):
     while b._state is not CLOSING:
         time.sleep(0.001)  # a state to watch, not a time to wait out
     print("inside close", flush=True)
+
+
+def say_when_busy(b):
+    """Print "batch 0" once the counters show a batch inside do() (backend="ray")."""
+    from mpbatch.counters import BUSY_NS, CELLS
+
+    cells = b._pool.counters.cells
+    while not any(cells[CELLS * i + BUSY_NS] for i in range(b._pool.workers)):
+        time.sleep(0.01)  # a state to watch, not a time to wait out
+    print("batch 0", flush=True)
 
 
 def stream(b, at, how):

@@ -67,7 +67,7 @@ def test_address_space_limit_fails_the_batch_with_memory_error(batcher_factory):
 
 
 @pytest.mark.timeout(120)
-def test_a_long_stream_runs_in_bounded_memory(batcher_factory):
+def test_a_long_stream_runs_in_bounded_memory(batcher_factory, backend):
     """Guarantee 6: the caller's memory is set by buffer, not by the stream's length."""
     b = batcher_factory(fns.nothing, size=500, workers=2, buffer=5_000)
     me = psutil.Process()
@@ -80,21 +80,25 @@ def test_a_long_stream_runs_in_bounded_memory(batcher_factory):
     assert b.stats().succeeded == 1_800_000
 
 
-def _tree_rss(me):
+def _tree_memory(me, backend):
+    """RSS of the process tree; PSS on Ray, whose object store is shared memory that
+    every process reading from it maps (RSS would count it once in each)."""
     procs = [me, *me.children(recursive=True)]
     total = 0
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):  # a worker exiting meanwhile
-            total += p.memory_info().rss
+            total += p.memory_info().rss if backend == "process" else \
+                p.memory_full_info().pss
     return total
 
 
 @pytest.mark.timeout(120)
-def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory):
+def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory, backend):
     """Guarantee 6 on the large-value path (values out of band, worker buffers reused,
     freed memory kept by the workers' malloc): after a warm-up of 100 MiB, 600 MiB more of
     1 MiB values leave the whole process tree, caller and workers, within 100 MB of where
-    it was."""
+    it was (on Ray 200 MB: a value in flight is also in the object store and copied out of
+    it), and 600 MiB after those add nothing to the peak."""
     me = psutil.Process()
     pool = os.urandom((1 << 20) + 4096)
     peak = [0]
@@ -102,7 +106,7 @@ def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory):
     def values(n):
         for i in range(n):
             if i % 25 == 0:
-                peak[0] = max(peak[0], _tree_rss(me))
+                peak[0] = max(peak[0], _tree_memory(me, backend))
             yield f"k{i % 7}", pool[i % 4096:(i % 4096) + (1 << 20)]  # a fresh 1 MiB each
 
     got = [0]
@@ -110,9 +114,15 @@ def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory):
                         on_result=lambda key, vs, rs: got.__setitem__(0, got[0] + len(rs)))
     b.add_many(values(100))
     b.flush()
-    start, peak[0] = _tree_rss(me), 0
+    start, peak[0] = _tree_memory(me, backend), 0
     b.add_many(values(600))
     b.flush()
-    grown = peak[0] - start
-    assert grown < 100 * 1024 * 1024, f"the tree grew {grown / 1e6:.0f} MB over 600 MiB more"
-    assert got[0] == 700 and b.stats().succeeded == 700
+    first = peak[0]
+    limit = 100 if backend == "process" else 200
+    assert first - start < limit * 1024 * 1024, \
+        f"the tree grew {(first - start) / 1e6:.0f} MB over 600 MiB more"
+    b.add_many(values(600))
+    b.flush()
+    assert peak[0] - first < 30 * 1024 * 1024, \
+        f"the peak rose {(peak[0] - first) / 1e6:.0f} MB over the next 600 MiB"
+    assert got[0] == 1300 and b.stats().succeeded == 1300

@@ -6,6 +6,7 @@ of the API that hold on both backends are parametrised with the ``backend`` fixt
 their own files; here are the Ray-only ones: deaths, timeouts, the Ray start-up rules.
 """
 
+import contextlib
 import faulthandler
 import os
 import re
@@ -320,3 +321,82 @@ def test_joins_a_cluster_started_with_ray_start_by_address():
                    rayenv.processes_under(head.folder))
     finally:
         head.stop()
+
+
+# -- Ctrl-C (guarantee 5) on a caller that started its own Ray ----------------------------
+
+def ray_caller(mode, **env):
+    """caller_script.py MODE with BACKEND=ray in a Ray temp folder of its own; its actors'
+    pids once they are up."""
+    from tests.test_signals import read_until, start_caller
+
+    folder = tempfile.mkdtemp(prefix="mpbatch-", dir="/tmp")  # Ray's sockets: <= 107 bytes
+    caller = start_caller(mode, BACKEND="ray", RAY_TMPDIR=folder, **env)
+    return caller, [int(p) for p in read_until(caller, "pids")[1:]], folder
+
+
+def gone_after_exit(caller, actors, folder):
+    """The caller exited: its actors are gone with its Ray, which it shut down."""
+    try:
+        caller.wait(30)
+        procs = []
+        for pid in actors:
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone already: fine
+                procs.append(psutil.Process(pid))
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        assert not alive, f"actors alive 5 s after their caller exited: {alive}"
+    finally:
+        rayenv.kill_ray_under(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("to", ["process-group", "caller-alone"])
+def test_ctrl_c_still_flushes_every_item_on_ray(to):
+    """A terminal's Ctrl-C reaches the caller and every process of its group, the Ray it
+    started included: no actor dies mid-batch, and close() still flushes."""
+    from tests.test_signals import read_until
+
+    caller, actors, folder = ray_caller("wait", ITEMS=40, BATCH_SECONDS=0.2)
+    try:
+        read_until(caller, "added")
+        read_until(caller, "batch")  # an actor is inside do()
+        if to == "process-group":
+            os.killpg(caller.pid, signal.SIGINT)
+        else:
+            caller.send_signal(signal.SIGINT)
+        closed = read_until(caller, "closed")
+        assert closed[1] == "40", closed  # every item finished: no actor died mid-batch
+        assert "dead_lettered=0" in " ".join(closed) and "worker_restarts=0" in " ".join(
+            closed), closed
+        assert "KeyboardInterrupt" in caller.stderr.read()
+    finally:
+        gone_after_exit(caller, actors, folder)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_ctrl_c_inside_close_flushes_and_a_second_one_gives_up_on_ray():
+    """One Ctrl-C inside close() (which flushes 200 items, ~10 s of work) lets it go on
+    flushing; a second one ends it at once and says what was left."""
+    from tests.test_signals import read_err_until, read_until
+
+    caller, actors, folder = ray_caller("closing", ITEMS=200, BATCH_SECONDS=0.5)
+    try:
+        read_until(caller, "inside")  # close() has begun
+        os.killpg(caller.pid, signal.SIGINT)  # first: close() goes on flushing
+        said = read_err_until(caller, "Ctrl-C again")
+        assert re.search(r"finishing \d+ items", said), said
+        started = time.monotonic()
+        os.killpg(caller.pid, signal.SIGINT)  # second: give up now
+        closed = read_until(caller, "closed")
+        # Well under the ~9 s of work left (a bound, not a speed: the VM is shared)
+        assert time.monotonic() - started < 5.0
+        stderr = caller.stderr.read()
+        stats = " ".join(closed)
+        assert "pending=0" in stats and "dead_lettered=0" not in stats
+        left = re.search(r"(\d+) unfinished items were dead-lettered", stderr)
+        assert left and f"dead_lettered={left.group(1)}," in stats, (stderr, stats)
+    finally:
+        gone_after_exit(caller, actors, folder)
