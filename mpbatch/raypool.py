@@ -454,10 +454,10 @@ class RayPool:
                 slot.cond.wait(LINGER)
                 if not (slot.outbox and slot.token is not None) or self._closed:
                     return
-            parts, seq, token, proc = self._take_outbox(slot)
+            parts, seq, token, proc, items = self._take_outbox(slot)
         try:
             taken = self._get(slot.handle.push.remote(token, seq, time.monotonic_ns(), parts,
-                                                      self._cancel(slot)))
+                                                      items, self._cancel(slot)))
         except self.ray.exceptions.RayError:
             taken = False
         if taken is None:  # the pool closed
@@ -466,9 +466,10 @@ class RayPool:
             with slot.cond:
                 self._not_taken(slot, proc, token)
 
-    def _take_outbox(self, slot: _Slot) -> tuple[list[bytes], int, int, RayProc]:
+    def _take_outbox(self, slot: _Slot) -> tuple[list[bytes], int, int, RayProc, int]:
         """The frames to send next, at most PUSH_BYTES (one call crosses the object store),
-        with their push's sequence number (hold slot.cond; the outbox is not empty)."""
+        with their push's sequence number, and the items in them (hold slot.cond; the
+        outbox is not empty)."""
         take, size = 0, 0
         for data, _ in slot.outbox:
             if take and size + len(data) > PUSH_BYTES:
@@ -480,7 +481,8 @@ class RayPool:
         seq = slot.seq
         slot.seq += 1
         # As a list: the actor writes each frame as it is (joining them cost a copy here).
-        return [d for d, _ in batch], seq, slot.token, proc  # type: ignore[return-value]
+        return [d for d, _ in batch], seq, slot.token, proc, \
+            sum(n for _, n in batch)  # type: ignore[return-value]
 
     def _not_taken(self, slot: _Slot, proc: RayProc, token: int) -> None:
         """A push that instance ``token`` did not take in order (it died, or the call
@@ -569,9 +571,10 @@ class RayPool:
             if carried is None:
                 reply = self._get(slot.handle.pull.remote(self._cancel(slot), hurry), watch)
             else:
-                parts, seq, token, _ = carried
+                parts, seq, token, _, items = carried
                 both = self._get(slot.handle.exchange.remote(
-                    token, seq, time.monotonic_ns(), parts, self._cancel(slot), hurry), watch)
+                    token, seq, time.monotonic_ns(), parts, items, self._cancel(slot), hurry),
+                    watch)
                 if both is None:  # the pool closed
                     return None
                 taken, reply = both

@@ -39,10 +39,10 @@ from .lifecycle import _widen
 from .results import failure
 
 PULL_WAIT = 0.2  # s a pull waits for a report before it returns an empty one
-# While do() runs, a pull is answered at most this long after the previous answer: a Ray
-# call costs ~1 ms of CPU across both ends, and answering each report as it came made one
-# call per batch (the pacer keeps ~20 ms of work queued, so the worker does not run dry).
-REPLY_GAP = 0.008
+# While the loop has items to run, a pull is answered at most this long after the previous
+# answer: a Ray call costs ~1 ms of CPU across both ends, and answering each report as it
+# came made one call per batch (the pacer keeps ~20 ms of work queued on a worker).
+REPLY_GAP = 0.016
 WRITE_WAIT_MS = 100  # ms between looks at a full item pipe
 
 
@@ -73,7 +73,8 @@ class RayWorker:
         os.set_blocking(self._results_r, False)
         self._push_lock = threading.Lock()
         self._next_seq = 0  # the next push to write (push())
-        self._early: dict[int, list] = {}  # pushes that arrived before their predecessor
+        self._early: dict[int, tuple[list, int]] = {}  # pushes ahead of their predecessor
+        self._pushed = 0  # items written to the loop's pipe
         self._pull_lock = threading.Lock()
         self._answered = 0.0  # time.monotonic() of the last pull's answer
         self.counters = _LocalCounters()
@@ -100,10 +101,12 @@ class RayWorker:
         recycle = self._loop.run()
         self.exitcode = worker.EXIT_RECYCLED if recycle else 0
 
-    def push(self, token: int, seq: int, caller_ns: int, parts: list, cancel: bool) -> bool:
-        """Write frames (wire format, several to a part) to the loop's item pipe, in the
-        order of ``seq`` (0, 1, ... per instance: a push and an exchange may run at once on
-        two threads); False if they were meant for another instance (then dropped)."""
+    def push(self, token: int, seq: int, caller_ns: int, parts: list, items: int,
+             cancel: bool) -> bool:
+        """Write frames (wire format, several to a part; ``items`` in all) to the loop's
+        item pipe, in the order of ``seq`` (0, 1, ... per instance: a push and an exchange
+        may run at once on two threads); False if they were meant for another instance
+        (then dropped)."""
         if token != self.token:
             return False
         offset = time.monotonic_ns() - caller_ns  # clock offset plus this call's transit
@@ -114,19 +117,22 @@ class RayWorker:
             self.counters.cells[CANCEL] = 1
         with self._push_lock:
             if seq != self._next_seq:
-                self._early[seq] = parts  # its predecessor is still on its way
+                self._early[seq] = (parts, items)  # its predecessor is still on its way
                 return True
-            while parts is not None:
+            while True:
                 for part in parts:
                     self._write(memoryview(part))
+                self._pushed += items
                 self._next_seq += 1
-                parts = self._early.pop(self._next_seq, None)
+                if self._next_seq not in self._early:
+                    break
+                parts, items = self._early.pop(self._next_seq)
         return True
 
-    def exchange(self, token: int, seq: int, caller_ns: int, parts: list, cancel: bool,
-                 hurry: bool = False) -> tuple[bool, tuple]:
+    def exchange(self, token: int, seq: int, caller_ns: int, parts: list, items: int,
+                 cancel: bool, hurry: bool = False) -> tuple[bool, tuple]:
         """push(), then pull(): one call where two would cost twice Ray's overhead."""
-        taken = self.push(token, seq, caller_ns, parts, cancel)
+        taken = self.push(token, seq, caller_ns, parts, items, cancel)
         return taken, self.pull(cancel, hurry)
 
     def _write(self, view: memoryview) -> None:
@@ -152,7 +158,7 @@ class RayWorker:
         """(token, pid, frames, counters, exit code once the loop has ended): what the loop
         reported since the last pull, waiting up to PULL_WAIT for the first report, then
         (unless the caller is in a ``hurry``: it waits on results for room) letting more
-        gather while a batch runs, up to REPLY_GAP after the last answer."""
+        gather while the loop has items to run, up to REPLY_GAP after the last answer."""
         if cancel:
             self.counters.cells[CANCEL] = 1
         with self._pull_lock:
@@ -183,12 +189,12 @@ class RayWorker:
             return self.token, self.pid, bytes(data), snapshot, exitcode
 
     def _gather(self) -> None:
-        """Let reports gather until REPLY_GAP after the last answer, while a batch runs
-        (an idle loop's report is answered at once: it may be the last one of a flush)."""
+        """Let reports gather until REPLY_GAP after the last answer, while the loop has
+        items it has not reported (the last report of a flush is answered at once)."""
         cells = self.counters.cells
         until = self._answered + REPLY_GAP
-        while cells[BUSY_NS] and not cells[CANCEL]:
+        while self._pushed > cells[DONE] and not cells[CANCEL]:
             left = until - time.monotonic()
             if left <= 0:
                 return
-            time.sleep(min(left, 0.001))
+            time.sleep(min(left, 0.002))  # each wake-up takes the GIL from do()
