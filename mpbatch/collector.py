@@ -250,7 +250,9 @@ class Collector(threading.Thread):
                 f"the caller ({described(exc)}); return plain data from do()")
             self.recovery.attempt_failed(segments, error, None)
             return
-        if layout is not None:
+        if layout == tp.ONE_EACH:
+            batch, grouped = _one_each(segments, items)
+        elif layout is not None:
             batch, grouped = _rebuilt(segments, layout, grouped)
         if failed:
             segments = self._fail_alone(i, segments, failed, items)
@@ -333,6 +335,22 @@ class Collector(threading.Thread):
     def halted(self) -> bool:
         """Stopped, and every item held then has its outcome."""
         return self.recovery.halted
+
+
+def _one_each(segments: list[Segment], items: list) -> tuple[dict, list]:
+    """The batch and its results when every key of it held one item (layout ONE_EACH)."""
+    if len(segments) == 1:
+        keys, values = segments[0].keys, segments[0].values
+    else:
+        keys = [k for s in segments for k in s.keys]
+        values = [v for s in segments for v in s.values]
+    # In C (zip and list over 1-tuples): a comprehension here cost as much as the
+    # unpickling it replaces.
+    batch = dict(zip(keys, map(list, zip(values)), strict=True))
+    grouped = list(map(list, zip(items)))
+    if len(batch) != len(keys):  # one key object twice here, two objects there (nan)
+        return _rebuilt(segments, [[j] for j in range(len(keys))], grouped)
+    return batch, grouped
 
 
 def _rebuilt(segments: list[Segment], layout: list[list[int]],

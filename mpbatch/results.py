@@ -96,6 +96,19 @@ def in_stream_order(parts: list, results: dict) -> list:
     return out
 
 
+def one_each(parts: list, batch: dict, n: int) -> bool:
+    """True if ``batch`` is one item per key, the items' own keys in the order they came:
+    as _hold grouped a run of distinct keys, and do() left it so (checked in C)."""
+    if len(batch) != n or set(map(len, batch.values())) != {1}:
+        return False
+    if len(parts) == 1:
+        keys, lo, hi = parts[0]
+        came = keys[lo:hi] if lo or hi != len(keys) else keys
+    else:
+        came = [key for keys, lo, hi in parts for key in islice(keys, lo, hi)]
+    return list(batch) == came  # identity first, item by item: nan keys match themselves
+
+
 def layout_of(parts: list, batch: dict) -> list[list[int]] | None:
     """Where each of ``batch``'s keys has its items, in batch's key order: their offsets in
     the batch's run of the stream. The caller rebuilds the batch from its own ledger with

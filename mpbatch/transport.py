@@ -36,8 +36,12 @@ chunk asked for ITEM_RESULTS. ``failed`` is None, or, from a do() with per-item 
 ``batch`` and ``grouped`` and are None in ``items``. After an OUT_OF_BAND chunk ``batch``
 is None and ``layout`` says where each key's items sit in [start, start+n) instead
 (results.layout_of): the caller rebuilds the batch from its own ledger rather than have
-large values cross back. The caller matches results by position, never by looking a key
-up: a key that is not equal to itself (nan) would not be found again after pickling.
+large values cross back. When every key of a batch held one item (a stream of distinct
+keys), ``layout`` is ONE_EACH, ``batch`` and ``grouped`` are None and ``items`` holds the
+results: the caller rebuilds both from its ledger, one key per item (five objects a key
+crossed the pipe otherwise, and unpickling them was the caller's largest cost). The caller
+matches results by position, never by looking a key up: a key that is not equal to itself
+(nan) would not be found again after pickling.
 
 ``start`` is a position in the worker's item stream: the items of its chunks, in the order
 they were sent. A batch is always a contiguous run of that stream, so two integers name
@@ -62,6 +66,7 @@ ITEM_RESULTS = 2  # flag: some item has a Future: report results item by item, i
 FULL = 4  # flag: no more items can join this chunk's batch (max_bytes, a full buffer): run it
 ONE_KEY = 8  # flag: every item has the same key, sent once: keys is [key]
 OUT_OF_BAND = 16  # flag: large bytes values follow the pickle raw (see chunk_frame)
+ONE_EACH = 1  # FINISHED's layout: every key of the batch held one item (see above)
 _TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
 
 # worker -> caller

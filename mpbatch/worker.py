@@ -20,7 +20,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
@@ -48,6 +48,7 @@ from .results import (
     in_stream_order,
     item_failures,
     layout_of,
+    one_each,
     unpicklable,
 )
 
@@ -439,6 +440,13 @@ class _Loop:
                         parts: list, want: bool, ns: int) -> bytes:
         """FINISHED: values and results as on_result and futures need them; with per-item
         outcomes, the items that failed alone apart (see transport)."""
+        if results is not None and self.want_values and not self.per_item \
+                and one_each(parts, batch, n):
+            # Every key one item: the results alone, in stream order (= the batch's key
+            # order here, which checked_results kept); the caller has keys and values.
+            items = list(chain.from_iterable(results.values()))
+            return tp.caller_frame(tp.FINISHED, start, n, (None, None, items, None,
+                                                           tp.ONE_EACH), ns)
         grouped = items = failed = None
         if results is not None:
             kept_batch, kept = batch, results

@@ -370,3 +370,11 @@ def digest_and_add_a_key(batch):
     """do() that adds a key of its own to the batch it was given, with a result for it."""
     batch["added"] = [b"x"]
     return digest(batch)
+
+
+def rename_keys(batch):
+    """do() that gives every item of its batch a new key, and results under those keys."""
+    renamed = {f"new-{k}": vs for k, vs in batch.items()}
+    batch.clear()
+    batch.update(renamed)
+    return {k: [v * 2 for v in vs] for k, vs in batch.items()}

@@ -213,6 +213,56 @@ def test_on_batch_gets_each_batch_as_do_got_and_returned_it(batcher_factory, bac
         assert results == {k: [2 * v for v in vs] for k, vs in batch.items()}
 
 
+def test_distinct_keys_get_their_results_in_callbacks_and_futures(batcher_factory, backend):
+    """A batch of distinct keys comes back as one result per item, rebuilt in the caller
+    from its own items: on_result, on_batch and futures see what they always saw."""
+    seen, batches = [], []
+    b = batcher_factory(fns.double, size=50, workers=2, interval=60,
+                        on_result=lambda key, vs, rs: seen.append((key, vs, rs)),
+                        on_batch=lambda batch, results: batches.append((batch, results)))
+    futs = {}
+    for i in range(600):
+        if i % 3 == 0:
+            futs[i] = b.submit(f"k{i}", i)
+        else:
+            b.add(f"k{i}", i)
+    b.add_many((f"m{i}", i) for i in range(600))
+    b.flush()
+    assert sorted(seen) == sorted([(f"k{i}", [i], [2 * i]) for i in range(600)]
+                                  + [(f"m{i}", [i], [2 * i]) for i in range(600)])
+    assert {i: f.result() for i, f in futs.items()} == {i: 2 * i for i in futs}
+    for batch, results in batches:
+        assert results == {k: [2 * v for v in vs] for k, vs in batch.items()}
+    assert sum(map(len, (batch for batch, _ in batches))) == 1200
+
+
+def test_distinct_keys_report_the_batch_do_made_of_them(batcher_factory):
+    got = []
+    b = batcher_factory(fns.rename_keys, size=10, workers=1,
+                        on_result=lambda key, vs, rs: got.append((key, vs, rs)))
+    b.add_many((f"k{i}", i) for i in range(10))
+    b.flush()
+    assert sorted(got) == sorted((f"new-k{i}", [i], [2 * i]) for i in range(10))
+
+
+def test_a_nan_key_object_sent_in_two_chunks_keeps_every_item(batcher_factory):
+    """The worker holds two nan objects (one from each chunk's pickle), each with one item;
+    the caller has one object for both: its items and results are joined, none lost."""
+    nan = float("nan")
+    got = []
+    b = batcher_factory(fns.double, size=4, workers=1, interval=60,
+                        on_result=lambda key, vs, rs: got.append((key, vs, rs)))
+    b.add_many([(nan, 1), ("a", 2)])
+    b.add_many([(nan, 3), ("b", 4)])
+    b.flush()
+    assert b.stats().batches == 1
+    nans = [(vs, rs) for key, vs, rs in got if key != key]
+    pairs = sorted((v, r) for vs, rs in nans for v, r in zip(vs, rs, strict=True))
+    assert pairs == [(1, 2), (3, 6)]
+    assert sorted((k, vs, rs) for k, vs, rs in got if k == k) == [
+        ("a", [2], [4]), ("b", [4], [8])]
+
+
 def test_on_batch_gets_none_when_do_returns_none_and_leaves_failed_items_out(batcher_factory):
     from mpbatch.peritem import PerItem
 
