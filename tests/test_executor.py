@@ -589,9 +589,12 @@ def test_cancel_a_call_not_started(make, gate):
 
 def test_wait_returns_for_a_call_cancelled_while_it_waits(make, gate):
     """A cancel() in another thread wakes wait() and as_completed() (they are told by the
-    executor in ProcessPoolExecutor)."""
-    ex = make(1)
+    executor in ProcessPoolExecutor). size=2 and interval=60, as below: the call stays in
+    the caller until cancel(), however long the two threads take to start (with the
+    default 2 ms interval, a loaded machine let it leave first, and cancel() failed)."""
+    ex = make(1, interval=60, size=2)
     gate.submit(ex)
+    mate = ex.submit(pow, 2, 3)
     gate.started()
     fut = ex.submit(pow, 2, 5)
     waited = []
@@ -605,6 +608,8 @@ def test_wait_returns_for_a_call_cancelled_while_it_waits(make, gate):
     waiter.join(30)
     as_completed.join(30)
     assert waited == [({fut}, set())] and completed == [fut]
+    gate.open()
+    assert mate.result(timeout=30) == 8
 
 
 def test_a_cancelled_call_never_runs(make, gate, tmp_path):
