@@ -4,7 +4,7 @@ Imports run one way, from the scripts layer down to the worker, with no cycle:
 
     cli -> run, replay -> job, inputs, journal, progress, report -> batcher
     executor -> maps, calls, futures -> batcher
-    batcher -> options, intake, bulk, closing, engine -> collector -> outcomes, recovery
+    batcher -> options, intake, bulk, closing, engine -> collector -> outcomes, recovery, steal
       -> dispatch, ledger, lifecycle, zygote, counters, transport -> worker -> inlet, results
     engine -> raypool (backend="ray" only; it alone imports Ray) -> rayworker -> worker
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from .counters import CELLS, DONE, SENT, WORK_NS
+from .counters import CELLS, DONE, GIVEN, SENT, WORK_NS
 
 if TYPE_CHECKING:
     from .counters import LoadCounters
@@ -66,8 +66,8 @@ class Affinity:
         out = []
         for i in range(self.workers):
             base = CELLS * i
-            done = cells[base + DONE]
-            cost = cells[base + WORK_NS] / done if done else 0.0
+            done = cells[base + DONE] - cells[base + GIVEN]  # handed back: not run
+            cost = cells[base + WORK_NS] / done if done > 0 else 0.0
             out.append(self.bound_ns / cost if cost else self.bound_items)
         return out
 

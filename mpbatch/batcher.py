@@ -31,6 +31,10 @@
    re-run on their own (poison isolation, within a budget), or spend an attempt
    (WorkerDied / BatchTimeout); items only queued are re-sent with no attempt spent
    timer -> seal overdue open chunks, send due retries, kill a do() past timeout=
+   steal (steal.py): on a report, if a worker runs dry while another has >= 40 ms of
+   work queued, ask that one (its ask cell) for half its queue; it answers between
+   batches with RETURNED(start, n), those items unrun, and they are routed again from
+   the ledger with no attempt spent
  close() (closing.py): add() raises Closed; flush everything (a first Ctrl-C lets it
    finish, a second gives up); STOP workers, join them; stop the collector; unlink the
    shared memory (engine.py: what start() builds and close() takes down).
@@ -93,6 +97,10 @@ class Batcher:
         no per-key order), or "round-robin".
     spill_after: seconds of queued work on a key's worker before the key moves, under
         routing="affinity" only (default 0.05).
+    steal: let a worker running dry take items another worker has queued but not started
+        (handed back over its result pipe and sent again, no attempt spent; see steal.py).
+        Default None: on for every routing but "key" (whose per-key order it would break)
+        under backend="process"; True there raises ValueError; False turns it off.
     max_attempts: tries of do() per item before it is dead-lettered (default 1).
     retry_backoff: seconds before the first retry, doubled each time, jittered x0.5-1.5
         (default 0.1).
@@ -136,6 +144,7 @@ class Batcher:
         buffer: int = 10_000,
         routing: str = "least-loaded",
         spill_after: float | None = None,
+        steal: bool | None = None,
         max_attempts: int = 1,
         retry_backoff: float = 0.1,
         timeout: float | None = None,
@@ -162,7 +171,7 @@ class Batcher:
             start_method=start_method, isolate_poison=isolate_poison,
             max_batches_per_worker=max_batches_per_worker, max_rss=max_rss,
             dead_letters=dead_letters, backend=backend, address=address,
-            ray_options=ray_options)
+            ray_options=ray_options, steal=steal)
         self._store = open_store(self._options.dead_letters)
         self._state = NEW
         self._start_lock = threading.Lock()

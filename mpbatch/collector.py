@@ -1,9 +1,10 @@
 """The collector thread (caller process): reads every report, sees every death, keeps time.
 
 One ``wait()`` covers every result pipe, every worker sentinel and a wakeup pipe. A report
-becomes an outcome (outcomes.py) or a failed attempt (recovery.py); a sentinel, a death
-handled by recovery.py; the timer seals overdue open chunks (intake.py), sends due retries
-and kills a do() past timeout=. The collector is the only reader of result pipes and the
+becomes an outcome (outcomes.py), a failed attempt (recovery.py) or items handed back unrun,
+routed again (steal.py asks for them after a report, when a worker runs dry); a sentinel, a
+death handled by recovery.py; the timer seals overdue open chunks (intake.py), sends due
+retries and kills a do() past timeout=. The collector is the only reader of result pipes and the
 only thread that starts replacement workers, so a death is handled once, after the dead
 worker's last reports are read.
 """
@@ -31,6 +32,7 @@ from .lifecycle import Pool
 from .outcomes import Outcomes
 from .recovery import Recovery
 from .stats import Accounts
+from .steal import Stealer
 
 if TYPE_CHECKING:
     from .options import Options
@@ -59,6 +61,8 @@ class Collector(threading.Thread):
         self.outcomes = Outcomes(accounts, options, store, f"batcher-{uuid.uuid4().hex[:12]}")
         self.recovery = Recovery(pool, counters, dispatcher, accounts, options, self.outcomes)
         self.dead_letter = self.outcomes.dead_letter
+        # Work stealing (steal.py), where the options allow it: None otherwise.
+        self.stealer = Stealer(counters, pool.ready) if options.steal else None
         self.sleep_until_ns = 0  # when the collector wakes up next (under accounts.lock)
         self._exit = False
         self._wake_lock = threading.Lock()
@@ -213,6 +217,14 @@ class Collector(threading.Thread):
         if kind == tp.FINISHED:
             self.accounts.batch_log.add(n, ns)
             self._finished(i, start, n, frame)
+            if self.stealer is not None:
+                self.stealer.consider()
+        elif kind == tp.RETURNED:
+            segments = self.dispatcher.ledgers[i].take(start, n)
+            if self.stealer is not None:  # (only a stealer asks)
+                self.stealer.answered(i)
+            if segments:
+                self.recovery.handed_back(segments)
         elif kind == tp.FAILED:
             self.accounts.batch_log.add(n, ns)
             segments = self.dispatcher.ledgers[i].take(start, n)
@@ -228,6 +240,8 @@ class Collector(threading.Thread):
             self.accounts.bump(batches=1)
             self.recovery.attempt_failed(segments, error, worker)
             self.accounts.wake()
+            if self.stealer is not None:
+                self.stealer.consider()
         elif kind == tp.CANCELLED:
             self.outcomes.cancelled(self.dispatcher.ledgers[i].take(start, n))
         elif kind == tp.READY:
@@ -315,6 +329,8 @@ class Collector(threading.Thread):
         self._partial.pop(self.pool.results[i], None)  # a cut-off report is no report
         recovery = self.recovery
         orphans = recovery.take_orphans(i, proc)
+        if self.stealer is not None:
+            self.stealer.forget(i)
         if not orphans.restarted:
             self._buried.add(proc)
         try:

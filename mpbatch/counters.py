@@ -15,20 +15,26 @@ import os
 import secrets
 from multiprocessing import shared_memory
 
-# Shared-memory layout: worker i owns one 64-byte line (8 int64 cells), so that two
-# workers never write the same cache line.
-#   int64 sent     at 64*i + 0    writer: dispatcher   items sent to worker i (this incarnation)
-#   int64 done     at 64*i + 8    writer: worker i     items worker i has reported back
-#   int64 b_start  at 64*i + 16   writer: worker i     stream position of the batch in do()
-#   int64 b_end    at 64*i + 24   writer: worker i     end (exclusive) of that batch
-#   int64 busy_ns  at 64*i + 32   writer: worker i     monotonic_ns when do() began; 0 = idle
-#   int64 batches  at 64*i + 40   writer: worker i     batches this incarnation has run
-#   int64 work_ns  at 64*i + 48   writer: worker i     ns spent running batches (do() and
+# Shared-memory layout: worker i owns 128 bytes (16 int64 cells, 6 unused), two cache
+# lines, so that two workers never write the same cache line.
+#   int64 sent     at 128*i + 0   writer: dispatcher   items sent to worker i (this incarnation)
+#   int64 done     at 128*i + 8   writer: worker i     items worker i has reported back
+#   int64 b_start  at 128*i + 16  writer: worker i     stream position of the batch in do()
+#   int64 b_end    at 128*i + 24  writer: worker i     end (exclusive) of that batch
+#   int64 busy_ns  at 128*i + 32  writer: worker i     monotonic_ns when do() began; 0 = idle
+#   int64 batches  at 128*i + 40  writer: worker i     batches this incarnation has run
+#   int64 work_ns  at 128*i + 48  writer: worker i     ns spent running batches (do() and
 #                                                      pickling the outcome), this incarnation
-#   int64 cancel   at 64*i + 56   writer: caller       1: start no batch, report what is held
+#   int64 cancel   at 128*i + 56  writer: caller       1: start no batch, report what is held
 #                                                      as cancelled (run()'s first Ctrl-C)
-CELLS = 8
-SENT, DONE, B_START, B_END, BUSY_NS, BATCHES, WORK_NS, CANCEL = range(8)
+#   int64 ask      at 128*i + 64  writer: caller       a hand-back request: ask_seq << 32 |
+#                                                      items; a new value is a new request
+#                                                      (steal.py); one store, never torn
+#   int64 given    at 128*i + 72  writer: worker i     items of ``done`` handed back unrun
+#                                                      (cost per item: work_ns/(done-given))
+CELLS = 16
+SENT, DONE, B_START, B_END, BUSY_NS, BATCHES, WORK_NS, CANCEL, ASK, GIVEN = range(10)
+ASK_ITEMS = 0xFFFFFFFF  # the low half of ``ask``: items asked for
 
 
 class LoadCounters:
@@ -46,7 +52,7 @@ class LoadCounters:
             sweep_orphaned_segments()
         self.shm = shared_memory.SharedMemory(
             name=name or f"mpbatch_{os.getpid()}_{secrets.token_hex(4)}", create=create,
-            size=64 * workers
+            size=8 * CELLS * workers
         )
         self.cells = self.shm.buf.cast("q")
         if create:
@@ -76,8 +82,9 @@ class LoadCounters:
     def reset(self, i: int) -> None:
         """Zero worker i's line before its replacement starts (the old writer is dead);
         ``cancel`` is the caller's, and holds for the replacement too."""
-        for j in range(CELLS * i, CELLS * i + CANCEL):
-            self.cells[j] = 0
+        for j in range(CELLS * i, CELLS * (i + 1)):
+            if j != CELLS * i + CANCEL:
+                self.cells[j] = 0
 
     def close(self) -> None:
         self.cells.release()

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
-from .counters import CELLS, DONE, SENT, WORK_NS, LoadCounters
+from .counters import CELLS, DONE, GIVEN, SENT, WORK_NS, LoadCounters
 from .errors import SerializationError, described, shown
 from .ledger import Segment, WorkerLedger
 from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame, define_frame
@@ -136,7 +136,7 @@ class Pacer:
         # would wait for interval to run.
         self.first = max(first, self.floor)
         self.cost = 0.0  # ns per item, smoothed over recent batches; 0: not known yet
-        self._seen = [(0, 0)] * counters.workers  # (done, work_ns) per worker, last read
+        self._seen = [(0, 0)] * counters.workers  # (items run, work_ns) per worker, last read
 
     def allowance(self) -> int:
         """Items the least-loaded worker may receive now (<= 0: wait for a batch to end)."""
@@ -147,15 +147,16 @@ class Pacer:
         for i, (done_was, work_was) in enumerate(seen):
             base = CELLS * i
             # DONE first: a worker adds WORK_NS before DONE, so a batch counted here has
-            # its time counted too.
+            # its time counted too. Items handed back unrun (GIVEN) cost nothing: left out.
             d = cells[base + DONE]
             w = cells[base + WORK_NS]
-            if d >= done_was and w >= work_was:
-                done += d - done_was
+            ran = d - cells[base + GIVEN]
+            if ran >= done_was and w >= work_was:
+                done += ran - done_was
                 work += w - work_was
             # else: a replacement's line, reset to zero; it starts a new baseline
-            if d != done_was:
-                seen[i] = (d, w)
+            if ran != done_was:
+                seen[i] = (ran, w)
             load = cells[base + SENT] - d
             least = load if least is None or load < least else least
         if done:
@@ -247,14 +248,16 @@ class Dispatcher:
             self.pool.send(i, define_frame(token, blob))
         self.defined[i] = start + len(pending)
 
-    def send_routed(self, segments: list[Segment], solo: bool = False) -> list[int]:
-        """Route items that are already accepted (retries, re-sends) and send them.
+    def send_routed(self, segments: list[Segment], solo: bool = False,
+                    full: bool = False) -> list[int]:
+        """Route items that are already accepted (retries, re-sends) and send them
+        (``full``: the worker runs them at once, see send()).
 
         Returns the workers they went to.
         """
         if self.router.routing != "key":
             i = self.router.least_loaded()
-            self.send(i, segments, solo)
+            self.send(i, segments, solo, full=full)
             return [i]
         by_worker: dict[int, list[Segment]] = {}
         for seg in segments:
@@ -268,7 +271,7 @@ class Dispatcher:
             for i, part in parts:
                 by_worker.setdefault(i, []).append(part)
         for i, parts in by_worker.items():
-            self.send(i, parts, solo)
+            self.send(i, parts, solo, full=full)
         return list(by_worker)
 
     def flush(self, i: int) -> None:

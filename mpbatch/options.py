@@ -47,6 +47,7 @@ class Options:
     backend: str = "process"
     address: str | None = None
     ray_options: dict | None = None
+    steal: bool = False  # resolved: None became what the routing and backend allow
 
     @property
     def want_values(self) -> bool:
@@ -85,6 +86,7 @@ def checked(**given: Any) -> Options:
         dead_letters=check_path("dead_letters", given["dead_letters"]),
         **check_backend(given.get("backend", "process"), given.get("address"),
                         given.get("ray_options"), given["start_method"]),
+        steal=check_steal(given.get("steal"), given["routing"], given.get("backend", "process")),
     )
 
 
@@ -143,6 +145,23 @@ def check_spill_after(value: Any, routing: Any) -> float | None:
         raise ValueError(f"spill_after={shown(value)} applies to routing='affinity' only "
                          f"(routing={shown(routing)}); drop it or pass routing='affinity'")
     return check_number("spill_after", value, positive=True)
+
+
+def check_steal(value: Any, routing: Any, backend: Any) -> bool:
+    """steal= (None: on wherever it may be). Stealing moves queued items to another worker,
+    which routing="key" promises never happens; Ray actors do not answer a hand-back
+    request (their counters are not shared with the caller)."""
+    if value is None:
+        return routing != "key" and backend == "process"
+    check_bool("steal", value)
+    if value and routing == "key":
+        raise ValueError("steal=True moves queued items between workers, which routing='key' "
+                         "forbids (one key, one worker: per-key order); drop steal= or use "
+                         "routing='least-loaded' or 'affinity'")
+    if value and backend != "process":
+        raise ValueError(f"steal=True needs backend='process' (got backend={shown(backend)}): "
+                         f"Ray actors do not hand queued items back; drop steal=")
+    return value
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

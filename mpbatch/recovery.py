@@ -120,7 +120,18 @@ class Recovery:
         for half in halves(segments):
             self.dispatcher.send_routed(half, solo=True)
 
-    def _resend(self, segments: list[Segment], solo: bool) -> None:
+    def handed_back(self, segments: list[Segment]) -> None:
+        """Items a worker handed back unstarted (steal.py): routed again, no attempt spent."""
+        if self.stopping:  # close() gave up on what is held (timeout, a second Ctrl-C)
+            self.outcomes.dead_letter(segments, self.stop_error or Closed("the Batcher closed"),
+                                      None)
+            return
+        # FULL: they go to a worker running dry, which runs them at once; held for more
+        # items, a part batch would wait out what is left of its interval there.
+        self._resend(segments, solo=False, stat="stolen", full=True)
+
+    def _resend(self, segments: list[Segment], solo: bool, stat: str | None = None,
+                full: bool = False) -> None:
         if self.cancelling:
             self.outcomes.cancelled(segments)
             return
@@ -128,8 +139,8 @@ class Recovery:
             self.outcomes.dead_letter(segments, self.broken, None)
             return
         n = sum(len(s) for s in segments)
-        self.accounts.bump(**{"retries" if solo else "redelivered": n})
-        workers = self.dispatcher.send_routed(segments, solo)
+        self.accounts.bump(**{stat or ("retries" if solo else "redelivered"): n})
+        workers = self.dispatcher.send_routed(segments, solo, full)
         if not solo and min(s.epoch for s in segments) <= self.accounts.flushing_through:
             # A flush() waits for these: the FLUSH it sent went to the dead worker.
             for i in workers:

@@ -36,6 +36,9 @@ class Stats:
     """Crashed batches split in two by poison-item isolation (see isolate_poison)."""
     recycled: int
     """Workers replaced on purpose: max_batches_per_worker or max_rss reached."""
+    stolen: int
+    """Items a busy worker handed back unstarted, to run on one running dry (``steal``);
+    no attempt spent."""
     workers: int
     """Worker processes the Batcher runs."""
 
@@ -94,6 +97,7 @@ class Accounts:
         self.redelivered = 0
         self.splits = 0
         self.recycled = 0
+        self.stolen = 0
         self.unresolved: dict[int, int] = {}  # flush epoch -> items without an outcome
         self.waiters = 0  # threads inside changed.wait(); skip notify when none
         self.flushing_through = -1  # a flush() waits for the epochs up to this one
@@ -151,7 +155,8 @@ class Accounts:
             batches=self.batches,
             retries=self.retries, worker_restarts=self.worker_restarts,
             failed_attempts=self.failed_attempts, redelivered=self.redelivered,
-            splits=self.splits, recycled=self.recycled, workers=workers)
+            splits=self.splits, recycled=self.recycled, stolen=self.stolen,
+            workers=workers)
 
     def settled_through(self, epoch: int) -> bool:
         """Every item of epochs <= ``epoch`` has an outcome (hold ``lock``)."""

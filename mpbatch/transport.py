@@ -28,6 +28,9 @@ worker -> caller (result pipe i)
     FAILED       start, n, ns | pickle(error)               that attempt failed
     INIT_FAILED  pid      | pickle(error)                   init() raised; the worker exits
     CANCELLED    start, n                                   not run: the caller cancelled
+    RETURNED     start, n                                   not run: handed back on the
+                                                            caller's request (steal.py), to
+                                                            run on another worker
 
 FINISHED carries ``batch`` and ``grouped`` (a list of result lists, in the order of batch's
 keys) when on_result needs them, and ``items`` (one result per item, in stream order) when a
@@ -70,7 +73,7 @@ ONE_EACH = 1  # FINISHED's layout: every key of the batch held one item (see abo
 _TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
 
 # worker -> caller
-READY, FINISHED, FAILED, INIT_FAILED, CANCELLED = 1, 2, 3, 4, 5
+READY, FINISHED, FAILED, INIT_FAILED, CANCELLED, RETURNED = 1, 2, 3, 4, 5, 6
 _TO_CALLER = struct.Struct("<Bqqq")  # kind, start (or pid), n, ns inside do()
 
 TO_WORKER_SIZE = _TO_WORKER.size

@@ -29,6 +29,8 @@ import cloudpickle
 from . import transport as tp
 from .calls import DEFINITIONS
 from .counters import (
+    ASK,
+    ASK_ITEMS,
     B_END,
     B_START,
     BATCHES,
@@ -36,6 +38,7 @@ from .counters import (
     CANCEL,
     CELLS,
     DONE,
+    GIVEN,
     WORK_NS,
     LoadCounters,
 )
@@ -221,6 +224,8 @@ class _Loop:
         # Added to a chunk's deadline: this node's monotonic clock minus the caller's (a Ray
         # actor on another node, rayworker.py); 0 in a worker process of the caller's.
         self.clock_offset_ns = 0
+        self.ask_at = self.base + ASK
+        self.ask_seen = 0  # the last hand-back request answered (counters.ASK)
 
     def run(self) -> bool:
         """Serve until STOP or EOF (False), or until due for recycling (True)."""
@@ -228,6 +233,8 @@ class _Loop:
             if self._worn_out():
                 self.results.close()
                 return True
+            if self.cells[self.ask_at] != self.ask_seen:
+                self._hand_back()
             frame = self._next_frame()
             if frame is TICK:
                 self._flush()
@@ -371,6 +378,102 @@ class _Loop:
                 self._flush()
                 if self._worn_out():
                     return  # the rest of the chunk is never reported: the caller re-sends it
+                if i < n and self.cells[self.ask_at] != self.ask_seen:
+                    i += self._hand_back(n - i)
+
+    def _hand_back(self, rest: int = 0) -> int:
+        """Answer the caller's request for items this worker has not started (steal.py):
+        hand back the next ones in stream order, up to the number asked, unrun: what is
+        held, then ``rest`` items of the chunk being taken (the next in the stream), then
+        chunks still queued in the inlet. One RETURNED report names them all, so reports
+        stay in stream order and the caller's ledger takes them as it takes a batch; the
+        caller re-sends them from that ledger (no values travel back). Returns how many of
+        ``rest`` went back. Answered even when nothing goes: the caller waits for it
+        before it asks this worker again."""
+        ask = self.cells[self.ask_at]
+        self.ask_seen = ask
+        want = ask & ASK_ITEMS
+        start = self.pos - self.held_n
+        given = self.held_n
+        if given:
+            self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
+            self.held_parts, self.held_want = [], False
+        from_rest = min(rest, max(0, want - given))
+        self.pos += from_rest
+        given += from_rest
+        after = None
+        if given < want and from_rest == rest:
+            given, after = self._queued_back(want, given)
+        self.held_start = self.pos
+        self.cells[self.base + GIVEN] += given  # before DONE: estimators subtract it
+        self._send(tp.caller_frame(tp.RETURNED, start, given), given)
+        if after is not None:
+            self._hold_rest(*after)
+        return from_rest
+
+    def _queued_back(self, want: int, given: int) -> tuple[int, tuple | None]:
+        """Hand back whole chunks from the front of the inlet's queue (the pipe drained into
+        it first), and the front part of the next one where a whole one is more than asked.
+        Returns (items given in all, the rest of a part-given chunk to hold or None)."""
+        inlet = self.inlet
+        with inlet.lock:
+            while inlet._take():  # what the pipe holds is queued here too
+                pass
+        frames = inlet.frames
+        while given < want and frames:
+            frame = frames[0]
+            if frame is None:
+                break
+            kind, flags, n, deadline = tp.read_to_worker(frame)
+            # A FLUSH, STOP or DEFINE keeps its place after what precedes it; a retry (SOLO)
+            # runs as a batch of its own, here.
+            if kind != tp.CHUNK or flags & tp.SOLO:
+                break
+            frames.popleft()
+            if given + n <= want:
+                given += n
+                self.pos += n
+                inlet.recycle(frame)
+                continue
+            part = self._tail_of(frame, flags, n, deadline + self.clock_offset_ns, want - given)
+            if part is None:  # it does not unpickle: taken as usual, it fails as usual
+                frames.appendleft(frame)
+                break
+            self.pos += want - given
+            return want, part
+        return given, None
+
+    def _tail_of(self, frame: Any, flags: int, n: int, deadline: int,
+                 skip: int) -> tuple | None:
+        """The items of a chunk after its first ``skip``, as _hold_rest takes them; None if
+        it does not unpickle (user code: a death in there charges the chunk an attempt, as
+        in _take_chunk)."""
+        cells, base = self.cells, self.base
+        cells[base + B_START] = self.pos
+        cells[base + B_END] = self.pos + n
+        try:
+            keys, values, sizes = tp.chunk_payload(frame, flags)
+            if flags & tp.ONE_KEY:
+                keys = keys * n
+            ok = len(keys) == n and len(values) == n
+        except BaseException:
+            ok = False
+        cells[base + B_END] = self.pos
+        if not ok:
+            return None
+        self.inlet.recycle(frame)
+        return (keys[skip:], values[skip:], None if sizes is None else sizes[skip:], flags,
+                deadline)
+
+    def _hold_rest(self, keys: list, values: list, sizes: list | None, flags: int,
+                   deadline: int) -> None:
+        """Hold the part of a chunk that _hand_back kept (its start is self.pos)."""
+        self.one_key = bool(flags & tp.ONE_KEY)
+        end = self.pos + len(keys)
+        try:
+            self._hold_chunk(keys, values, sizes, flags, deadline)
+        except BaseException as exc:  # grouping hashes and compares keys: user code
+            self._fail_held(exc, end)
 
     def _hold_by_bytes(self, keys: list, values: list, sizes: list, deadline: int,
                        want: bool) -> None:

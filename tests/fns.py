@@ -378,3 +378,9 @@ def rename_keys(batch):
     batch.clear()
     batch.update(renamed)
     return {k: [v * 2 for v in vs] for k, vs in batch.items()}
+
+
+def sleep_then_pid(batch):
+    """Values are (index, seconds): sleep that long per item; each result is (pid, index)."""
+    time.sleep(sum(v[1] for vs in batch.values() for v in vs))
+    return {k: [(os.getpid(), v[0]) for v in vs] for k, vs in batch.items()}

@@ -1,0 +1,117 @@
+"""Work stealing (caller process, collector thread): a worker running dry takes queued work.
+
+Routing commits items to a worker when their chunk is sealed, by the items queued there,
+before anyone knows what they will cost: a run of costly items (hot keys) can leave one
+worker with seconds of queued work while another has none. On every report the collector
+calls ``Stealer.consider()``, which looks for such a pair:
+
+- a thief: a started worker with nothing queued behind the batch it runs, if any;
+- a victim: the worker with the most queued, unstarted work, estimated as its queued items
+  times its recent cost per item (work_ns / items run, over its last reports), if that
+  is at least STEAL_MIN_NS and an item costs at least ITEM_MIN_NS.
+
+It asks the victim for half of its queued items by writing the victim's ``ask`` cell
+(counters.py). The victim answers between two batches with a RETURNED report naming the
+next items of its stream, which it drops unrun (worker._Loop._hand_back); the collector
+takes them from the victim's ledger and routes them again, with no attempt spent
+(recovery.Recovery.handed_back): the least-loaded worker is now the thief.
+
+The ledgers stay exact: items leave the victim's ledger only when its RETURNED report is
+read, and enter the thief's before they are written to its pipe. A victim killed before it
+reports still has them in its ledger, and they are re-sent as its orphans (only queued:
+no attempt); a thief killed after they reached it has them in its own. ``accepted ==
+succeeded + dead_lettered + pending`` holds throughout: a hand-back changes none of them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .counters import (
+    ASK,
+    ASK_ITEMS,
+    B_END,
+    B_START,
+    BUSY_NS,
+    CELLS,
+    DONE,
+    GIVEN,
+    SENT,
+    WORK_NS,
+)
+
+if TYPE_CHECKING:
+    from .counters import LoadCounters
+
+STEAL_MIN_NS = 40_000_000  # queued work a victim keeps without being asked (2x the Pacer's
+# horizon: add_many's own queues never reach it, so only a misjudged run of costly items does)
+ITEM_MIN_NS = 20_000  # cheaper items are never moved: re-sending one costs the caller ~1 us
+SEQ_MASK = 0x7FFFFFFF  # ask numbers wrap here: ``seq << 32`` stays a positive int64
+
+
+class Stealer:
+    """When to ask which worker to hand work back; every method runs on the collector."""
+
+    def __init__(self, counters: LoadCounters, ready: list[bool]) -> None:
+        self.counters = counters
+        self.workers = counters.workers
+        self.ready = ready  # the pool's: READY seen from worker i's incarnation
+        self.asking = [False] * self.workers  # an ask of worker i awaits its RETURNED
+        self.seq = [0] * self.workers
+        self.cost = [0.0] * self.workers  # ns per item, recent; 0.0: not known yet
+        self._seen = [(0, 0)] * self.workers  # (done, work_ns) at the last look
+        self.asks = 0  # requests written (tests and benchmarks read it)
+
+    def consider(self) -> None:
+        """Ask a victim for half its queued items if a thief is running dry (see module)."""
+        cells = self.counters.cells
+        thief = False
+        victim, most = -1, float(STEAL_MIN_NS)
+        for i in range(self.workers):
+            base = CELLS * i
+            cost = self._cost(i, cells[base + DONE] - cells[base + GIVEN], cells[base + WORK_NS])
+            queued = self._queued(cells, base)
+            if queued <= 0:
+                thief = thief or self.ready[i]
+            elif not self.asking[i] and cost >= ITEM_MIN_NS and queued * cost >= most:
+                victim, most = i, queued * cost
+        if thief and victim >= 0:
+            self._ask(victim, self._queued(cells, CELLS * victim) // 2)
+
+    @staticmethod
+    def _queued(cells: memoryview, base: int) -> int:
+        """Items sent to a worker and neither reported nor inside its running batch (racy
+        reads of another process's cells: a hint, which is all routing needs)."""
+        inside = cells[base + B_END] - cells[base + B_START] if cells[base + BUSY_NS] else 0
+        return cells[base + SENT] - cells[base + DONE] - max(0, inside)
+
+    def _cost(self, i: int, done: int, work: int) -> float:
+        """Worker i's cost per item (``done``: items it ran), smoothed over the batches
+        since the last look."""
+        done_was, work_was = self._seen[i]
+        if done > done_was and work >= work_was:
+            sample = (work - work_was) / (done - done_was)
+            self.cost[i] = sample if not self.cost[i] else (self.cost[i] + sample) / 2
+            self._seen[i] = (done, work)
+        elif done < done_was:  # a replacement's line, zeroed: a new baseline
+            self._seen[i] = (done, work)
+        return self.cost[i]
+
+    def _ask(self, i: int, items: int) -> None:
+        if items < 1:
+            return
+        self.seq[i] = seq = (self.seq[i] + 1) & SEQ_MASK or 1
+        self.asking[i] = True
+        self.asks += 1
+        # One store of both halves: the worker never reads a new count with an old number.
+        self.counters.cells[CELLS * i + ASK] = seq << 32 | min(items, ASK_ITEMS)
+
+    def answered(self, i: int) -> None:
+        """Worker i's RETURNED report was read: it may be asked again."""
+        self.asking[i] = False
+
+    def forget(self, i: int) -> None:
+        """Worker i died: its ask dies with it (its line is zeroed for the replacement)."""
+        self.asking[i] = False
+        self._seen[i] = (0, 0)
+        self.cost[i] = 0.0

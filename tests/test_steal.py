@@ -1,0 +1,284 @@
+"""Work stealing: a worker running dry takes items another has queued but not started."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+import mpbatch
+from mpbatch.counters import (
+    ASK,
+    ASK_ITEMS,
+    B_END,
+    B_START,
+    BUSY_NS,
+    DONE,
+    SENT,
+    WORK_NS,
+    LoadCounters,
+)
+from mpbatch.steal import ITEM_MIN_NS, Stealer
+from tests import fns
+
+N = 200  # items; chunks of 5 (size=5), round-robin: the even chunks, all slow, on worker 0
+SLOW = 0.02  # s per item of an even chunk: 2 s of work queued on one worker
+
+
+def skewed():
+    """(key, (index, seconds)): under round-robin every slow chunk lands on one worker."""
+    return [(f"k{i % 7}", (i, SLOW if (i // 5) % 2 == 0 else 0.0)) for i in range(N)]
+
+
+def run_skewed(b):
+    futures = [b.submit(k, v, block=True) for k, v in skewed()]
+    b.flush()
+    return [f.result(timeout=30) for f in futures]
+
+
+def check_invariant(b):
+    s = b.stats()
+    assert s.accepted == s.succeeded + s.dead_lettered + s.cancelled + s.pending, s
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_running_dry_takes_queued_work(batcher_factory, start_method):
+    b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=5, interval=1.0,
+                        start_method=start_method)
+    results = run_skewed(b)
+    assert sorted(i for _, i in results) == list(range(N))  # each item once, none lost
+    slow_pids = {pid for pid, i in results if (i // 5) % 2 == 0}
+    assert len(slow_pids) == 2  # slow items ran on both workers: some were handed over
+    s = b.stats()
+    assert s.stolen > 0
+    assert (s.succeeded, s.dead_lettered, s.pending, s.failed_attempts) == (N, 0, 0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_steal_false_leaves_queued_work_where_it_was_routed(batcher_factory):
+    b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=5, interval=1.0,
+                        steal=False)
+    results = run_skewed(b)
+    assert len({pid for pid, i in results if (i // 5) % 2 == 0}) == 1
+    assert b.stats().stolen == 0
+
+
+def _kill_at(b, hook):
+    """SIGKILL a worker from inside the collector, once: at ``hook`` "ask" the victim, right
+    after it was asked (its batch still runs: it has not answered); at "handed_back" the
+    thief, right after the items handed back were written to it. Returns an Event set
+    when the kill was made."""
+    collector = b._collector
+    killed = threading.Event()
+    if hook == "ask":
+        owner, name = collector.stealer, "_ask"
+    else:
+        owner, name = collector.recovery, "handed_back"
+    original = getattr(owner, name)
+
+    def wrapped(*args):
+        # The thief is where send_routed() puts the items: the least-loaded worker, read
+        # before the send (on this thread, as send_routed reads it).
+        target = args[0] if hook == "ask" else collector.dispatcher.router.least_loaded()
+        original(*args)
+        if not killed.is_set():
+            os.kill(b._pool.procs[target].pid, signal.SIGKILL)
+            killed.set()
+
+    setattr(owner, name, wrapped)
+    return killed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("hook", "who"), [("ask", "victim"), ("handed_back", "thief")])
+def test_sigkill_in_the_middle_of_a_steal_loses_nothing(batcher_factory, hook, who):
+    b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=5, interval=1.0,
+                        max_attempts=3)
+    b.start()
+    killed = _kill_at(b, hook)
+    done = threading.Event()
+    seen = []
+
+    def watch():  # the invariant holds at every moment, not only at the end
+        while not done.is_set():
+            s = b.stats()
+            seen.append(s.accepted == s.succeeded + s.dead_lettered + s.cancelled + s.pending)
+            done.wait(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = run_skewed(b)
+    finally:
+        done.set()
+        watcher.join()
+    assert killed.is_set()
+    assert seen and all(seen)
+    assert sorted(i for _, i in results) == list(range(N))
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (N, N, 0, 0)
+    assert s.worker_restarts >= 1
+    check_invariant(b)
+
+
+@pytest.mark.timeout(30)
+def test_stealing_keeps_counts_right_with_add_many_and_on_result(batcher_factory):
+    got = []
+    b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=5, interval=1.0,
+                        on_result=lambda k, vs, rs: got.extend(v[0] for v in vs))
+    for key, value in skewed():  # add(): round-robin puts every slow chunk on one worker
+        b.add(key, value, block=True)
+    b.flush()
+    assert sorted(got) == list(range(N))
+    assert b.stats().stolen > 0
+    check_invariant(b)
+
+
+def test_steal_option_is_checked():
+    with pytest.raises(TypeError, match=r"steal must be True or False \(got str: 'yes'\)"):
+        mpbatch.Batcher(fns.double, steal="yes")
+    with pytest.raises(ValueError, match=r"steal=True .* routing='key'"):
+        mpbatch.Batcher(fns.double, steal=True, routing="key")
+    with pytest.raises(ValueError, match="steal=True needs backend='process'"):
+        mpbatch.Batcher(fns.double, steal=True, backend="ray")
+    # The default: on where items may move, off under "key" and on Ray.
+    assert mpbatch.Batcher(fns.double)._options.steal is True
+    assert mpbatch.Batcher(fns.double, routing="affinity")._options.steal is True
+    assert mpbatch.Batcher(fns.double, routing="key")._options.steal is False
+    assert mpbatch.Batcher(fns.double, routing="key", steal=False)._options.steal is False
+
+
+def _line(counters, i, sent, done, work_ns, inside=0):
+    counters.set(i, SENT, sent)
+    counters.set(i, DONE, done)
+    counters.set(i, WORK_NS, work_ns)
+    counters.set(i, B_START, 0)
+    counters.set(i, B_END, inside)
+    counters.set(i, BUSY_NS, 1 if inside else 0)
+
+
+def test_stealer_asks_the_busiest_worker_for_half_its_queue_once():
+    counters = LoadCounters(3)
+    try:
+        stealer = Stealer(counters, [True, True, True])
+        _line(counters, 0, 10, 10, 10 * 1_000_000)  # dry
+        _line(counters, 1, 100, 5, 5 * 1_000_000, inside=5)  # 90 queued at 1 ms
+        _line(counters, 2, 60, 10, 10 * 1_000_000)  # 50 queued at 1 ms
+        stealer.consider()
+        ask = counters.get(1, ASK)
+        assert ask & ASK_ITEMS == 45 and ask >> 32 == 1
+        assert counters.get(2, ASK) == 0 and counters.get(0, ASK) == 0
+        stealer.consider()  # worker 1 has not answered: the next busiest is asked
+        assert counters.get(1, ASK) == ask and counters.get(2, ASK) & ASK_ITEMS == 25
+        stealer.answered(1)
+        stealer.consider()
+        assert counters.get(1, ASK) >> 32 == 2  # a new request, numbered anew
+    finally:
+        counters.unlink()
+
+
+def test_stealer_leaves_cheap_items_and_short_queues_alone():
+    counters = LoadCounters(2)
+    try:
+        stealer = Stealer(counters, [True, True])
+        cheap = ITEM_MIN_NS // 2
+        _line(counters, 0, 10, 10, 10 * cheap)
+        _line(counters, 1, 100_010, 10, 10 * cheap)  # a long queue of cheap items
+        stealer.consider()
+        assert counters.get(1, ASK) == 0
+        _line(counters, 1, 20, 10, 10 * 1_000_000)  # 10 items at 1 ms: 10 ms, too little
+        stealer.consider()
+        assert counters.get(1, ASK) == 0
+        stealer = Stealer(counters, [False, True])  # the dry worker is still starting
+        _line(counters, 1, 1010, 10, 10 * 1_000_000)
+        stealer.consider()
+        assert counters.get(1, ASK) == 0
+    finally:
+        counters.unlink()
+
+
+@pytest.mark.timeout(30)
+def test_worker_hands_back_the_next_items_in_stream_order():
+    """The worker's side, in this process: what is held, whole queued chunks, then the front
+    of the next chunk; a FLUSH stops the hand-back; one RETURNED report per request."""
+    from multiprocessing import Pipe
+
+    from mpbatch import transport as tp
+    from mpbatch.inlet import Inlet
+    from mpbatch.worker import WorkerConfig, _Loop
+
+    counters = LoadCounters(1)
+    items_r, items_w = Pipe(duplex=False)
+    drain_r, drain_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    try:
+        inlet = Inlet(items_r, drain_r)  # its reader thread is not started: no drains
+        config = WorkerConfig(fns.double, None, size=10, max_bytes=None, want_values=True)
+        loop = _Loop(0, inlet, results_w, counters, config, None)
+        chunks = [[("a", 0), ("b", 1), ("a", 2)], [("c", i) for i in range(3, 7)],
+                  [("d", i) for i in range(7, 13)]]
+        for chunk in chunks:
+            keys, values = [k for k, _ in chunk], [v for _, v in chunk]
+            tp.write_all(items_w.fileno(), tp.chunk_frame(keys, values, None, 1 << 62))
+        tp.write_all(items_w.fileno(), tp.FLUSH_WIRE)
+        frame = inlet.next(5)
+        loop._take_chunk(frame, *tp.read_to_worker(frame)[1:])  # chunk 0 held: 3 < size
+        assert loop.held_n == 3
+
+        counters.set(0, ASK, 1 << 32 | 9)
+        loop._hand_back()  # held 3 + chunk 1 (4) + the first 2 of chunk 2
+        assert (loop.pos, loop.held_n) == (13, 4)
+        assert counters.get(0, DONE) == 9
+        loop._flush()  # the 4 kept: items 9-12 of the stream
+        counters.set(0, ASK, 2 << 32 | 100)
+        loop._hand_back()  # the FLUSH comes next: nothing goes past it
+        results_w.close()
+        reader, reports = tp.FrameReader(), []
+        while (frames := reader.read(results_r.fileno())) is not None:
+            reports += frames
+        heads = [tp.read_to_caller(f)[:3] for f in reports]
+        assert heads == [(tp.RETURNED, 0, 9), (tp.FINISHED, 9, 4), (tp.RETURNED, 13, 0)]
+        batch = tp.payload_of(reports[1], tp.TO_CALLER_SIZE)[0]
+        assert batch == {"d": [9, 10, 11, 12]}
+        assert tp.read_to_worker(inlet.next(5))[0] == tp.FLUSH
+    finally:
+        for conn in (items_r, items_w, drain_r, drain_w, results_r, results_w):
+            conn.close()
+        counters.unlink()
+
+
+@pytest.mark.timeout(30)
+def test_worker_hands_back_part_of_the_chunk_it_is_running():
+    """Asked between two batches of one chunk, the worker gives the chunk's next items."""
+    from multiprocessing import Pipe
+
+    from mpbatch import transport as tp
+    from mpbatch.inlet import Inlet
+    from mpbatch.worker import WorkerConfig, _Loop
+
+    counters = LoadCounters(1)
+    items_r, items_w = Pipe(duplex=False)
+    drain_r, drain_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    try:
+        loop = _Loop(0, Inlet(items_r, drain_r), results_w, counters,
+                     WorkerConfig(fns.double, None, size=10, max_bytes=None, want_values=True),
+                     None)
+        frame = tp.chunk_frame(["k"] * 25, list(range(25)), None, 1 << 62)
+        tp.write_all(items_w.fileno(), frame)
+        frame = loop.inlet.next(5)
+        counters.set(0, ASK, 1 << 32 | 7)  # seen once the first batch of 10 has run
+        loop._take_chunk(frame, *tp.read_to_worker(frame)[1:])
+        assert (loop.pos, loop.held_n) == (25, 8)
+        loop._flush()
+        results_w.close()
+        reader, reports = tp.FrameReader(), []
+        while (frames := reader.read(results_r.fileno())) is not None:
+            reports += frames
+        heads = [tp.read_to_caller(f)[:3] for f in reports]
+        assert heads == [(tp.FINISHED, 0, 10), (tp.RETURNED, 10, 7), (tp.FINISHED, 17, 8)]
+        assert tp.payload_of(reports[2], tp.TO_CALLER_SIZE)[0] == {"k": list(range(17, 25))}
+    finally:
+        for conn in (items_r, items_w, drain_r, drain_w, results_r, results_w):
+            conn.close()
+        counters.unlink()
