@@ -224,6 +224,7 @@ class _Loop:
         # Added to a chunk's deadline: this node's monotonic clock minus the caller's (a Ray
         # actor on another node, rayworker.py); 0 in a worker process of the caller's.
         self.clock_offset_ns = 0
+        self.given_values: list | None = None  # the values of the batch in do() (_flush)
         self.ask_at = self.base + ASK
         self.ask_seen = 0  # the last hand-back request answered (counters.ASK)
 
@@ -235,6 +236,10 @@ class _Loop:
                 return True
             if self.cells[self.ask_at] != self.ask_seen:
                 self._hand_back()
+                # Holding the rest of a split chunk may have run batches up to recycling,
+                # and dropped what was left of it (the caller re-sends it): look again
+                # before the next frame, which would take the dropped items' positions.
+                continue
             frame = self._next_frame()
             if frame is TICK:
                 self._flush()
@@ -498,6 +503,10 @@ class _Loop:
         self.held, self.held_n, self.held_bytes, self.held_start = (defaultdict(list), 0, 0,
                                                                     self.pos)
         self.held_parts, self.held_want = [], False
+        # Distinct keys may come back as results alone (_finished_frame): keep the values
+        # do() gets, to tell whether it changed them (then the batch itself goes back).
+        self.given_values = list(chain.from_iterable(batch.values())) \
+            if self.want_values and len(batch) == n else None
         cells, base = self.cells, self.base
         if cells[base + CANCEL]:  # the caller stops: what is held is not started
             self._send(tp.caller_frame(tp.CANCELLED, start, n), n)
@@ -513,6 +522,7 @@ class _Loop:
             results, error = None, failure(exc)
         ns = time.monotonic_ns() - began
         frame = self._outcome_frame(start, n, batch, results, error, parts, want, ns)
+        self.given_values = None
         cells[base + WORK_NS] += time.monotonic_ns() - began  # before DONE: the pacer's cost
         cells[base + BUSY_NS] = 0
         cells[base + BATCHES] += 1
@@ -543,8 +553,9 @@ class _Loop:
                         parts: list, want: bool, ns: int) -> bytes:
         """FINISHED: values and results as on_result and futures need them; with per-item
         outcomes, the items that failed alone apart (see transport)."""
-        if results is not None and self.want_values and not self.per_item \
-                and one_each(parts, batch, n):
+        if results is not None and self.given_values is not None and not self.per_item \
+                and one_each(parts, batch, n) \
+                and list(chain.from_iterable(batch.values())) == self.given_values:
             # Every key one item: the results alone, in stream order (= the batch's key
             # order here, which checked_results kept); the caller has keys and values.
             items = list(chain.from_iterable(results.values()))

@@ -384,3 +384,11 @@ def sleep_then_pid(batch):
     """Values are (index, seconds): sleep that long per item; each result is (pid, index)."""
     time.sleep(sum(v[1] for vs in batch.values() for v in vs))
     return {k: [(os.getpid(), v[0]) for v in vs] for k, vs in batch.items()}
+
+
+def change_values(batch):
+    """do() that replaces its batch's values in place; each result is the old value."""
+    results = {k: list(vs) for k, vs in batch.items()}
+    for vs in batch.values():
+        vs[:] = [f"changed-{v}" for v in vs]
+    return results

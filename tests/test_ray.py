@@ -332,7 +332,12 @@ def ray_caller(mode, **env):
 
     folder = tempfile.mkdtemp(prefix="mpbatch-", dir="/tmp")  # Ray's sockets: <= 107 bytes
     caller = start_caller(mode, BACKEND="ray", RAY_TMPDIR=folder, **env)
-    return caller, [int(p) for p in read_until(caller, "pids")[1:]], folder
+    try:
+        return caller, [int(p) for p in read_until(caller, "pids")[1:]], folder
+    except BaseException:  # it never came up: end it and its Ray here
+        caller.kill()
+        gone_after_exit(caller, [], folder)
+        raise
 
 
 def gone_after_exit(caller, actors, folder):

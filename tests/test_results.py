@@ -245,6 +245,18 @@ def test_distinct_keys_report_the_batch_do_made_of_them(batcher_factory):
     assert sorted(got) == sorted((f"new-k{i}", [i], [2 * i]) for i in range(10))
 
 
+@pytest.mark.parametrize("keys", [list("abcd"), list("aabb")])
+def test_values_do_changed_in_place_are_what_callbacks_get(batcher_factory, keys):
+    """Distinct keys or not, on_result sees the batch as do() left it."""
+    got = []
+    b = batcher_factory(fns.change_values, size=4, workers=1, interval=60,
+                        on_result=lambda key, vs, rs: got.append((key, vs, rs)))
+    b.add_many(zip(keys, range(4), strict=True))
+    b.flush()
+    assert sorted(v for _, vs, _ in got for v in vs) == [f"changed-{i}" for i in range(4)]
+    assert sorted(r for _, _, rs in got for r in rs) == [0, 1, 2, 3]
+
+
 def test_a_nan_key_object_sent_in_two_chunks_keeps_every_item(batcher_factory):
     """The worker holds two nan objects (one from each chunk's pickle), each with one item;
     the caller has one object for both: its items and results are joined, none lost."""

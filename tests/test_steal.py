@@ -282,3 +282,44 @@ def test_worker_hands_back_part_of_the_chunk_it_is_running():
         for conn in (items_r, items_w, drain_r, drain_w, results_r, results_w):
             conn.close()
         counters.unlink()
+
+
+@pytest.mark.timeout(30)
+def test_a_hand_back_that_wears_the_worker_out_ends_it_before_the_next_chunk():
+    """run() answers an ask by holding the rest of a split chunk; a batch in there reaches
+    max_batches, and the rest is dropped for the caller to re-send. The worker must end
+    then: taking the next chunk would report it under the dropped items' positions."""
+    from multiprocessing import Pipe
+
+    from mpbatch import transport as tp
+    from mpbatch.inlet import Inlet
+    from mpbatch.worker import WorkerConfig, _Loop
+
+    counters = LoadCounters(1)
+    items_r, items_w = Pipe(duplex=False)
+    drain_r, drain_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    try:
+        config = WorkerConfig(fns.double, None, size=2, max_bytes=None, want_values=True,
+                              max_batches=2)
+        loop = _Loop(0, Inlet(items_r, drain_r), results_w, counters, config, None)
+        tp.write_all(items_w.fileno(), tp.chunk_frame(list("abcdef"), list(range(6)), None,
+                                                      1 << 62))
+        tp.write_all(items_w.fileno(), tp.chunk_frame(["g", "h"], [6, 7], None, 1 << 62))
+        tp.write_all(items_w.fileno(), tp.STOP_WIRE)
+        counters.set(0, ASK, 1 << 32 | 1)  # asked for one item before the first frame
+        assert loop.run() is True  # worn out: due for recycling
+        results_w.close()
+        reader, reports = tp.FrameReader(), []
+        while (frames := reader.read(results_r.fileno())) is not None:
+            reports += frames
+        heads = [tp.read_to_caller(f)[:3] for f in reports]
+        # item 0 handed back, two batches of the rest, and nothing after: items 5-7 are
+        # unreported, for the caller to re-send
+        assert heads == [(tp.RETURNED, 0, 1), (tp.FINISHED, 1, 2), (tp.FINISHED, 3, 2)]
+        assert [tp.payload_of(f, tp.TO_CALLER_SIZE)[2] for f in reports[1:]] == [[2, 4],
+                                                                                 [6, 8]]
+    finally:
+        for conn in (items_r, items_w, drain_r, drain_w, results_r, results_w):
+            conn.close()
+        counters.unlink()
