@@ -8,6 +8,7 @@ import pickle
 import traceback
 from collections.abc import Mapping
 from itertools import islice
+from operator import itemgetter
 from typing import Any
 
 from . import transport as tp
@@ -96,17 +97,22 @@ def in_stream_order(parts: list, results: dict) -> list:
     return out
 
 
-def one_each(parts: list, batch: dict, n: int) -> bool:
-    """True if ``batch`` is one item per key, the items' own keys in the order they came:
-    as _hold grouped a run of distinct keys, and do() left it so (checked in C)."""
+def one_each(parts: list, batch: dict, n: int, given: list) -> bool:
+    """True if ``batch`` is one item per key, the items' own keys and values in the order
+    they came (``given``: (values, lo, hi) alongside ``parts``): as _hold grouped a run of
+    distinct keys, and do() left it so. Checked in C, identity first: nan matches itself."""
     if len(batch) != n or set(map(len, batch.values())) != {1}:
         return False
+    return list(batch) == _stream(parts) and \
+        list(map(itemgetter(0), batch.values())) == _stream(given)
+
+
+def _stream(parts: list) -> list:
+    """The items of ``parts`` ((items, lo, hi) each), in order, as one list."""
     if len(parts) == 1:
-        keys, lo, hi = parts[0]
-        came = keys[lo:hi] if lo or hi != len(keys) else keys
-    else:
-        came = [key for keys, lo, hi in parts for key in islice(keys, lo, hi)]
-    return list(batch) == came  # identity first, item by item: nan keys match themselves
+        items, lo, hi = parts[0]
+        return items[lo:hi] if lo or hi != len(items) else items
+    return [x for items, lo, hi in parts for x in islice(items, lo, hi)]
 
 
 def layout_of(parts: list, batch: dict) -> list[list[int]] | None:

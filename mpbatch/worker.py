@@ -218,13 +218,14 @@ class _Loop:
         self.held_bytes = 0
         self.held_start = 0  # stream position of the first held item
         self.held_parts: list[tuple[list, int, int]] = []  # (keys, lo, hi) in stream order
+        self.held_values: list[tuple[list, int, int]] = []  # (values, lo, hi) alongside
         self.held_want = False  # some held chunk asked for ITEM_RESULTS
         self.pos = 0  # stream position of the next item to arrive
         self.deadline = 0  # monotonic_ns by which the held items must run
         # Added to a chunk's deadline: this node's monotonic clock minus the caller's (a Ray
         # actor on another node, rayworker.py); 0 in a worker process of the caller's.
         self.clock_offset_ns = 0
-        self.given_values: list | None = None  # the values of the batch in do() (_flush)
+        self.given_values: list | None = None  # held_values of the batch in do() (_flush)
         self.ask_at = self.base + ASK
         self.ask_seen = 0  # the last hand-back request answered (counters.ASK)
 
@@ -329,7 +330,7 @@ class _Loop:
         only queued there, and be re-sent to the next worker without end."""
         start = self.held_start
         self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
-        self.held_parts, self.held_want = [], False
+        self.held_parts, self.held_values, self.held_want = [], [], False
         self.pos = self.held_start = end
         error = failure(exc, "grouping items by key in the worker")
         self._send(tp.caller_frame(tp.FAILED, start, end - start, error), end - start)
@@ -346,6 +347,7 @@ class _Loop:
         """Group items [lo, hi) of a chunk by key into the held batch, no size check."""
         self._start_holding(deadline)
         self.held_parts.append((keys, lo, hi))
+        self.held_values.append((values, lo, hi))
         self.held_want = self.held_want or want
         held = self.held
         groups = len(held)
@@ -402,7 +404,7 @@ class _Loop:
         given = self.held_n
         if given:
             self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
-            self.held_parts, self.held_want = [], False
+            self.held_parts, self.held_values, self.held_want = [], [], False
         from_rest = min(rest, max(0, want - given))
         self.pos += from_rest
         given += from_rest
@@ -500,13 +502,13 @@ class _Loop:
             return
         batch, start, parts, want = (dict(self.held), self.held_start, self.held_parts,
                                      self.held_want)
+        # Distinct keys may come back as results alone (_finished_frame), if do() left
+        # its values as it got them: these are they, as the chunks brought them.
+        self.given_values = self.held_values if self.want_values and len(batch) == n \
+            else None
         self.held, self.held_n, self.held_bytes, self.held_start = (defaultdict(list), 0, 0,
                                                                     self.pos)
-        self.held_parts, self.held_want = [], False
-        # Distinct keys may come back as results alone (_finished_frame): keep the values
-        # do() gets, to tell whether it changed them (then the batch itself goes back).
-        self.given_values = list(chain.from_iterable(batch.values())) \
-            if self.want_values and len(batch) == n else None
+        self.held_parts, self.held_values, self.held_want = [], [], False
         cells, base = self.cells, self.base
         if cells[base + CANCEL]:  # the caller stops: what is held is not started
             self._send(tp.caller_frame(tp.CANCELLED, start, n), n)
@@ -554,8 +556,7 @@ class _Loop:
         """FINISHED: values and results as on_result and futures need them; with per-item
         outcomes, the items that failed alone apart (see transport)."""
         if results is not None and self.given_values is not None and not self.per_item \
-                and one_each(parts, batch, n) \
-                and list(chain.from_iterable(batch.values())) == self.given_values:
+                and one_each(parts, batch, n, self.given_values):
             # Every key one item: the results alone, in stream order (= the batch's key
             # order here, which checked_results kept); the caller has keys and values.
             items = list(chain.from_iterable(results.values()))
