@@ -7,6 +7,7 @@ import threading
 import pytest
 
 import mpbatch
+from mpbatch import transport as tp
 from mpbatch.counters import (
     ASK,
     ASK_ITEMS,
@@ -197,129 +198,119 @@ def test_stealer_leaves_cheap_items_and_short_queues_alone():
         counters.unlink()
 
 
+class InProcessLoop:
+    """A worker loop (worker._Loop) in this process, on real pipes and real shared memory;
+    its inlet's reader thread is not started (no drains)."""
+
+    def __init__(self, **config):
+        from multiprocessing import Pipe
+
+        from mpbatch.inlet import Inlet
+        from mpbatch.worker import WorkerConfig, _Loop
+
+        self.counters = LoadCounters(1)
+        items_r, self.items_w = Pipe(duplex=False)
+        drain_r, drain_w = Pipe(duplex=False)
+        self.results_r, self.results_w = Pipe(duplex=False)
+        self.conns = (items_r, self.items_w, drain_r, drain_w, self.results_r, self.results_w)
+        self.inlet = Inlet(items_r, drain_r)
+        self.loop = _Loop(0, self.inlet, self.results_w, self.counters,
+                          WorkerConfig(fns.double, None, max_bytes=None, want_values=True,
+                                       **config), None)
+
+    def write(self, wire):
+        tp.write_all(self.items_w.fileno(), wire)
+
+    def chunk(self, keys, values):
+        self.write(tp.chunk_frame(keys, values, None, 1 << 62))
+
+    def reports(self):
+        """Every frame the loop reported (closes the loop's end of the result pipe)."""
+        self.results_w.close()
+        reader, reports = tp.FrameReader(), []
+        while (frames := reader.read(self.results_r.fileno())) is not None:
+            reports += frames
+        return reports
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()
+        self.counters.unlink()
+
+
+@pytest.fixture
+def in_process():
+    made = []
+
+    def make(**config):
+        made.append(InProcessLoop(**config))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.close()
+
+
 @pytest.mark.timeout(30)
-def test_worker_hands_back_the_next_items_in_stream_order():
+def test_worker_hands_back_the_next_items_in_stream_order(in_process):
     """The worker's side, in this process: what is held, whole queued chunks, then the front
     of the next chunk; a FLUSH stops the hand-back; one RETURNED report per request."""
-    from multiprocessing import Pipe
+    w = in_process(size=10)
+    loop, counters = w.loop, w.counters
+    chunks = [[("a", 0), ("b", 1), ("a", 2)], [("c", i) for i in range(3, 7)],
+              [("d", i) for i in range(7, 13)]]
+    for chunk in chunks:
+        w.chunk([k for k, _ in chunk], [v for _, v in chunk])
+    w.write(tp.FLUSH_WIRE)
+    frame = w.inlet.next(5)
+    loop._take_chunk(frame, *tp.read_to_worker(frame)[1:])  # chunk 0 held: 3 < size
+    assert loop.held_n == 3
 
-    from mpbatch import transport as tp
-    from mpbatch.inlet import Inlet
-    from mpbatch.worker import WorkerConfig, _Loop
-
-    counters = LoadCounters(1)
-    items_r, items_w = Pipe(duplex=False)
-    drain_r, drain_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    try:
-        inlet = Inlet(items_r, drain_r)  # its reader thread is not started: no drains
-        config = WorkerConfig(fns.double, None, size=10, max_bytes=None, want_values=True)
-        loop = _Loop(0, inlet, results_w, counters, config, None)
-        chunks = [[("a", 0), ("b", 1), ("a", 2)], [("c", i) for i in range(3, 7)],
-                  [("d", i) for i in range(7, 13)]]
-        for chunk in chunks:
-            keys, values = [k for k, _ in chunk], [v for _, v in chunk]
-            tp.write_all(items_w.fileno(), tp.chunk_frame(keys, values, None, 1 << 62))
-        tp.write_all(items_w.fileno(), tp.FLUSH_WIRE)
-        frame = inlet.next(5)
-        loop._take_chunk(frame, *tp.read_to_worker(frame)[1:])  # chunk 0 held: 3 < size
-        assert loop.held_n == 3
-
-        counters.set(0, ASK, 1 << 32 | 9)
-        loop._hand_back()  # held 3 + chunk 1 (4) + the first 2 of chunk 2
-        assert (loop.pos, loop.held_n) == (13, 4)
-        assert counters.get(0, DONE) == 9
-        loop._flush()  # the 4 kept: items 9-12 of the stream
-        counters.set(0, ASK, 2 << 32 | 100)
-        loop._hand_back()  # the FLUSH comes next: nothing goes past it
-        results_w.close()
-        reader, reports = tp.FrameReader(), []
-        while (frames := reader.read(results_r.fileno())) is not None:
-            reports += frames
-        heads = [tp.read_to_caller(f)[:3] for f in reports]
-        assert heads == [(tp.RETURNED, 0, 9), (tp.FINISHED, 9, 4), (tp.RETURNED, 13, 0)]
-        batch = tp.payload_of(reports[1], tp.TO_CALLER_SIZE)[0]
-        assert batch == {"d": [9, 10, 11, 12]}
-        assert tp.read_to_worker(inlet.next(5))[0] == tp.FLUSH
-    finally:
-        for conn in (items_r, items_w, drain_r, drain_w, results_r, results_w):
-            conn.close()
-        counters.unlink()
+    counters.set(0, ASK, 1 << 32 | 9)
+    loop._hand_back()  # held 3 + chunk 1 (4) + the first 2 of chunk 2
+    assert (loop.pos, loop.held_n) == (13, 4)
+    assert counters.get(0, DONE) == 9
+    loop._flush()  # the 4 kept: items 9-12 of the stream
+    counters.set(0, ASK, 2 << 32 | 100)
+    loop._hand_back()  # the FLUSH comes next: nothing goes past it
+    reports = w.reports()
+    heads = [tp.read_to_caller(f)[:3] for f in reports]
+    assert heads == [(tp.RETURNED, 0, 9), (tp.FINISHED, 9, 4), (tp.RETURNED, 13, 0)]
+    batch = tp.payload_of(reports[1], tp.TO_CALLER_SIZE)[0]
+    assert batch == {"d": [9, 10, 11, 12]}
+    assert tp.read_to_worker(w.inlet.next(5))[0] == tp.FLUSH
 
 
 @pytest.mark.timeout(30)
-def test_worker_hands_back_part_of_the_chunk_it_is_running():
+def test_worker_hands_back_part_of_the_chunk_it_is_running(in_process):
     """Asked between two batches of one chunk, the worker gives the chunk's next items."""
-    from multiprocessing import Pipe
-
-    from mpbatch import transport as tp
-    from mpbatch.inlet import Inlet
-    from mpbatch.worker import WorkerConfig, _Loop
-
-    counters = LoadCounters(1)
-    items_r, items_w = Pipe(duplex=False)
-    drain_r, drain_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    try:
-        loop = _Loop(0, Inlet(items_r, drain_r), results_w, counters,
-                     WorkerConfig(fns.double, None, size=10, max_bytes=None, want_values=True),
-                     None)
-        frame = tp.chunk_frame(["k"] * 25, list(range(25)), None, 1 << 62)
-        tp.write_all(items_w.fileno(), frame)
-        frame = loop.inlet.next(5)
-        counters.set(0, ASK, 1 << 32 | 7)  # seen once the first batch of 10 has run
-        loop._take_chunk(frame, *tp.read_to_worker(frame)[1:])
-        assert (loop.pos, loop.held_n) == (25, 8)
-        loop._flush()
-        results_w.close()
-        reader, reports = tp.FrameReader(), []
-        while (frames := reader.read(results_r.fileno())) is not None:
-            reports += frames
-        heads = [tp.read_to_caller(f)[:3] for f in reports]
-        assert heads == [(tp.FINISHED, 0, 10), (tp.RETURNED, 10, 7), (tp.FINISHED, 17, 8)]
-        assert tp.payload_of(reports[2], tp.TO_CALLER_SIZE)[0] == {"k": list(range(17, 25))}
-    finally:
-        for conn in (items_r, items_w, drain_r, drain_w, results_r, results_w):
-            conn.close()
-        counters.unlink()
+    w = in_process(size=10)
+    w.chunk(["k"] * 25, list(range(25)))
+    frame = w.inlet.next(5)
+    w.counters.set(0, ASK, 1 << 32 | 7)  # seen once the first batch of 10 has run
+    w.loop._take_chunk(frame, *tp.read_to_worker(frame)[1:])
+    assert (w.loop.pos, w.loop.held_n) == (25, 8)
+    w.loop._flush()
+    reports = w.reports()
+    heads = [tp.read_to_caller(f)[:3] for f in reports]
+    assert heads == [(tp.FINISHED, 0, 10), (tp.RETURNED, 10, 7), (tp.FINISHED, 17, 8)]
+    assert tp.payload_of(reports[2], tp.TO_CALLER_SIZE)[0] == {"k": list(range(17, 25))}
 
 
 @pytest.mark.timeout(30)
-def test_a_hand_back_that_wears_the_worker_out_ends_it_before_the_next_chunk():
+def test_a_hand_back_that_wears_the_worker_out_ends_it_before_the_next_chunk(in_process):
     """run() answers an ask by holding the rest of a split chunk; a batch in there reaches
     max_batches, and the rest is dropped for the caller to re-send. The worker must end
     then: taking the next chunk would report it under the dropped items' positions."""
-    from multiprocessing import Pipe
-
-    from mpbatch import transport as tp
-    from mpbatch.inlet import Inlet
-    from mpbatch.worker import WorkerConfig, _Loop
-
-    counters = LoadCounters(1)
-    items_r, items_w = Pipe(duplex=False)
-    drain_r, drain_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    try:
-        config = WorkerConfig(fns.double, None, size=2, max_bytes=None, want_values=True,
-                              max_batches=2)
-        loop = _Loop(0, Inlet(items_r, drain_r), results_w, counters, config, None)
-        tp.write_all(items_w.fileno(), tp.chunk_frame(list("abcdef"), list(range(6)), None,
-                                                      1 << 62))
-        tp.write_all(items_w.fileno(), tp.chunk_frame(["g", "h"], [6, 7], None, 1 << 62))
-        tp.write_all(items_w.fileno(), tp.STOP_WIRE)
-        counters.set(0, ASK, 1 << 32 | 1)  # asked for one item before the first frame
-        assert loop.run() is True  # worn out: due for recycling
-        results_w.close()
-        reader, reports = tp.FrameReader(), []
-        while (frames := reader.read(results_r.fileno())) is not None:
-            reports += frames
-        heads = [tp.read_to_caller(f)[:3] for f in reports]
-        # item 0 handed back, two batches of the rest, and nothing after: items 5-7 are
-        # unreported, for the caller to re-send
-        assert heads == [(tp.RETURNED, 0, 1), (tp.FINISHED, 1, 2), (tp.FINISHED, 3, 2)]
-        assert [tp.payload_of(f, tp.TO_CALLER_SIZE)[2] for f in reports[1:]] == [[2, 4],
-                                                                                 [6, 8]]
-    finally:
-        for conn in (items_r, items_w, drain_r, drain_w, results_r, results_w):
-            conn.close()
-        counters.unlink()
+    w = in_process(size=2, max_batches=2)
+    w.chunk(list("abcdef"), list(range(6)))
+    w.chunk(["g", "h"], [6, 7])
+    w.write(tp.STOP_WIRE)
+    w.counters.set(0, ASK, 1 << 32 | 1)  # asked for one item before the first frame
+    assert w.loop.run() is True  # worn out: due for recycling
+    reports = w.reports()
+    heads = [tp.read_to_caller(f)[:3] for f in reports]
+    # item 0 handed back, two batches of the rest, and nothing after: items 5-7 are
+    # unreported, for the caller to re-send
+    assert heads == [(tp.RETURNED, 0, 1), (tp.FINISHED, 1, 2), (tp.FINISHED, 3, 2)]
+    assert [tp.payload_of(f, tp.TO_CALLER_SIZE)[2] for f in reports[1:]] == [[2, 4], [6, 8]]
