@@ -323,14 +323,18 @@ class _Loop:
         if flags & tp.FULL:  # the caller knows no more items can join this batch
             self._flush()
 
+    def _clear_held(self) -> None:
+        """Hold nothing (the items held went to do(), back to the caller, or failed)."""
+        self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
+        self.held_parts, self.held_values, self.held_want = [], [], False
+
     def _fail_held(self, exc: BaseException, end: int) -> None:
         """A key's hash() or == raised while items were grouped: fail every item held and
         the rest of the chunk (stream positions [held_start, end)), as if do() had raised
         on them. Were the exception to end the worker instead, the items would count as
         only queued there, and be re-sent to the next worker without end."""
         start = self.held_start
-        self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
-        self.held_parts, self.held_values, self.held_want = [], [], False
+        self._clear_held()
         self.pos = self.held_start = end
         error = failure(exc, "grouping items by key in the worker")
         self._send(tp.caller_frame(tp.FAILED, start, end - start, error), end - start)
@@ -403,8 +407,7 @@ class _Loop:
         start = self.pos - self.held_n
         given = self.held_n
         if given:
-            self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
-            self.held_parts, self.held_values, self.held_want = [], [], False
+            self._clear_held()
         from_rest = min(rest, max(0, want - given))
         self.pos += from_rest
         given += from_rest
@@ -506,9 +509,8 @@ class _Loop:
         # its values as it got them: these are they, as the chunks brought them.
         self.given_values = self.held_values if self.want_values and len(batch) == n \
             else None
-        self.held, self.held_n, self.held_bytes, self.held_start = (defaultdict(list), 0, 0,
-                                                                    self.pos)
-        self.held_parts, self.held_values, self.held_want = [], [], False
+        self._clear_held()
+        self.held_start = self.pos
         cells, base = self.cells, self.base
         if cells[base + CANCEL]:  # the caller stops: what is held is not started
             self._send(tp.caller_frame(tp.CANCELLED, start, n), n)
