@@ -62,7 +62,8 @@ class Collector(threading.Thread):
         self.recovery = Recovery(pool, counters, dispatcher, accounts, options, self.outcomes)
         self.dead_letter = self.outcomes.dead_letter
         # Work stealing (steal.py), where the options allow it: None otherwise.
-        self.stealer = Stealer(counters, pool.ready) if options.steal else None
+        self.costs = dispatcher.router.costs
+        self.stealer = Stealer(self.costs, pool.ready) if options.steal else None
         self.sleep_until_ns = 0  # when the collector wakes up next (under accounts.lock)
         self._exit = False
         self._wake_lock = threading.Lock()
@@ -329,6 +330,7 @@ class Collector(threading.Thread):
         self._partial.pop(self.pool.results[i], None)  # a cut-off report is no report
         recovery = self.recovery
         orphans = recovery.take_orphans(i, proc)
+        self.costs.forget(i)
         if self.stealer is not None:
             self.stealer.forget(i)
         if not orphans.restarted:

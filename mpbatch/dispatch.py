@@ -13,7 +13,8 @@ import zlib
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
-from .counters import CELLS, DONE, GIVEN, SENT, WORK_NS, LoadCounters
+from .costs import Costs
+from .counters import CELLS, SENT, LoadCounters
 from .errors import SerializationError, described, shown
 from .ledger import Segment, WorkerLedger
 from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame, define_frame
@@ -60,9 +61,10 @@ class Router:
     _KEY_CACHE_MAX = 65_536  # bounded: a stream of distinct keys must not grow memory
 
     def __init__(self, routing: str, counters: LoadCounters,
-                 affinity: Affinity | None = None) -> None:
+                 affinity: Affinity | None = None, costs: Costs | None = None) -> None:
         self.routing = routing
         self.counters = counters
+        self.costs = costs or Costs(counters)
         self.workers = counters.workers
         self._next = 0
         self._key_cache: dict[Hashable, int] = {}
@@ -72,14 +74,9 @@ class Router:
             self.owners = affinity.owners  # type: ignore[method-assign]
 
     def least_loaded(self) -> int:
-        """The worker with the fewest items sent but not reported; O(workers) per chunk."""
-        load = self.counters.load
-        best, best_load = 0, load(0)
-        for i in range(1, self.workers):
-            li = load(i)
-            if li < best_load:
-                best, best_load = i, li
-        return best
+        """The worker with the least queued work: items sent but not reported, times its
+        cost per item (costs.py); O(workers) per chunk."""
+        return self.costs.least()
 
     def round_robin(self) -> int:
         i = self._next
@@ -120,7 +117,7 @@ class Router:
 
 class Pacer:
     """How many more items add_many may send now: about HORIZON_NS of estimated work ahead
-    of the least-loaded worker, at the per-item cost the workers report (WORK_NS / DONE).
+    of the worker with the least queued work, at its cost per item (costs.py).
 
     Sending further ahead only moves items from the caller's iterator into a worker's
     queue, where they can no longer go to whichever worker frees up first: a run of costly
@@ -129,41 +126,25 @@ class Pacer:
     then spans more than the default buffer); at 100 us it is 200 items per worker.
     """
 
-    def __init__(self, counters: LoadCounters, size: int, first: int) -> None:
-        self.counters = counters
+    def __init__(self, costs: Costs, size: int, first: int) -> None:
+        self.costs = costs
         self.floor = size + size // 2  # one batch in do() and half of the next behind it
         # Items per worker before any cost is known: at least a full batch, or the first one
         # would wait for interval to run.
         self.first = max(first, self.floor)
-        self.cost = 0.0  # ns per item, smoothed over recent batches; 0: not known yet
-        self._seen = [(0, 0)] * counters.workers  # (items run, work_ns) per worker, last read
+
+    @property
+    def cost(self) -> float:
+        """ns per item over all workers, smoothed over recent batches; 0: not known yet."""
+        return self.costs.pooled
 
     def allowance(self) -> int:
         """Items the least-loaded worker may receive now (<= 0: wait for a batch to end)."""
-        cells = self.counters.cells
-        seen = self._seen
-        work = done = 0
-        least = None
-        for i, (done_was, work_was) in enumerate(seen):
-            base = CELLS * i
-            # DONE first: a worker adds WORK_NS before DONE, so a batch counted here has
-            # its time counted too. Items handed back unrun (GIVEN) cost nothing: left out.
-            d = cells[base + DONE]
-            w = cells[base + WORK_NS]
-            ran = d - cells[base + GIVEN]
-            if ran >= done_was and w >= work_was:
-                done += ran - done_was
-                work += w - work_was
-            # else: a replacement's line, reset to zero; it starts a new baseline
-            if ran != done_was:
-                seen[i] = (ran, w)
-            load = cells[base + SENT] - d
-            least = load if least is None or load < least else least
-        if done:
-            sample = work / done
-            self.cost = sample if not self.cost else (self.cost + sample) / 2
-        cap = max(self.floor, HORIZON_NS / self.cost) if self.cost else self.first
-        return int(cap) - (least or 0)
+        costs = self.costs
+        least = costs.least()
+        cost = costs.of(least)
+        cap = max(self.floor, HORIZON_NS / cost) if cost else self.first
+        return int(cap) - costs.counters.load(least)
 
 
 class Dispatcher:

@@ -15,6 +15,7 @@ import cloudpickle
 from .affinity import Affinity
 from .bulk import block_limit
 from .collector import Collector
+from .costs import Costs
 from .counters import LoadCounters
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher, Pacer, Router
@@ -87,10 +88,11 @@ class Engine:
         batch = opts.batch_items
         affinity = (Affinity(counters, batch, opts.spill_after)  # type: ignore[arg-type]
                     if opts.routing == "affinity" else None)
-        self.router = Router(opts.routing, counters, affinity)
+        costs = Costs(counters)  # cost per item on each worker: routing, pacing, stealing
+        self.router = Router(opts.routing, counters, affinity, costs)
         # add_many's blocks go to the least-loaded worker (or to keys' homes, which move
         # by queued work): pace them by work, not count.
-        self.pacer = (Pacer(counters, batch, 2 * block_limit(batch))
+        self.pacer = (Pacer(costs, batch, 2 * block_limit(batch))
                       if opts.routing in ("least-loaded", "affinity") else None)
         self.dispatcher = Dispatcher(pool, counters, self.router)
         intake.attach(pool.workers, self.router, self.dispatcher)

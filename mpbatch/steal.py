@@ -7,8 +7,8 @@ calls ``Stealer.consider()``, which looks for such a pair:
 
 - a thief: a started worker with nothing queued behind the batch it runs, if any;
 - a victim: the worker with the most queued, unstarted work, estimated as its queued items
-  times its recent cost per item (work_ns / items run, over its last reports), if that
-  is at least STEAL_MIN_NS and an item costs at least ITEM_MIN_NS.
+  times its recent cost per item (costs.py), if that is at least STEAL_MIN_NS and an item
+  costs at least ITEM_MIN_NS.
 
 It asks the victim for half of its queued items by writing the victim's ``ask`` cell
 (counters.py). The victim answers between two batches with a RETURNED report naming the
@@ -27,21 +27,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .counters import (
-    ASK,
-    ASK_ITEMS,
-    B_END,
-    B_START,
-    BUSY_NS,
-    CELLS,
-    DONE,
-    GIVEN,
-    SENT,
-    WORK_NS,
-)
+from .counters import ASK, ASK_ITEMS, B_END, B_START, BUSY_NS, CELLS, DONE, SENT
 
 if TYPE_CHECKING:
-    from .counters import LoadCounters
+    from .costs import Costs
 
 STEAL_MIN_NS = 40_000_000  # queued work a victim keeps without being asked (2x the Pacer's
 # horizon: add_many's own queues never reach it, so only a misjudged run of costly items does)
@@ -52,24 +41,25 @@ SEQ_MASK = 0x7FFFFFFF  # ask numbers wrap here: ``seq << 32`` stays a positive i
 class Stealer:
     """When to ask which worker to hand work back; every method runs on the collector."""
 
-    def __init__(self, counters: LoadCounters, ready: list[bool]) -> None:
-        self.counters = counters
+    def __init__(self, costs: Costs, ready: list[bool]) -> None:
+        self.costs = costs
+        self.counters = counters = costs.counters
         self.workers = counters.workers
         self.ready = ready  # the pool's: READY seen from worker i's incarnation
         self.asking = [False] * self.workers  # an ask of worker i awaits its RETURNED
         self.seq = [0] * self.workers
-        self.cost = [0.0] * self.workers  # ns per item, recent; 0.0: not known yet
-        self._seen = [(0, 0)] * self.workers  # (done, work_ns) at the last look
         self.asks = 0  # requests written (tests and benchmarks read it)
 
     def consider(self) -> None:
         """Ask a victim for half its queued items if a thief is running dry (see module)."""
         cells = self.counters.cells
+        self.costs.update()
+        cost_of = self.costs.per_worker  # its own: a worker with no batch run is no victim
         thief = False
         victim, most = -1, float(STEAL_MIN_NS)
         for i in range(self.workers):
             base = CELLS * i
-            cost = self._cost(i, cells[base + DONE] - cells[base + GIVEN], cells[base + WORK_NS])
+            cost = cost_of[i]
             queued = self._queued(cells, base)
             if queued <= 0:
                 thief = thief or self.ready[i]
@@ -84,18 +74,6 @@ class Stealer:
         reads of another process's cells: a hint, which is all routing needs)."""
         inside = cells[base + B_END] - cells[base + B_START] if cells[base + BUSY_NS] else 0
         return cells[base + SENT] - cells[base + DONE] - max(0, inside)
-
-    def _cost(self, i: int, done: int, work: int) -> float:
-        """Worker i's cost per item (``done``: items it ran), smoothed over the batches
-        since the last look."""
-        done_was, work_was = self._seen[i]
-        if done > done_was and work >= work_was:
-            sample = (work - work_was) / (done - done_was)
-            self.cost[i] = sample if not self.cost[i] else (self.cost[i] + sample) / 2
-            self._seen[i] = (done, work)
-        elif done < done_was:  # a replacement's line, zeroed: a new baseline
-            self._seen[i] = (done, work)
-        return self.cost[i]
 
     def _ask(self, i: int, items: int) -> None:
         if items < 1:
@@ -113,5 +91,3 @@ class Stealer:
     def forget(self, i: int) -> None:
         """Worker i died: its ask dies with it (its line is zeroed for the replacement)."""
         self.asking[i] = False
-        self._seen[i] = (0, 0)
-        self.cost[i] = 0.0

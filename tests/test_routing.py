@@ -8,7 +8,8 @@ import threading
 import pytest
 
 import mpbatch
-from mpbatch.counters import DONE, SENT, WORK_NS, LoadCounters
+from mpbatch.costs import Costs
+from mpbatch.counters import DONE, GIVEN, SENT, WORK_NS, LoadCounters
 from mpbatch.dispatch import Pacer, Router, key_hash
 from tests import fns
 
@@ -105,7 +106,7 @@ def test_round_robin_add_many_is_not_paced(batcher_factory):
 def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
     counters = LoadCounters(2)
     try:
-        pacer = Pacer(counters, size=10, first=64)
+        pacer = Pacer(Costs(counters), size=10, first=64)
         assert pacer.allowance() == 64  # nothing finished yet: the first allowance
         counters.set(0, SENT, 30)
         counters.set(1, SENT, 20)
@@ -126,6 +127,68 @@ def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
                 break
         else:
             pytest.fail(f"still held back after 16 cheap batches (cost {pacer.cost:.0f} ns)")
+    finally:
+        counters.unlink()
+
+
+def test_least_loaded_weighs_queued_items_by_each_workers_measured_cost():
+    counters = LoadCounters(2)
+    try:
+        router = Router("least-loaded", counters)
+        counters.set(0, SENT, 10)
+        counters.set(1, SENT, 30)
+        assert router.least_loaded() == 0  # no cost known yet: fewest items
+        counters.set(0, WORK_NS, 5 * 2_000_000)  # worker 0: 5 items run at 2 ms each,
+        counters.set(0, DONE, 5)  # 5 queued: 10 ms of work
+        counters.set(1, WORK_NS, 5 * 100_000)  # worker 1: 100 us each, 25 queued: 2.5 ms
+        counters.set(1, DONE, 5)
+        assert router.least_loaded() == 1  # more items, less work
+        counters.set(1, SENT, 5 + 120)  # 120 queued: 12 ms against 10
+        assert router.least_loaded() == 0
+        counters.reset(0)  # a respawned worker: its cost is unknown, the pooled one stands in
+        counters.set(0, SENT, 100)
+        assert router.least_loaded() == 1  # 100 items at the pooled ~1 ms against 12 ms
+        assert router.costs.per_worker[0] == 0 and router.costs.of(0) == router.costs.pooled
+    finally:
+        counters.unlink()
+
+
+def test_costs_take_no_sample_while_given_and_done_disagree():
+    # A worker that hands items back adds GIVEN, then DONE: a look between the two sees
+    # fewer items run than before. That is no sample and no new baseline (a new baseline
+    # there made the next sample count the handed-back items as run, at no cost).
+    counters = LoadCounters(1)
+    try:
+        costs = Costs(counters)
+        counters.set(0, DONE, 10)
+        counters.set(0, WORK_NS, 10 * 1_000_000)
+        costs.update()
+        assert costs.of(0) == 1_000_000
+        counters.set(0, GIVEN, 50)  # the hand-back, DONE not yet raised
+        costs.update()
+        counters.set(0, DONE, 60)
+        costs.update()
+        assert costs.of(0) == 1_000_000
+        counters.set(0, DONE, 70)  # 10 more run, at 3 ms each
+        counters.set(0, WORK_NS, 10 * 1_000_000 + 10 * 3_000_000)
+        costs.update()
+        assert costs.of(0) == 2_000_000  # smoothed: (1 ms + 3 ms) / 2
+    finally:
+        counters.unlink()
+
+
+def test_pacer_sends_ahead_of_the_least_worked_worker_at_its_own_cost():
+    counters = LoadCounters(2)
+    try:
+        pacer = Pacer(Costs(counters), size=10, first=64)
+        for i, cost in ((0, 4_000_000), (1, 100_000)):  # 4 ms and 100 us per item
+            counters.set(i, WORK_NS, 10 * cost)
+            counters.set(i, DONE, 10)
+            counters.set(i, SENT, 10)
+        # Both idle: worker 0 (the first of equals) at 4 ms: a batch and a half.
+        assert pacer.allowance() == 15
+        counters.set(0, SENT, 10 + 3)  # 12 ms queued on worker 0: worker 1 is least
+        assert pacer.allowance() == 200  # 20 ms at 100 us
     finally:
         counters.unlink()
 

@@ -8,6 +8,7 @@ import pytest
 
 import mpbatch
 from mpbatch import transport as tp
+from mpbatch.costs import Costs
 from mpbatch.counters import (
     ASK,
     ASK_ITEMS,
@@ -161,7 +162,7 @@ def _line(counters, i, sent, done, work_ns, inside=0):
 def test_stealer_asks_the_busiest_worker_for_half_its_queue_once():
     counters = LoadCounters(3)
     try:
-        stealer = Stealer(counters, [True, True, True])
+        stealer = Stealer(Costs(counters), [True, True, True])
         _line(counters, 0, 10, 10, 10 * 1_000_000)  # dry
         _line(counters, 1, 100, 5, 5 * 1_000_000, inside=5)  # 90 queued at 1 ms
         _line(counters, 2, 60, 10, 10 * 1_000_000)  # 50 queued at 1 ms
@@ -181,7 +182,7 @@ def test_stealer_asks_the_busiest_worker_for_half_its_queue_once():
 def test_stealer_leaves_cheap_items_and_short_queues_alone():
     counters = LoadCounters(2)
     try:
-        stealer = Stealer(counters, [True, True])
+        stealer = Stealer(Costs(counters), [True, True])
         cheap = ITEM_MIN_NS // 2
         _line(counters, 0, 10, 10, 10 * cheap)
         _line(counters, 1, 100_010, 10, 10 * cheap)  # a long queue of cheap items
@@ -190,7 +191,7 @@ def test_stealer_leaves_cheap_items_and_short_queues_alone():
         _line(counters, 1, 20, 10, 10 * 1_000_000)  # 10 items at 1 ms: 10 ms, too little
         stealer.consider()
         assert counters.get(1, ASK) == 0
-        stealer = Stealer(counters, [False, True])  # the dry worker is still starting
+        stealer = Stealer(Costs(counters), [False, True])  # the dry worker is still starting
         _line(counters, 1, 1010, 10, 10 * 1_000_000)
         stealer.consider()
         assert counters.get(1, ASK) == 0
