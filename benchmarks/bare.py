@@ -10,7 +10,10 @@ prepares the next one. Two of them:
 - ``bare-keyed``: mpbatch's shape without its guarantees. The caller splits (key, value)
   pairs into two columns, the worker groups them by key and calls the workload's ``do(batch)``
   once per chunk, and sends the batch's values back with the results, so the caller can make
-  the same per-key call mpbatch's ``on_result(key, values, results)`` gets.
+  the same per-key call mpbatch's ``on_result(key, values, results)`` gets (on DK, the one
+  call per chunk that ``on_batch(batch, results)`` gets). When every key of a chunk holds
+  one item (DK), only the results go back, and the caller rebuilds the batch from the chunk
+  it kept, as mpbatch does: the floor is then the cost of keyed batches with distinct keys.
 
 What they score on a workload is the ceiling a library works under on this machine, with and
 without keys. Their ratios are taken against the best peer like everyone's, but they are not
@@ -65,7 +68,10 @@ def _serve_keyed(do, items, results):
             else:
                 group.append(value)
         out = do(batch)
-        send(dumps((batch, [out[key] for key in batch]), pickle.HIGHEST_PROTOCOL))
+        if len(batch) == len(keys):  # one item per key: the caller has the batch already
+            send(dumps((None, [out[key] for key in keys]), pickle.HIGHEST_PROTOCOL))
+        else:
+            send(dumps((batch, [out[key] for key in batch]), pickle.HIGHEST_PROTOCOL))
 
 
 class PipePool:
@@ -175,13 +181,16 @@ def _columns(pairs, n):
     return (keys, values) if keys else None
 
 
-def _stream(job, serve, function, chunks, on_results):
+def _stream(job, serve, function, chunks, on_results, sent=None):
+    """``sent(w, chunk)``: told of each chunk written to worker w, in order."""
     pool = PipePool(job, serve, function, on_results)
     try:
         for chunk in chunks:
             while (w := pool.least_busy(DEPTH)) is None:
                 pool.pump(None)
             pool.send(w, chunk)
+            if sent is not None:
+                sent(w, chunk)
         pool.finish()
     except BaseException:
         pool.abort()
@@ -202,15 +211,23 @@ def bare_stream(job):
 
 def bare_keyed_stream(job):
     tally = Tally()
+    waiting = [deque() for _ in range(job.workers)]  # chunks sent to each worker, in order
 
-    def on_results(_, answer):
+    def on_results(w, answer):
+        keys, values = waiting[w].popleft()
         batch, grouped = answer
+        if batch is None:  # one item per key: rebuilt from the chunk kept here, in C
+            batch = dict(zip(keys, map(list, zip(values)), strict=True))
+        if job.workload.on_batch:  # the call mpbatch's add_many gets there: one per chunk
+            tally.on_batch(batch, dict(zip(batch, grouped, strict=True)))
+            return
         for (key, values), results in zip(batch.items(), grouped, strict=True):
             tally.on_result(key, values, results)  # the call mpbatch's contenders get
 
     pairs = job.pairs()
     chunks = iter(lambda: _columns(pairs, job.chunk), None)
-    _stream(job, _serve_keyed, job.workload.do, chunks, on_results)
+    _stream(job, _serve_keyed, job.workload.do, chunks, on_results,
+            lambda w, chunk: waiting[w].append(chunk))
     return tally.outcome()
 
 

@@ -1,6 +1,6 @@
 """Contenders: one workload run through each library, written the way its users write it.
 
-Each contender is a pair of small functions, one for streamed workloads (W1-W3, MEM,
+Each contender is a pair of small functions, one for streamed workloads (W1-W3, MEM, DK,
 L16K-L1M) and one for the paced latency workload (W4). Each takes a `Job` and returns
 `(count, checksum, extra)`: how many per-item results reached this (the caller) process,
 their sum, and metrics of its own. The pool is created and torn down inside the call, so
@@ -69,6 +69,13 @@ class Tally:
         results = results or ()
         self.count += len(results)
         self.total += sum(results)
+
+    def on_batch(self, batch, results):
+        """mpbatch on_batch (collector thread): one call per batch, the keys walked in C."""
+        del batch
+        results = results or {}
+        self.count += sum(map(len, results.values()))
+        self.total += sum(map(sum, results.values()))
 
     def outcome(self, **extra):
         return self.count, self.total, extra
@@ -299,11 +306,13 @@ def mpire_paced(job):
 # --- mpbatch -----------------------------------------------------------------------------------
 
 
-def _batcher(job, on_result, size, interval):
+def _batcher(job, on_result, size, interval, **extra):
+    """The Batcher of every mpbatch contender; ``extra``: on_batch=, routing=."""
     import mpbatch
 
+    if job.max_bytes is not None:
+        extra["max_bytes"] = job.max_bytes
     # size may not exceed buffer (a batch could never fill); a user raises buffer with it.
-    extra = {} if job.max_bytes is None else {"max_bytes": job.max_bytes}
     return mpbatch.Batcher(job.workload.do, size=size, interval=interval, workers=job.workers,
                            buffer=max(10_000, size), on_result=on_result,
                            start_method=job.start_method, **extra)
@@ -329,11 +338,22 @@ def mpbatch_add_stream(job):
     return tally.outcome(stats=_stats(b))
 
 
-def mpbatch_add_many_stream(job):
+def mpbatch_add_many_stream(job, **extra):
+    """add_many; on a workload with ``on_batch`` (DK) results come through on_batch, one
+    call per batch, the bulk delivery a user picks when keys are many."""
     tally = Tally()
-    with _batcher(job, tally.on_result, job.chunk, MPBATCH_INTERVAL) as b:
+    if job.workload.on_batch:
+        callbacks = {"on_result": None, "on_batch": tally.on_batch}
+    else:
+        callbacks = {"on_result": tally.on_result}
+    with _batcher(job, size=job.chunk, interval=MPBATCH_INTERVAL, **callbacks, **extra) as b:
         accepted = b.add_many(job.pairs())
     return tally.outcome(stats=_stats(b), add_many_returned=accepted)
+
+
+def mpbatch_add_many_key_stream(job):
+    """The same with routing="key": a key's items always go to one worker."""
+    return mpbatch_add_many_stream(job, routing="key")
 
 
 def mpbatch_submit_stream(job):
@@ -431,6 +451,8 @@ CONTENDERS = {
     "mpbatch-add": ("mpbatch", mpbatch_add_stream, mpbatch_add_paced),
     "mpbatch-add_many": ("mpbatch", mpbatch_add_many_stream, mpbatch_add_many_paced),
     "mpbatch-submit": ("mpbatch", mpbatch_submit_stream, mpbatch_submit_paced),
+    # Streamed only; run.py runs it on DK alone unless --only names it.
+    "mpbatch-add_many-key": ("mpbatch", mpbatch_add_many_key_stream, None),
 }
 
 
@@ -449,6 +471,7 @@ LIBRARIES = {
     "mpbatch-add": ("mpbatch", "mpbatch.batcher"),
     "mpbatch-add_many": ("mpbatch", "mpbatch.batcher"),
     "mpbatch-submit": ("mpbatch", "mpbatch.batcher"),
+    "mpbatch-add_many-key": ("mpbatch", "mpbatch.batcher"),
 }
 
 
@@ -457,9 +480,12 @@ def kind(name):
 
 
 def applies(name, workload):
-    """Whether contender `name` can run `workload`: the pipe floor moves bytes values only."""
+    """Whether contender `name` can run `workload`: the pipe floor moves bytes values only,
+    and a contender without a paced form sits out W4."""
+    if workload.paced and CONTENDERS[name][2] is None:
+        return False
     if name == "pipe-floor":
-        return bool(workload.value_bytes) and not workload.paced
+        return bool(workload.value_bytes)
     return True
 
 

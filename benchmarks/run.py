@@ -1,10 +1,11 @@
-"""Benchmark driver: mpbatch against the serial loop and its peers, on W1-W4, MEM and L16K-L1M.
+"""Benchmark driver: mpbatch against the serial loop and its peers, on W1-W4, MEM, DK and L16K-L1M.
 
     python benchmarks/run.py                        # every workload, 3 repeats, chunk sweep
     python benchmarks/run.py --smoke                # every workload and contender, tiny (CI)
     python benchmarks/run.py --workloads W1,W2 --repeats 5 --only pool,mpbatch-add_many
     python benchmarks/run.py --workloads MEM --big  # adds MEM10M: 10M items through add_many
     python benchmarks/run.py --workloads L16K,L64K,L1M  # large bytes values, MB/s
+    python benchmarks/run.py --workloads DK         # 1M items, each with a key of its own
 
 Every measured run is a fresh child process (this file with --child): no run inherits a warm
 pool, a grown heap or imports from the one before. The child times the contender, cold start
@@ -57,6 +58,13 @@ MEM_CONTENDERS = ("serial", "pool", "ppe", "joblib", "mpire", "bare", "bare-keye
 # PPE.map turns the whole stream into futures up front: 10M of them would need gigabytes.
 MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "bare", "bare-keyed",
                      "mpbatch-add_many")
+# DK: W1's items with a key each. joblib sits out: its W1 (~0.1x Pool, loky's fresh
+# interpreters) says nothing new here, since the peers never see keys. add_many delivers
+# through on_batch, and routing="key" is measured here only.
+DK_CONTENDERS = ("serial", "pool", "ppe", "mpire", "bare", "bare-keyed", "mpbatch-add",
+                 "mpbatch-add_many", "mpbatch-add_many-key")
+# Everywhere else: every contender but those meant for DK alone (--only still runs them).
+OTHER_CONTENDERS = tuple(n for n in contenders.CONTENDERS if n != "mpbatch-add_many-key")
 
 # workload -> [(metric, label, higher is better)]; the first one is the headline score.
 SCORES = {
@@ -66,9 +74,15 @@ SCORES = {
     "W4": [("p99_ms", "p99 ms", False), ("p50_ms", "p50 ms", False)],
     "MEM": [("peak_pss_mb", "peak PSS MB", False)],
     "MEM10M": [("peak_pss_mb", "peak PSS MB", False)],
+    "DK": [("items_per_s", "items/s", True)],
     **{name: [("mb_per_s", "MB/s", True)] for name in workloads.LARGE},
 }
-DEFAULT_WORKLOADS = ["W1", "W2", "W3", "W4", "MEM", *workloads.LARGE]
+DEFAULT_WORKLOADS = ["W1", "W2", "W3", "W4", "MEM", "DK", *workloads.LARGE]
+# workload -> the contender its targets are stated against: its table also divides each
+# row's headline score by that contender's (next to the ratio to the best peer)
+AGAINST = {"DK": "pool"}
+# workloads whose table also shows how much the caller's own RSS grew during the run
+CALLER_RSS = ("DK",)
 
 
 # --- the child: one measured run ----------------------------------------------------------------
@@ -81,6 +95,7 @@ def child_main(spec):
                          spec["start_method"], spec.get("keys"), spec.get("max_bytes"))
     out = {}
     contenders.preload(spec["contender"])
+    rss = psutil.Process().memory_info().rss
     start, cpu = time.perf_counter(), time.process_time()
     try:
         count, checksum, extra = contenders.run(spec["contender"], job)
@@ -92,6 +107,11 @@ def child_main(spec):
     # The caller's own CPU (all its threads, not its workers): what the stream costs the
     # program that feeds it, whatever the number of workers.
     out["caller_cpu"] = time.process_time() - cpu
+    # The caller's own memory, apart from its workers': RSS when the clock started and the
+    # peak RSS of its life (Linux: ru_maxrss in KiB). Their difference is what the run added
+    # to the caller, at most (a peak reached before the clock, while importing, counts too).
+    out["caller_rss_start"] = rss
+    out["caller_rss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(RESULT_TAG + json.dumps(out, default=repr), flush=True)
 
 
@@ -400,6 +420,9 @@ def summarize(args, w, names, records):
             row["mb_per_s"] = w.n * w.value_bytes / MB / statistics.median(walls)
         if ok[0]["peak_pss"] is not None:  # W4 does not sample memory
             row["peak_pss_mb"] = statistics.median(r["peak_pss"] for r in ok) / MB
+        if "caller_rss_peak" in ok[0]:
+            row["caller_rss_growth_mb"] = statistics.median(
+                r["caller_rss_peak"] - r["caller_rss_start"] for r in ok) / MB
         for key in ("p50_ms", "p99_ms"):
             if key in ok[0].get("extra", {}):
                 row[key] = statistics.median(r["extra"][key] for r in ok)
@@ -414,6 +437,7 @@ def summarize(args, w, names, records):
             row["efficiency"] = ideal / row["wall_s"]
             row["wall_over_ideal"] = row["wall_s"] / ideal
     add_ratios(rows, SCORES[w.name] + [("peak_pss_mb", "peak PSS MB", False)])
+    against_ratio(rows, SCORES[w.name][0][0], AGAINST.get(w.name))
     return {"serial_compute_s": serial, "serial_estimated": estimated, "ideal_s": ideal,
             "rows": rows}
 
@@ -430,6 +454,16 @@ def add_ratios(rows, metrics):
                 row[metric + "_ratio"] = row[metric] / best
 
 
+def against_ratio(rows, metric, name):
+    """row[metric + '_vs_' + name] = the row's median over contender `name`'s."""
+    bar = rows.get(name, {}).get(metric)
+    if not bar:
+        return
+    for row in rows.values():
+        if metric in row:
+            row[f"{metric}_vs_{name}"] = row[metric] / bar
+
+
 def fmt_value(metric, value):
     if metric in ("items_per_s", "mb_per_s"):
         return f"{value:,.0f}"
@@ -440,9 +474,14 @@ def workload_table(w, summary):
     """Markdown: one row per contender, every score with its ratio to the best peer."""
     metrics = SCORES[w.name] + ([] if w.name.startswith("MEM") else
                                 [("peak_pss_mb", "peak PSS MB", False)])
+    against = AGAINST.get(w.name)
     head = ["contender", "chunk", "wall s"]
-    for _, label, higher in metrics:
+    for i, (_, label, higher) in enumerate(metrics):
         head += [label, f"÷ best peer ({'higher' if higher else 'lower'} is better)"]
+        if i == 0 and against:
+            head.append(f"÷ {against}")
+    if w.name in CALLER_RSS:
+        head.append("caller RSS growth MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary["rows"].items():
         if "wall_s" not in row:
@@ -450,10 +489,16 @@ def workload_table(w, summary):
             lines.append("| " + " | ".join(cells + [""] * (len(head) - 3)) + " |")
             continue
         cells = [name, str(row["chunk"] or "-"), f"{row['wall_s']:.2f}"]
-        for metric, _, _ in metrics:
+        for i, (metric, _, _) in enumerate(metrics):
             cells.append(fmt_value(metric, row[metric]) if metric in row else "-")
             ratio = row.get(metric + "_ratio")
             cells.append(f"{ratio:.2f}" if ratio is not None else "-")
+            if i == 0 and against:
+                ratio = row.get(f"{metric}_vs_{against}")
+                cells.append(f"{ratio:.2f}" if ratio is not None else "-")
+        if w.name in CALLER_RSS:
+            growth = row.get("caller_rss_growth_mb")
+            cells.append(f"{growth:.1f}" if growth is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -631,15 +676,16 @@ def plan(args, table, log):
     strangers = [n for n in args.only or () if n not in contenders.CONTENDERS]
     if strangers:
         sys.exit(f"unknown contender(s) {strangers}; known: {list(contenders.CONTENDERS)}")
-    defaults = {"MEM": MEM_CONTENDERS, "MEM10M": MEM10M_CONTENDERS}
+    defaults = {"MEM": MEM_CONTENDERS, "MEM10M": MEM10M_CONTENDERS, "DK": DK_CONTENDERS}
     broken = mpbatch_importable(args)
     if broken and not args.only:
         log(f"mpbatch is not importable ({broken}); running without it")
     out = []
     for name in chosen:
-        names = args.only or [n for n in defaults.get(name, contenders.CONTENDERS)
+        names = args.only or [n for n in defaults.get(name, OTHER_CONTENDERS)
                               if not (broken and contenders.kind(n) == "mpbatch")]
-        # The pipe floor moves bytes values only: it sits out W1-W4 and MEM.
+        # The pipe floor moves bytes values only: it sits out W1-W4, MEM and DK; a contender
+        # with no paced form sits out W4.
         out.append((table[name], [n for n in names if contenders.applies(n, table[name])]))
     return out
 

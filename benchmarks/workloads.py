@@ -7,7 +7,8 @@ no contender gets a pre-built list the others do not.
 Items are `(key, value)` pairs. mpbatch receives both; the peers, which have no notion of a
 key, receive the values only. W2-W4 values are `(i, rounds)` tuples: the hashing cost travels
 with the item, so the same `spin` does identical work in every contender. L16K, L64K and L1M
-values are `bytes` of that size, and each result is the value's crc32.
+values are `bytes` of that size, and each result is the value's crc32. DK is W1 with a key of
+its own for every item.
 """
 
 import functools
@@ -86,6 +87,17 @@ def overhead_items(n, rounds, keys=KEYS):
     del rounds
     for i in range(n):
         yield f"k{i % keys}", i
+
+
+def distinct_items(n, rounds):
+    """DK: key f"k{i}", value i: every key distinct, so every batch is one item per key.
+
+    W1's values and work; only the keys differ (a name of its own also keeps the sweep from
+    reusing W1's choices).
+    """
+    del rounds
+    for i in range(n):
+        yield f"k{i}", i
 
 
 def cpu_items(n, rounds):
@@ -194,7 +206,7 @@ def calibrate(target=UNIT_SECONDS, duration=1.0):
 class Workload:
     """One benchmark: its items, its work, its size and how its result is scored."""
 
-    name: str  # "W1" .. "W4", "MEM", "MEM10M", "L16K", "L64K", "L1M"
+    name: str  # "W1" .. "W4", "MEM", "MEM10M", "DK", "L16K", "L64K", "L1M"
     title: str
     n: int  # items in a measured run
     items: Callable[[int, int], Iterator[tuple[str, object]]]  # (n, rounds) -> pairs
@@ -207,6 +219,9 @@ class Workload:
     sweep_n: int = 0  # items in a sweep run (0: no sweep)
     value_bytes: int = 0  # L16K-L1M: bytes per value (the score is MB/s of values)
     check: Callable[[int], tuple[int, int]] = expected  # n -> (count, checksum) expected
+    # mpbatch's add_many contenders (and the keyed floor) take results through on_batch, one
+    # call per batch, instead of on_result, one call per key (DK: a million keys)
+    on_batch: bool = False
 
 
 def workloads(smoke=False, big=False):
@@ -225,6 +240,9 @@ def workloads(smoke=False, big=False):
         Workload("W4", "latency: 1000 items/s, 100 us each", 2000, cpu_items, spin, do_spin,
                  units_per_item=1, paced=True),
         Workload("MEM", "memory: a 1M-item generator", 1_000_000, **overhead),
+        Workload("DK", "distinct keys: 1M trivial items, 1M keys", 1_000_000,
+                 **{**overhead, "items": distinct_items, "sizes": (1000, 2000, 5000)},
+                 on_batch=True),
     ]
     for name, size in LARGE.items():
         n = LARGE_TOTAL // size
