@@ -11,9 +11,10 @@ prepares the next one. Two of them:
   pairs into two columns, the worker groups them by key and calls the workload's ``do(batch)``
   once per chunk, and sends the batch's values back with the results, so the caller can make
   the same per-key call mpbatch's ``on_result(key, values, results)`` gets (on DK, the one
-  call per chunk that ``on_batch(batch, results)`` gets). When every key of a chunk holds
-  one item (DK), only the results go back, and the caller rebuilds the batch from the chunk
-  it kept, as mpbatch does: the floor is then the cost of keyed batches with distinct keys.
+  call per chunk that ``on_batch(batch, results)`` gets). On a stream of distinct keys (DK)
+  the worker builds each batch in C and only the results go back; the caller rebuilds the
+  batch from the chunk it kept, as mpbatch does: the floor is then the least that keyed
+  batches of distinct keys cost (it knows the keys are distinct; mpbatch must check).
 
 What they score on a workload is the ceiling a library works under on this machine, with and
 without keys. Their ratios are taken against the best peer like everyone's, but they are not
@@ -68,10 +69,21 @@ def _serve_keyed(do, items, results):
             else:
                 group.append(value)
         out = do(batch)
-        if len(batch) == len(keys):  # one item per key: the caller has the batch already
-            send(dumps((None, [out[key] for key in keys]), pickle.HIGHEST_PROTOCOL))
-        else:
-            send(dumps((batch, [out[key] for key in batch]), pickle.HIGHEST_PROTOCOL))
+        send(dumps((batch, [out[key] for key in batch]), pickle.HIGHEST_PROTOCOL))
+
+
+def _serve_distinct(do, items, results):
+    """Worker, for a stream whose keys are all distinct (DK): each chunk's batch is built in
+    C (a one-item list per key), do(batch) runs once, and only the results go back, in the
+    chunk's order: the caller rebuilds the batch from the chunk it kept."""
+    recv, send, loads, dumps = items.recv_bytes, results.send_bytes, pickle.loads, pickle.dumps
+    while True:
+        data = recv()
+        if not data:
+            return
+        keys, values = loads(data)
+        out = do(dict(zip(keys, map(list, zip(values)), strict=True)))
+        send(dumps((None, list(map(out.__getitem__, keys))), pickle.HIGHEST_PROTOCOL))
 
 
 class PipePool:
@@ -216,7 +228,7 @@ def bare_keyed_stream(job):
     def on_results(w, answer):
         keys, values = waiting[w].popleft()
         batch, grouped = answer
-        if batch is None:  # one item per key: rebuilt from the chunk kept here, in C
+        if batch is None:  # distinct keys: rebuilt from the chunk kept here, in C
             batch = dict(zip(keys, map(list, zip(values)), strict=True))
         if job.workload.on_batch:  # the call mpbatch's add_many gets there: one per chunk
             tally.on_batch(batch, dict(zip(batch, grouped, strict=True)))
@@ -226,7 +238,8 @@ def bare_keyed_stream(job):
 
     pairs = job.pairs()
     chunks = iter(lambda: _columns(pairs, job.chunk), None)
-    _stream(job, _serve_keyed, job.workload.do, chunks, on_results,
+    serve = _serve_distinct if job.workload.distinct_keys else _serve_keyed
+    _stream(job, serve, job.workload.do, chunks, on_results,
             lambda w, chunk: waiting[w].append(chunk))
     return tally.outcome()
 

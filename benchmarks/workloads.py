@@ -222,6 +222,8 @@ class Workload:
     # mpbatch's add_many contenders (and the keyed floor) take results through on_batch, one
     # call per batch, instead of on_result, one call per key (DK: a million keys)
     on_batch: bool = False
+    distinct_keys: bool = False  # every key of the stream is distinct (DK): the keyed floor
+    # builds its batches in C then, and sends only the results back
 
 
 def workloads(smoke=False, big=False):
@@ -242,7 +244,7 @@ def workloads(smoke=False, big=False):
         Workload("MEM", "memory: a 1M-item generator", 1_000_000, **overhead),
         Workload("DK", "distinct keys: 1M trivial items, 1M keys", 1_000_000,
                  **{**overhead, "items": distinct_items, "sizes": (1000, 2000, 5000)},
-                 on_batch=True),
+                 on_batch=True, distinct_keys=True),
     ]
     for name, size in LARGE.items():
         n = LARGE_TOTAL // size
