@@ -10,12 +10,13 @@
    buffer is full (then flagged FULL: the worker runs it at once), when half of interval
    has passed (the collector's timer), or on flush()/close(); add_many (bulk.py) sends
    blocks of up to 4 batches ("key", "affinity": each block split by owner in one pass)
- dispatch (dispatch.py): pick i (least-loaded: min sent[i] - done[i] from shared memory,
-   counters.py; round-robin; key: spread crc32 of the key; affinity: its home unless it
-   has spill_after of work queued, affinity.py), record the chunk in ledger i
-   (ledger.py), sent[i] += n; add_many pulls its next block only while the least-loaded
-   worker holds under ~20 ms of work, or 1.5 batches (Pacer: work_ns / done); a Ctrl-C
-   waits until the chunk is recorded and written (interrupts.py)
+ dispatch (dispatch.py): pick i (least-loaded: least queued work, min (sent[i] - done[i])
+   x cost[i], from shared memory, counters.py, with cost[i] worker i's recent work_ns per
+   item, costs.py; round-robin; key: spread crc32 of the key; affinity: its home unless
+   it has spill_after of work queued, affinity.py), record the chunk in ledger i
+   (ledger.py), sent[i] += n; add_many pulls its next block only while that worker holds
+   under ~20 ms of work, or 1.5 batches (Pacer); a Ctrl-C waits until the chunk is
+   recorded and written (interrupts.py)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
    (transport.py; processes: lifecycle.py, zygote.py)         (inlet.py); group by key;
                                                               flush at min(size, buffer),
