@@ -52,15 +52,18 @@ def _serve(fn, items, results):
         send(dumps([fn(v) for v in loads(data)], pickle.HIGHEST_PROTOCOL))
 
 
+def _received(items):
+    """Worker: each chunk the caller sends, unpickled, until its stop (an empty message)."""
+    recv, loads = items.recv_bytes, pickle.loads
+    while data := recv():
+        yield loads(data)
+
+
 def _serve_keyed(do, items, results):
     """Worker: group each chunk of (keys, values) by key, run do(batch) once, and send back
     (batch, one list of results per key, in the batch's key order)."""
-    recv, send, loads, dumps = items.recv_bytes, results.send_bytes, pickle.loads, pickle.dumps
-    while True:
-        data = recv()
-        if not data:
-            return
-        keys, values = loads(data)
+    send, dumps = results.send_bytes, pickle.dumps
+    for keys, values in _received(items):
         batch = {}
         for key, value in zip(keys, values, strict=True):
             group = batch.get(key)
@@ -76,12 +79,8 @@ def _serve_distinct(do, items, results):
     """Worker, for a stream whose keys are all distinct (DK): each chunk's batch is built in
     C (a one-item list per key), do(batch) runs once, and only the results go back, in the
     chunk's order: the caller rebuilds the batch from the chunk it kept."""
-    recv, send, loads, dumps = items.recv_bytes, results.send_bytes, pickle.loads, pickle.dumps
-    while True:
-        data = recv()
-        if not data:
-            return
-        keys, values = loads(data)
+    send, dumps = results.send_bytes, pickle.dumps
+    for keys, values in _received(items):
         out = do(dict(zip(keys, map(list, zip(values)), strict=True)))
         send(dumps((None, list(map(out.__getitem__, keys))), pickle.HIGHEST_PROTOCOL))
 
