@@ -1,34 +1,40 @@
 """What an item costs on each worker, as its batches show it (caller process).
 
-A worker adds the time each batch took to its WORK_NS cell, then the batch's items to DONE,
-and items it handed back unrun to GIVEN (counters.py). ``Costs.update()`` folds what changed
-since its last look into a smoothed cost per item for each worker and one over all of
-them. Three readers weigh queued items by it:
+After each batch a worker adds the time it took to its WORK_NS cell, then its items to DONE;
+items it hands back unrun go to GIVEN, also before DONE (counters.py). ``Costs.update()``
+folds what changed since its last look into a cost per item for each worker and one over
+all of them. Three readers use them:
 
 - routing (dispatch.Router.least_loaded): a chunk goes to the worker with the least queued
   *work*, its queued items times its cost per item, not the fewest queued items: a worker
   whose queue is a run of costly items (hot keys) looks as busy as it is;
-- add_many's pacing (dispatch.Pacer): about HORIZON_NS of work ahead of that worker;
+- add_many's pacing (dispatch.Pacer): about HORIZON_NS of work per worker, at the pooled
+  cost;
 - work stealing (steal.Stealer): the victim is the worker with the most queued work.
 
 A worker's cost is what its recent batches cost, so it describes what it has queued as far
-as the stream is clustered (the queue was filled at the same time). Reads of another
-process's cells are racy: a hint, which is all routing needs. One instance is shared by
-the caller's threads and the collector: a sample lost to a race only delays the estimate.
+as the stream is clustered (the queue was filled at the same time). A batch still running
+is a lower bound: once it has taken longer than the estimate says, its items cost at least
+that much, so a worker stuck in a long ``do()`` does not keep looking cheap.
+
+Reads of another process's cells are racy: a hint, which is all routing needs. One instance
+is shared by the caller's threads and the collector: a sample lost to a race only delays
+the estimate.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
-from .counters import CELLS, DONE, GIVEN, SENT, WORK_NS
+from .counters import B_END, B_START, BUSY_NS, CELLS, DONE, GIVEN, SENT, WORK_NS
 
 if TYPE_CHECKING:
     from .counters import LoadCounters
 
 
 class Costs:
-    """Smoothed ns per item, per worker (``of(i)``) and over all workers (``pooled``)."""
+    """ns per item, per worker (``of(i)``) and over all workers (``pooled``)."""
 
     def __init__(self, counters: LoadCounters) -> None:
         self.counters = counters
@@ -37,15 +43,19 @@ class Costs:
         self.pooled = 0.0  # 0.0: nothing run yet by any worker
         # (done, run, work_ns) at the last sample taken from each worker; run = done - given
         self._seen = [(0, 0, 0)] * self.workers
+        # (work_ns, items) behind each worker's cost, halved at every sample: a sample
+        # weighs as many items as it saw, so a batch of a few items (a flush, the tail of
+        # a stream), whose fixed cost per batch falls on those few, barely moves it
+        self._recent = [(0.0, 0.0)] * self.workers
 
     def update(self) -> None:
         """Fold the batches every worker finished since the last look into the estimates.
 
-        Each batch is one sample for its worker; the pooled cost takes one sample per look
-        (all workers' new time over all their new items), so a look that saw no batch end
-        changes nothing.
+        A look that saw any batch of a worker end is one sample for that worker, weighed by
+        its items; the pooled cost takes one sample per look (all workers' new time over
+        all their new items), so a look that saw no batch end changes nothing.
         """
-        cells, seen, per_worker = self.counters.cells, self._seen, self.per_worker
+        cells, seen, recent = self.counters.cells, self._seen, self._recent
         work = ran = 0
         for i in range(self.workers):
             base = CELLS * i
@@ -56,11 +66,11 @@ class Costs:
             w = cells[base + WORK_NS]
             d_was, r_was, w_was = seen[i]
             if d < d_was:  # a replacement's line, zeroed: a new baseline, a new cost
-                seen[i] = (d, r, w)
-                per_worker[i] = 0.0
+                self.forget(i, seen=(d, r, w))
             elif r > r_was and w > w_was:
-                sample = (w - w_was) / (r - r_was)
-                per_worker[i] = sample if not per_worker[i] else (per_worker[i] + sample) / 2
+                kept_w, kept_r = recent[i]
+                recent[i] = kept = (kept_w / 2 + (w - w_was), kept_r / 2 + (r - r_was))
+                self.per_worker[i] = kept[0] / kept[1]
                 seen[i] = (d, r, w)
                 ran += r - r_was
                 work += w - w_was
@@ -74,10 +84,11 @@ class Costs:
         """Worker i's cost per item; the pooled one while its own is unknown (0.0: none)."""
         return self.per_worker[i] or self.pooled
 
-    def forget(self, i: int) -> None:
+    def forget(self, i: int, seen: tuple[int, int, int] = (0, 0, 0)) -> None:
         """Worker i died: its replacement's cost is not known yet."""
         self.per_worker[i] = 0.0
-        self._seen[i] = (0, 0, 0)
+        self._recent[i] = (0.0, 0.0)
+        self._seen[i] = seen
 
     def least(self) -> int:
         """The worker with the least queued work (the lowest index of equals), with the
@@ -85,10 +96,17 @@ class Costs:
         cost per item (items alone while no cost is known); O(workers)."""
         self.update()
         cells, per_worker, pooled = self.counters.cells, self.per_worker, self.pooled or 1.0
+        now = time.monotonic_ns()
         best, best_work = 0, 0.0
         for i in range(self.workers):
             base = CELLS * i
-            work = (cells[base + SENT] - cells[base + DONE]) * (per_worker[i] or pooled)
+            cost = per_worker[i] or pooled
+            began = cells[base + BUSY_NS]
+            if began:  # the batch in do() so far: its items cost at least this much each
+                inside = cells[base + B_END] - cells[base + B_START]
+                if inside > 0 and now - began > cost * inside:
+                    cost = (now - began) / inside
+            work = (cells[base + SENT] - cells[base + DONE]) * cost
             if i == 0 or work < best_work:
                 best, best_work = i, work
         return best

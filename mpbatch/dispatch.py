@@ -117,13 +117,18 @@ class Router:
 
 class Pacer:
     """How many more items add_many may send now: about HORIZON_NS of estimated work ahead
-    of the worker with the least queued work, at its cost per item (costs.py).
+    of the least-loaded worker (by queued items), at the cost per item the workers report,
+    pooled over all of them (costs.py).
 
     Sending further ahead only moves items from the caller's iterator into a worker's
     queue, where they can no longer go to whichever worker frees up first: a run of costly
     items arriving late (hot keys) would be split by item count, and one worker would
     finish long after the other. Items of ~2 us or less are not held back (the horizon
     then spans more than the default buffer); at 100 us it is 200 items per worker.
+
+    The pooled cost, not each worker's own: the block may go to keys' homes ("affinity"),
+    not to the worker the allowance was reckoned for, and a worker whose own estimate is
+    low but stale (stuck in a long batch) must not open the gate for everyone.
     """
 
     def __init__(self, costs: Costs, size: int, first: int) -> None:
@@ -141,10 +146,12 @@ class Pacer:
     def allowance(self) -> int:
         """Items the least-loaded worker may receive now (<= 0: wait for a batch to end)."""
         costs = self.costs
-        least = costs.least()
-        cost = costs.of(least)
+        costs.update()
+        load = costs.counters.load
+        least = min(load(i) for i in range(costs.workers))
+        cost = costs.pooled
         cap = max(self.floor, HORIZON_NS / cost) if cost else self.first
-        return int(cap) - costs.counters.load(least)
+        return int(cap) - least
 
 
 class Dispatcher:

@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 import mpbatch
 from mpbatch.costs import Costs
-from mpbatch.counters import DONE, GIVEN, SENT, WORK_NS, LoadCounters
+from mpbatch.counters import B_END, B_START, BUSY_NS, DONE, GIVEN, SENT, WORK_NS, LoadCounters
 from mpbatch.dispatch import Pacer, Router, key_hash
 from tests import fns
 
@@ -172,12 +173,50 @@ def test_costs_take_no_sample_while_given_and_done_disagree():
         counters.set(0, DONE, 70)  # 10 more run, at 3 ms each
         counters.set(0, WORK_NS, 10 * 1_000_000 + 10 * 3_000_000)
         costs.update()
-        assert costs.of(0) == 2_000_000  # smoothed: (1 ms + 3 ms) / 2
+        # the earlier 10 items count half: (10 ms / 2 + 30 ms) / (10 / 2 + 10)
+        assert costs.of(0) == pytest.approx(35_000_000 / 15)
     finally:
         counters.unlink()
 
 
-def test_pacer_sends_ahead_of_the_least_worked_worker_at_its_own_cost():
+def test_a_small_batch_barely_moves_a_workers_cost():
+    # A batch of a few items (a flush, a stream's tail) carries a whole batch's fixed cost:
+    # weighed by its items, it must not make the worker look many times as costly.
+    counters = LoadCounters(1)
+    try:
+        costs = Costs(counters)
+        counters.set(0, WORK_NS, 5000 * 1_000)  # 5,000 items at 1 us
+        counters.set(0, DONE, 5000)
+        costs.update()
+        counters.set(0, WORK_NS, 5000 * 1_000 + 200_000)  # then 2 items in 200 us
+        counters.set(0, DONE, 5002)
+        costs.update()
+        assert costs.of(0) < 1_100
+    finally:
+        counters.unlink()
+
+
+def test_a_worker_stuck_in_a_long_batch_stops_looking_cheap():
+    # Worker 1 measured 10 us per item, then began a batch of 100 items 1 s ago: they cost
+    # at least 10 ms each, so its 100 queued items outweigh worker 0's 500 at 1 ms.
+    counters = LoadCounters(2)
+    try:
+        router = Router("least-loaded", counters)
+        for i, cost in ((0, 1_000_000), (1, 10_000)):
+            counters.set(i, WORK_NS, 10 * cost)
+            counters.set(i, DONE, 10)
+        counters.set(0, SENT, 10 + 500)
+        counters.set(1, SENT, 10 + 100)
+        assert router.least_loaded() == 1  # 1 ms of work against 500 ms
+        counters.set(1, B_START, 10)
+        counters.set(1, B_END, 110)
+        counters.set(1, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
+        assert router.least_loaded() == 0
+    finally:
+        counters.unlink()
+
+
+def test_pacer_paces_at_the_pooled_cost_not_a_workers_stale_own():
     counters = LoadCounters(2)
     try:
         pacer = Pacer(Costs(counters), size=10, first=64)
@@ -185,10 +224,10 @@ def test_pacer_sends_ahead_of_the_least_worked_worker_at_its_own_cost():
             counters.set(i, WORK_NS, 10 * cost)
             counters.set(i, DONE, 10)
             counters.set(i, SENT, 10)
-        # Both idle: worker 0 (the first of equals) at 4 ms: a batch and a half.
-        assert pacer.allowance() == 15
-        counters.set(0, SENT, 10 + 3)  # 12 ms queued on worker 0: worker 1 is least
-        assert pacer.allowance() == 200  # 20 ms at 100 us
+        # pooled: 2.05 ms per item, 20 ms of it is 9 items: a batch and a half instead
+        assert pacer.allowance() == 15 and pacer.cost == pytest.approx(2_050_000)
+        counters.set(0, SENT, 10 + 5)  # worker 1 is the least loaded now: at its own
+        assert pacer.allowance() == 15  # 100 us, 20 ms would be 200 items for everyone
     finally:
         counters.unlink()
 
