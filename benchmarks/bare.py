@@ -222,12 +222,12 @@ def bare_stream(job):
 
 def bare_keyed_stream(job):
     tally = Tally()
-    waiting = [deque() for _ in range(job.workers)]  # chunks sent to each worker, in order
+    waiting = [deque() for _ in range(job.workers)]  # DK: chunks sent to each, in order
 
     def on_results(w, answer):
-        keys, values = waiting[w].popleft()
         batch, grouped = answer
         if batch is None:  # distinct keys: rebuilt from the chunk kept here, in C
+            keys, values = waiting[w].popleft()
             batch = dict(zip(keys, map(list, zip(values)), strict=True))
         if job.workload.on_batch:  # the call mpbatch's add_many gets there: one per chunk
             tally.on_batch(batch, dict(zip(batch, grouped, strict=True)))
@@ -237,9 +237,11 @@ def bare_keyed_stream(job):
 
     pairs = job.pairs()
     chunks = iter(lambda: _columns(pairs, job.chunk), None)
-    serve = _serve_distinct if job.workload.distinct_keys else _serve_keyed
-    _stream(job, serve, job.workload.do, chunks, on_results,
-            lambda w, chunk: waiting[w].append(chunk))
+    if job.workload.distinct_keys:  # results alone come back: keep each chunk till then
+        _stream(job, _serve_distinct, job.workload.do, chunks, on_results,
+                lambda w, chunk: waiting[w].append(chunk))
+    else:
+        _stream(job, _serve_keyed, job.workload.do, chunks, on_results)
     return tally.outcome()
 
 

@@ -20,7 +20,7 @@ from functools import partial
 
 from workloads import RATE, Workload
 
-MPBATCH_INTERVAL = 0.05  # s; mpbatch's interval= in streamed runs (the example)
+MPBATCH_INTERVAL = 0.05  # s; mpbatch's interval= in streamed runs (the README's example)
 LATENCY_INTERVAL = 0.001  # s; W4 with size=1: nothing should wait for a timer
 
 

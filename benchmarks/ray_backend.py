@@ -84,7 +84,7 @@ SIZES = {("W1", "add_many"): 5000, ("W1", "add"): 2000,
          ("W2", "add_many"): 50, ("W2", "add"): 200}
 N = {"W1": 1_000_000, "W2": 20_000}
 QUICK_N = {"W1": 50_000, "W2": 2000}
-# Ray / local, from the issue: W2 both calls against local's same call; W1 Ray add_many
+# Ray / local, the backend's targets: W2 both calls against local's same call; W1 Ray add_many
 # against local add_many
 GOALS = {("W2", "ray add_many / local add_many"): 0.8, ("W2", "ray add / local add"): 0.8,
          ("W1", "ray add_many / local add_many"): 0.5}

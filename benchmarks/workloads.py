@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-UNIT_SECONDS = 100e-6  # the cost of one "unit" of CPU work in W2-W4, the issue's ~100 us
+UNIT_SECONDS = 100e-6  # the cost of one "unit" of CPU work in W2-W4: ~100 us
 KEYS = 100  # distinct keys in W1, W2, W4 and MEM
 RUN = 50  # W3: items per same-key run
 HOT_KEYS = 10  # W3: keys whose items cost HOT_COST units each

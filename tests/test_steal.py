@@ -315,3 +315,17 @@ def test_a_hand_back_that_wears_the_worker_out_ends_it_before_the_next_chunk(in_
     # unreported, for the caller to re-send
     assert heads == [(tp.RETURNED, 0, 1), (tp.FINISHED, 1, 2), (tp.FINISHED, 3, 2)]
     assert [tp.payload_of(f, tp.TO_CALLER_SIZE)[2] for f in reports[1:]] == [[2, 4], [6, 8]]
+
+
+def test_a_worker_that_has_run_nothing_is_not_asked_on_the_pooled_cost():
+    # Its own cost is unknown: its queue may be cheap or not. The pooled cost (here 1 ms
+    # an item, from the dry worker) would make 1,000 queued items look like 1 s of work.
+    counters = LoadCounters(2)
+    try:
+        stealer = Stealer(Costs(counters), [True, True])
+        _line(counters, 0, 10, 10, 10 * 1_000_000)  # dry, 1 ms an item
+        _line(counters, 1, 1000, 0, 0)  # a long queue, nothing run yet
+        stealer.consider()
+        assert counters.get(1, ASK) == 0
+    finally:
+        counters.unlink()
