@@ -95,13 +95,14 @@ class Costs:
         estimates brought up to date first: items sent and not done, times the worker's
         cost per item (items alone while no cost is known); O(workers)."""
         self.update()
-        cells, per_worker, pooled = self.counters.cells, self.per_worker, self.pooled or 1.0
-        now = time.monotonic_ns()
+        cells, per_worker, pooled = self.counters.cells, self.per_worker, self.pooled
+        # Nothing measured yet: items alone (a time is no match for a count of items).
+        now = time.monotonic_ns() if pooled else 0
         best, best_work = 0, 0.0
         for i in range(self.workers):
             base = CELLS * i
-            cost = per_worker[i] or pooled
-            began = cells[base + BUSY_NS]
+            cost = per_worker[i] or pooled or 1.0
+            began = cells[base + BUSY_NS] if now else 0
             if began:  # the batch in do() so far: its items cost at least this much each
                 inside = cells[base + B_END] - cells[base + B_START]
                 if inside > 0 and now - began > cost * inside:

@@ -216,6 +216,21 @@ def test_a_worker_stuck_in_a_long_batch_stops_looking_cheap():
         counters.unlink()
 
 
+def test_before_any_cost_is_known_a_busy_worker_is_judged_by_its_items():
+    # No batch has ended yet: a time in do() cannot be weighed against a count of items.
+    # Worker 0 is 1 s into its first batch of 5 with 5 queued; worker 1 has 400 queued.
+    counters = LoadCounters(2)
+    try:
+        router = Router("least-loaded", counters)
+        counters.set(0, SENT, 5)
+        counters.set(0, B_END, 5)
+        counters.set(0, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
+        counters.set(1, SENT, 400)
+        assert router.least_loaded() == 0
+    finally:
+        counters.unlink()
+
+
 def test_pacer_paces_at_the_pooled_cost_not_a_workers_stale_own():
     counters = LoadCounters(2)
     try:
