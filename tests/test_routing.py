@@ -132,119 +132,115 @@ def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
         counters.unlink()
 
 
-def test_least_loaded_weighs_queued_items_by_each_workers_measured_cost():
-    counters = LoadCounters(2)
-    try:
-        router = Router("least-loaded", counters)
-        counters.set(0, SENT, 10)
-        counters.set(1, SENT, 30)
-        assert router.least_loaded() == 0  # no cost known yet: fewest items
-        counters.set(0, WORK_NS, 5 * 2_000_000)  # worker 0: 5 items run at 2 ms each,
-        counters.set(0, DONE, 5)  # 5 queued: 10 ms of work
-        counters.set(1, WORK_NS, 5 * 100_000)  # worker 1: 100 us each, 25 queued: 2.5 ms
-        counters.set(1, DONE, 5)
-        assert router.least_loaded() == 1  # more items, less work
-        counters.set(1, SENT, 5 + 120)  # 120 queued: 12 ms against 10
-        assert router.least_loaded() == 0
-        counters.reset(0)  # a respawned worker: its cost is unknown, the pooled one stands in
-        counters.set(0, SENT, 100)
-        assert router.least_loaded() == 1  # 100 items at the pooled ~1 ms against 12 ms
-        assert router.costs.per_worker[0] == 0 and router.costs.of(0) == router.costs.pooled
-    finally:
+@pytest.fixture
+def shared_counters():
+    """Load counters in real shared memory, unlinked after the test: shared_counters(n)."""
+    made = []
+
+    def make(workers):
+        made.append(LoadCounters(workers))
+        return made[-1]
+
+    yield make
+    for counters in made:
         counters.unlink()
 
 
-def test_costs_take_no_sample_while_given_and_done_disagree():
+def test_least_loaded_weighs_queued_items_by_each_workers_measured_cost(shared_counters):
+    counters = shared_counters(2)
+    router = Router("least-loaded", counters)
+    counters.set(0, SENT, 10)
+    counters.set(1, SENT, 30)
+    assert router.least_loaded() == 0  # no cost known yet: fewest items
+    counters.set(0, WORK_NS, 5 * 2_000_000)  # worker 0: 5 items run at 2 ms each,
+    counters.set(0, DONE, 5)  # 5 queued: 10 ms of work
+    counters.set(1, WORK_NS, 5 * 100_000)  # worker 1: 100 us each, 25 queued: 2.5 ms
+    counters.set(1, DONE, 5)
+    assert router.least_loaded() == 1  # more items, less work
+    counters.set(1, SENT, 5 + 120)  # 120 queued: 12 ms against 10
+    assert router.least_loaded() == 0
+    counters.reset(0)  # a respawned worker: its cost is unknown, the pooled one stands in
+    counters.set(0, SENT, 100)
+    assert router.least_loaded() == 1  # 100 items at the pooled ~1 ms against 12 ms
+    assert router.costs.per_worker[0] == 0 and router.costs.of(0) == router.costs.pooled
+
+
+def test_costs_take_no_sample_while_given_and_done_disagree(shared_counters):
     # A worker that hands items back adds GIVEN, then DONE: a look between the two sees
     # fewer items run than before. That is no sample and no new baseline (a new baseline
     # there made the next sample count the handed-back items as run, at no cost).
-    counters = LoadCounters(1)
-    try:
-        costs = Costs(counters)
-        counters.set(0, DONE, 10)
-        counters.set(0, WORK_NS, 10 * 1_000_000)
-        costs.update()
-        assert costs.of(0) == 1_000_000
-        counters.set(0, GIVEN, 50)  # the hand-back, DONE not yet raised
-        costs.update()
-        counters.set(0, DONE, 60)
-        costs.update()
-        assert costs.of(0) == 1_000_000
-        counters.set(0, DONE, 70)  # 10 more run, at 3 ms each
-        counters.set(0, WORK_NS, 10 * 1_000_000 + 10 * 3_000_000)
-        costs.update()
-        # the earlier 10 items count half: (10 ms / 2 + 30 ms) / (10 / 2 + 10)
-        assert costs.of(0) == pytest.approx(35_000_000 / 15)
-    finally:
-        counters.unlink()
+    counters = shared_counters(1)
+    costs = Costs(counters)
+    counters.set(0, DONE, 10)
+    counters.set(0, WORK_NS, 10 * 1_000_000)
+    costs.update()
+    assert costs.of(0) == 1_000_000
+    counters.set(0, GIVEN, 50)  # the hand-back, DONE not yet raised
+    costs.update()
+    counters.set(0, DONE, 60)
+    costs.update()
+    assert costs.of(0) == 1_000_000
+    counters.set(0, DONE, 70)  # 10 more run, at 3 ms each
+    counters.set(0, WORK_NS, 10 * 1_000_000 + 10 * 3_000_000)
+    costs.update()
+    # the earlier 10 items count half: (10 ms / 2 + 30 ms) / (10 / 2 + 10)
+    assert costs.of(0) == pytest.approx(35_000_000 / 15)
 
 
-def test_a_small_batch_barely_moves_a_workers_cost():
+def test_a_small_batch_barely_moves_a_workers_cost(shared_counters):
     # A batch of a few items (a flush, a stream's tail) carries a whole batch's fixed cost:
     # weighed by its items, it must not make the worker look many times as costly.
-    counters = LoadCounters(1)
-    try:
-        costs = Costs(counters)
-        counters.set(0, WORK_NS, 5000 * 1_000)  # 5,000 items at 1 us
-        counters.set(0, DONE, 5000)
-        costs.update()
-        counters.set(0, WORK_NS, 5000 * 1_000 + 200_000)  # then 2 items in 200 us
-        counters.set(0, DONE, 5002)
-        costs.update()
-        assert costs.of(0) < 1_100
-    finally:
-        counters.unlink()
+    counters = shared_counters(1)
+    costs = Costs(counters)
+    counters.set(0, WORK_NS, 5000 * 1_000)  # 5,000 items at 1 us
+    counters.set(0, DONE, 5000)
+    costs.update()
+    counters.set(0, WORK_NS, 5000 * 1_000 + 200_000)  # then 2 items in 200 us
+    counters.set(0, DONE, 5002)
+    costs.update()
+    assert costs.of(0) < 1_100
 
 
-def test_a_worker_stuck_in_a_long_batch_stops_looking_cheap():
+def test_a_worker_stuck_in_a_long_batch_stops_looking_cheap(shared_counters):
     # Worker 1 measured 10 us per item, then began a batch of 100 items 1 s ago: they cost
     # at least 10 ms each, so its 100 queued items outweigh worker 0's 500 at 1 ms.
-    counters = LoadCounters(2)
-    try:
-        router = Router("least-loaded", counters)
-        for i, cost in ((0, 1_000_000), (1, 10_000)):
-            counters.set(i, WORK_NS, 10 * cost)
-            counters.set(i, DONE, 10)
-        counters.set(0, SENT, 10 + 500)
-        counters.set(1, SENT, 10 + 100)
-        assert router.least_loaded() == 1  # 1 ms of work against 500 ms
-        counters.set(1, B_START, 10)
-        counters.set(1, B_END, 110)
-        counters.set(1, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
-        assert router.least_loaded() == 0
-    finally:
-        counters.unlink()
+    counters = shared_counters(2)
+    router = Router("least-loaded", counters)
+    for i, cost in ((0, 1_000_000), (1, 10_000)):
+        counters.set(i, WORK_NS, 10 * cost)
+        counters.set(i, DONE, 10)
+    counters.set(0, SENT, 10 + 500)
+    counters.set(1, SENT, 10 + 100)
+    assert router.least_loaded() == 1  # 1 ms of work against 500 ms
+    counters.set(1, B_START, 10)
+    counters.set(1, B_END, 110)
+    counters.set(1, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
+    assert router.least_loaded() == 0
 
 
-def test_before_any_cost_is_known_a_busy_worker_is_judged_by_its_items():
+def test_before_any_cost_is_known_a_busy_worker_is_judged_by_its_items(shared_counters):
     # No batch has ended yet: a time in do() cannot be weighed against a count of items.
     # Worker 0 is 1 s into its first batch of 5 with 5 queued; worker 1 has 400 queued.
-    counters = LoadCounters(2)
-    try:
-        router = Router("least-loaded", counters)
-        counters.set(0, SENT, 5)
-        counters.set(0, B_END, 5)
-        counters.set(0, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
-        counters.set(1, SENT, 400)
-        assert router.least_loaded() == 0
-    finally:
-        counters.unlink()
+    counters = shared_counters(2)
+    router = Router("least-loaded", counters)
+    counters.set(0, SENT, 5)
+    counters.set(0, B_END, 5)
+    counters.set(0, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
+    counters.set(1, SENT, 400)
+    assert router.least_loaded() == 0
 
 
-def test_pacer_paces_at_the_pooled_cost_not_a_workers_stale_own():
-    counters = LoadCounters(2)
-    try:
-        pacer = Pacer(Costs(counters), size=10, first=64)
-        for i, cost in ((0, 4_000_000), (1, 100_000)):  # 4 ms and 100 us per item
-            counters.set(i, WORK_NS, 10 * cost)
-            counters.set(i, DONE, 10)
-            counters.set(i, SENT, 10)
-        # pooled: 2.05 ms per item, 20 ms of it is 9 items: a batch and a half instead
-        assert pacer.allowance() == 15 and pacer.cost == pytest.approx(2_050_000)
-        counters.set(0, SENT, 10 + 5)  # worker 1 is the least loaded now: at its own
-        assert pacer.allowance() == 15  # 100 us, 20 ms would be 200 items for everyone
-    finally:
-        counters.unlink()
+def test_pacer_paces_at_the_pooled_cost_not_a_workers_stale_own(shared_counters):
+    counters = shared_counters(2)
+    pacer = Pacer(Costs(counters), size=10, first=64)
+    for i, cost in ((0, 4_000_000), (1, 100_000)):  # 4 ms and 100 us per item
+        counters.set(i, WORK_NS, 10 * cost)
+        counters.set(i, DONE, 10)
+        counters.set(i, SENT, 10)
+    # pooled: 2.05 ms per item, 20 ms of it is 9 items: a batch and a half instead
+    assert pacer.allowance() == 15 and pacer.cost == pytest.approx(2_050_000)
+    counters.set(0, SENT, 10 + 5)  # worker 1 is the least loaded now: at its own
+    assert pacer.allowance() == 15  # 100 us, 20 ms would be 200 items for everyone
 
 
 def test_add_many_under_key_routing_pins_each_of_many_distinct_keys(
