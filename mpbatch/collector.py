@@ -27,7 +27,7 @@ from .counters import LoadCounters
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher
 from .errors import SerializationError, described
-from .ledger import Segment, split_items
+from .ledger import Segment, items_of, split_items
 from .lifecycle import Pool
 from .outcomes import Outcomes
 from .recovery import Recovery
@@ -355,16 +355,9 @@ class Collector(threading.Thread):
         return self.recovery.halted
 
 
-def _items_of(segments: list[Segment]) -> tuple[list, list]:
-    """The keys and values of ``segments``, in stream order."""
-    if len(segments) == 1:
-        return segments[0].keys, segments[0].values
-    return [k for s in segments for k in s.keys], [v for s in segments for v in s.values]
-
-
 def _one_each(segments: list[Segment], items: list) -> tuple[dict, list]:
     """The batch and its results when every key of it held one item (layout ONE_EACH)."""
-    keys, values = _items_of(segments)
+    keys, values = items_of(segments)
     # In C (zip and list over 1-tuples): a comprehension here cost as much as the
     # unpickling it replaces.
     batch = dict(zip(keys, map(list, zip(values)), strict=True))
@@ -381,7 +374,7 @@ def _rebuilt(segments: list[Segment], layout: list[list[int]],
     object of its first item. Two groups meet under one key only when the worker held two
     objects of a key that is not equal to itself (nan) from two chunks, where the caller
     has one object: their items and results are joined, in stream order."""
-    keys, values = _items_of(segments)
+    keys, values = items_of(segments)
     batch: dict = {}
     results: dict = {}
     for n, group in enumerate(layout):

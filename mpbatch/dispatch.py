@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .costs import Costs
 from .counters import CELLS, SENT, LoadCounters
 from .errors import SerializationError, described, shown
-from .ledger import Segment, WorkerLedger
+from .ledger import Segment, WorkerLedger, items_of
 from .transport import FLUSH_WIRE, PROTOCOL, chunk_frame, define_frame
 
 if TYPE_CHECKING:
@@ -291,11 +291,7 @@ class Dispatcher:
                  full: bool = False) -> bytes | list:
         """The CHUNK frame of these segments, as one chunk; raises if an item does not
         pickle."""
-        if len(segments) == 1:
-            keys, values = segments[0].keys, segments[0].values
-        else:
-            keys = [k for s in segments for k in s.keys]
-            values = [v for s in segments for v in s.values]
+        keys, values = items_of(segments)
         sizes = None
         if segments[0].sizes is not None:
             sizes = [n for s in segments for n in s.sizes]  # type: ignore[union-attr]

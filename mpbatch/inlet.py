@@ -93,6 +93,14 @@ class Inlet:
         self.frames.extend(frames)
         return True
 
+    def queued(self) -> deque:
+        """Every frame read and not yet taken, the pipe drained into them first (main
+        thread): the worker may hand some back unstarted (worker._Loop._queued_back)."""
+        with self.lock:
+            while self._take():
+                pass
+        return self.frames
+
     def recycle(self, frame: Any) -> None:
         """The main thread is done with ``frame``: its buffer may be read into again."""
         with self.lock:

@@ -102,6 +102,13 @@ def halves(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
     return left, right
 
 
+def items_of(segments: list[Segment]) -> tuple[list, list]:
+    """The keys and values of ``segments``, in stream order (a lone segment's own lists)."""
+    if len(segments) == 1:
+        return segments[0].keys, segments[0].values
+    return [k for s in segments for k in s.keys], [v for s in segments for v in s.values]
+
+
 def merged_batch(segments: list[Segment]) -> dict[Any, list[Any]]:
     """key -> values of all these items, as do() would receive them (for a DeadLetter).
 

@@ -426,10 +426,7 @@ class _Loop:
         it first), and the front part of the next one where a whole one is more than asked.
         Returns (items given in all, the rest of a part-given chunk to hold or None)."""
         inlet = self.inlet
-        with inlet.lock:
-            while inlet._take():  # what the pipe holds is queued here too
-                pass
-        frames = inlet.frames
+        frames = inlet.queued()
         while given < want and frames:
             frame = frames[0]
             if frame is None:
