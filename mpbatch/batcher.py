@@ -23,6 +23,9 @@
                                                               max_bytes, deadline, FULL or
                                                               FLUSH; do(batch[, state]);
                                                               check its shape (results.py)
+ ring i (ring.py) ~~~~~~~ bytes values of 8 KiB and more ~~~~> copied out when the CHUNK
+   shared memory: copied in under send lock i when they fit,  naming where they sit is
+   else they follow the pickle on the item pipe               read; tail[i] += their span
  collector thread <== FINISHED/FAILED(start, n, payload) ===  result pipe i; done[i] += n,
    (collector.py)                                             work_ns[i] += time in do()
    one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe:

@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import transport as tp
+from .ring import RingReader
 
 POLL_MAX_MS = 0x7FFFFFFF  # poll() refuses a longer timeout (~24.8 days; interval may exceed it)
 TICK = object()  # next() waited its time out: the held batch's interval ran out
@@ -35,14 +36,17 @@ class Inlet:
     costs nothing when pipes do not fill: no wake-up of the reader per batch.
 
     ``lock`` goes with the item pipe and the partial frame in ``wire`` (a FrameReader): one
-    thread reads at a time, and frames keep their order.
+    thread reads at a time, and frames keep their order. A chunk whose values are in this
+    worker's ring (ring.py) has them copied out as its frame is read, in that order.
     """
 
-    def __init__(self, items: Connection, drain: Connection) -> None:
+    def __init__(self, items: Connection, drain: Connection,
+                 ring: RingReader | None = None) -> None:
         self.fd = items.fileno()
         os.set_blocking(self.fd, False)  # the reader drains it until it is empty
         self.drain_fd = drain.fileno()
         self.wire = tp.FrameReader()  # what was read of the pipe, partial frame included
+        self.ring = ring
         self.frames: deque = deque()  # read, not yet taken; None marks EOF
         self.lock = threading.Lock()
         self._poll = select.poll()  # the main thread's; not select(): it fails past fd 1024
@@ -90,8 +94,20 @@ class Inlet:
         if frames is None:
             self.frames.append(None)
             return False
+        if self.ring is not None:
+            frames = [self._out_of_ring(frame) for frame in frames]
         self.frames.extend(frames)
         return True
+
+    def _out_of_ring(self, frame: Any) -> Any:
+        """``frame``, or a RingFrame holding its values if they are in the ring."""
+        place = tp.ring_place(frame)
+        if place is None:
+            return frame
+        taken = tp.RingFrame(frame)
+        taken.values = self.ring.take(*place)  # type: ignore[union-attr]
+        self.wire.recycle(frame)  # a big frame's buffer (one of many keys) is free again
+        return taken
 
     def queued(self) -> deque:
         """Every frame read and not yet taken, the pipe drained into them first (main

@@ -2,9 +2,10 @@
 
 Each worker i has an item pipe (caller writes), a drain pipe (a byte when the item pipe is
 full: the worker's reader thread empties it), a result pipe (worker writes) and a process
-sentinel. ``send_locks[i]`` serialises writes to pipe i, the matching ledger
-appends, and the swap to a replacement process, so that every item the worker is sent
-is in its ledger, in the order it was sent.
+sentinel, and a ring in shared memory for large values (ring.py). ``send_locks[i]``
+serialises writes to pipe i and ring i, the matching ledger appends, and the swap to a
+replacement process, so that every item the worker is sent is in its ledger, in the order
+it was sent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import psutil
 from . import transport as tp
 from . import worker, zygote
 from .interrupts import held_interrupt
+from .ring import Rings, region_bytes
 
 START_METHODS = ("fork", "spawn", "forkserver", "zygote")
 WORKER_MODULE = worker.__name__  # "mpbatch.worker": what the fork server preloads
@@ -179,12 +181,21 @@ class Pool:
         self.counters_name = counters_name
         self.config_blob = config_blob
         self.caller_pid = os.getpid()
+        region = region_bytes(workers)
+        self.ring_name = f"{counters_name}_ring" if region else ""
         if start_method == "zygote":  # first: it must not hold copies of the pipes below
             if not zygote.available():
                 raise ValueError("start_method='zygote' needs os.fork, pidfds and fd "
                                  "passing (Linux 5.3+); use 'forkserver'")
             self.zygote = zygote.Zygote(worker.main, (
-                counters_name, workers, config_blob, self.caller_pid, worker.PACKAGE_DIR))
+                counters_name, self.ring_name, workers, config_blob, self.caller_pid,
+                worker.PACKAGE_DIR))
+        self.rings: Rings | None = None  # after the zygote: it must not map them either
+        if region:
+            try:
+                self.rings = Rings(self.ring_name, workers, region)
+            except OSError:  # no room in /dev/shm after all: the pipes carry every value
+                self.ring_name = ""
         self.procs: list[Any] = [None] * workers
         self.items: list[Connection | None] = [None] * workers
         self.drains: list[Connection | None] = [None] * workers  # wakes a busy worker's reader
@@ -207,6 +218,8 @@ class Pool:
         Raises what starting raised (EMFILE, ENOMEM) with slot i as it was, and no new pipe
         left open.
         """
+        if self.rings is not None:
+            self.rings.reset(i)  # the worker before, the ring's only other user, is gone
         made: list[Connection] = []
         try:
             for _ in range(3):
@@ -244,8 +257,8 @@ class Pool:
                                           results_w.fileno()])
         proc = self.ctx.Process(
             target=worker.main, name=f"mpbatch-worker-{i}",
-            args=(i, items_r, drain_r, results_w, self.counters_name, self.workers,
-                  self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
+            args=(i, items_r, drain_r, results_w, self.counters_name, self.ring_name,
+                  self.workers, self.config_blob, self.caller_pid, worker.PACKAGE_DIR))
         proc.start()
         return proc
 
@@ -257,8 +270,11 @@ class Pool:
             return False
         try:
             # Half a frame would garble the rest of the stream: a Ctrl-C waits for the end of
-            # the frame, unless the worker reads nothing for STUCK_WRITE s after it.
+            # the frame, unless the worker reads nothing for STUCK_WRITE s after it. (Nor
+            # may one come between filling the ring and writing the frame that empties it.)
             with held_interrupt() as hold:
+                if self.rings is not None and type(frame) is tp.OutOfBand:
+                    frame = self._into_ring(i, frame)
                 if not _write(conn.fileno(), frame, hold, self.drains[i].fileno(),
                               self._stalled):
                     self.kill(i)  # its ledger's items are re-sent when the collector sees it
@@ -266,6 +282,14 @@ class Pool:
         except (OSError, ValueError):  # EPIPE from a dead worker; OSError: closed here
             return False
         return True
+
+    def _into_ring(self, i: int, frame: tp.OutOfBand) -> bytes | list:
+        """``frame`` with its values copied into worker i's ring, if they fit there now."""
+        try:
+            placed = self.rings.place(i, frame.raws)  # type: ignore[union-attr]
+        except (AttributeError, TypeError, ValueError):  # close() unmapped it meanwhile
+            return frame  # (the pipe is closed too: the write fails as it would have)
+        return frame if placed is None else tp.ring_frame(frame, *placed)
 
     def _stalled(self) -> bool:
         """A write waits on a full pipe: watch timeout=; False once close() gives up."""
@@ -320,11 +344,14 @@ class Pool:
         self.close_pipes()
 
     def close_pipes(self) -> None:
-        """Close our ends of every pipe, and the descriptors of the reaped workers; only
-        once the collector thread has stopped."""
+        """Close our ends of every pipe, the descriptors of the reaped workers and the
+        rings; only once the collector thread has stopped."""
         for conn in self.items + self.drains + self.results:
             if conn is not None:
                 conn.close()
+        rings, self.rings = self.rings, None
+        if rings is not None:
+            rings.unlink()
         # A closed Batcher the program keeps (in a list, in a traceback) must not keep its
         # workers' sentinels or pidfds open: a few hundred of them would exhaust the fds.
         for i, proc in enumerate(self.procs):

@@ -14,7 +14,9 @@ caller -> worker (item pipe i)
                                                             flags SOLO, ITEM_RESULTS, FULL,
                                                             ONE_KEY (keys is [key]),
                                                             OUT_OF_BAND (after the pickle,
-                                                            large bytes values raw)
+                                                            large bytes values raw),
+                                                            IN_RING (those values are in
+                                                            the worker's ring, ring.py)
     FLUSH  -                                                run what you hold now
     STOP   -                                                run what you hold, then exit
     DEFINE n=token | cloudpickle(object)                    keep it as definitions[token]
@@ -69,6 +71,7 @@ ITEM_RESULTS = 2  # flag: some item has a Future: report results item by item, i
 FULL = 4  # flag: no more items can join this chunk's batch (max_bytes, a full buffer): run it
 ONE_KEY = 8  # flag: every item has the same key, sent once: keys is [key]
 OUT_OF_BAND = 16  # flag: large bytes values follow the pickle raw (see chunk_frame)
+IN_RING = 32  # flag, with OUT_OF_BAND: those values are in the worker's ring (ring_frame)
 ONE_EACH = 1  # FINISHED's layout: every key of the batch held one item (see above)
 _TO_WORKER = struct.Struct("<BBqq")  # kind, flags, n, deadline_ns
 
@@ -86,6 +89,7 @@ _COUNT = struct.Struct("<I")
 OOB_MIN = 8 << 10  # a bytes value this large travels out of band (OUT_OF_BAND)
 IOV_MAX = 1024  # buffers per os.writev() (Linux's UIO_MAXIOV)
 _LENGTH64 = struct.Struct("!Q")  # after a length of -1, for frames of 2 GiB and over
+_PLACE = struct.Struct("<QQ")  # an IN_RING chunk's values: offset in the ring, span
 
 
 def wire(frame: bytes | bytearray) -> bytes:
@@ -241,13 +245,21 @@ def chunk_frame(keys: list, values: list, sizes: list | None, deadline_ns: int,
     return _dumps_after(head, (keys, values, sizes), n)
 
 
+class OutOfBand(list):
+    """An OUT_OF_BAND chunk on the wire: the buffers for os.writev (length and header, the
+    pickle, each large value), and those parts by name, for ring_frame."""
+
+    __slots__ = ("head", "raws", "stream")
+
+
 def _out_of_band(flags: int, n: int, deadline_ns: int, keys: list, values: list,
-                 sizes: list | None) -> list:
+                 sizes: list | None) -> OutOfBand:
     """A CHUNK frame whose large ``bytes`` values are not copied into the pickle: they are
     written from the caller's own objects after it (os.writev), as pickle protocol 5's
-    out-of-band buffers. The payload is: buffer count, each buffer's length, the pickle,
-    the buffers. Pickling 1 GiB of 64 KiB values into frames cost the caller a copy of
-    each and a page fault per 4 KiB of the frames it allocated.
+    out-of-band buffers, or copied into the worker's ring (ring_frame). The payload is:
+    buffer count, each buffer's length, the pickle, the buffers. Pickling 1 GiB of 64 KiB
+    values into frames cost the caller a copy of each and a page fault per 4 KiB of the
+    frames it allocated.
 
     Chosen by the first value (a chunk of large values is told from its first without a
     pass over all of them); any value below OOB_MIN, or not exactly bytes, stays in band.
@@ -261,7 +273,36 @@ def _out_of_band(flags: int, n: int, deadline_ns: int, keys: list, values: list,
     head = _TO_WORKER.pack(CHUNK, flags, n, deadline_ns) + table
     size = len(head) + len(stream) + sum(map(len, raws))
     length = _LENGTH.pack(size) if size <= 0x7FFFFFFF else _LENGTH.pack(-1) + _LENGTH64.pack(size)
-    return [length + head, stream, *raws]
+    frame = OutOfBand([length + head, stream, *raws])
+    frame.head, frame.stream, frame.raws = head, stream, raws
+    return frame
+
+
+def ring_frame(frame: OutOfBand, offset: int, span: int) -> bytes:
+    """``frame`` once its values are in the worker's ring at ``offset``, taking ``span``
+    bytes of it (ring.Rings.place): the header, where they are, and the pickle."""
+    head = bytearray(frame.head)
+    head[1] |= IN_RING  # the flags byte of _TO_WORKER
+    return wire(bytes(head) + _PLACE.pack(offset, span) + frame.stream)
+
+
+def ring_place(frame: bytes | memoryview) -> tuple[tuple[int, ...], int, int] | None:
+    """(each value's length, offset, span) of an IN_RING chunk, for the worker's
+    ring.RingReader.take; None for any other frame."""
+    kind, flags = frame[0], frame[1]
+    if kind != CHUNK or not flags & IN_RING:
+        return None
+    (count,) = _COUNT.unpack_from(frame, TO_WORKER_SIZE)
+    at = TO_WORKER_SIZE + _COUNT.size
+    lengths = struct.unpack_from(f"<{count}Q", frame, at)
+    return (lengths, *_PLACE.unpack_from(frame, at + 8 * count))
+
+
+class RingFrame(bytes):
+    """An IN_RING chunk as the worker holds it: the frame, and its values, already copied
+    out of the ring (``values``)."""
+
+    values: list[bytes]
 
 
 def frame_size(frame: bytes | list) -> int:
@@ -272,12 +313,14 @@ def frame_size(frame: bytes | list) -> int:
 def chunk_payload(frame: Any, flags: int) -> Any:
     """(keys, values, sizes) of a CHUNK frame (may raise: the receiver decides what fails).
     Out-of-band values become bytes again, each copied out of the frame once (as an
-    in-band pickle would)."""
+    in-band pickle would), or out of the ring as the frame was read (RingFrame)."""
     if not flags & OUT_OF_BAND:
         return payload_of(frame, TO_WORKER_SIZE)
     view = memoryview(frame)
     (count,) = _COUNT.unpack_from(view, TO_WORKER_SIZE)
     at = TO_WORKER_SIZE + _COUNT.size
+    if flags & IN_RING:
+        return pickle.loads(view[at + 8 * count + _PLACE.size:], buffers=frame.values)
     lengths = struct.unpack_from(f"<{count}Q", view, at)
     end = len(view)
     buffers = []

@@ -54,6 +54,7 @@ from .results import (
     one_each,
     unpicklable,
 )
+from .ring import RingReader
 
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 70  # the caller died; see _exit_with_caller
@@ -76,9 +77,10 @@ class WorkerConfig:
 PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
 
 def main(index: int, items: Connection, drain: Connection, results: Connection,
-         counters_name: str, workers: int, config_blob: bytes, caller_pid: int,
-         caller_package: str) -> None:
-    """Entry point of worker ``index`` (the Process target)."""
+         counters_name: str, ring_name: str, workers: int, config_blob: bytes,
+         caller_pid: int, caller_package: str) -> None:
+    """Entry point of worker ``index`` (the Process target); ``ring_name``: the caller's
+    rings for large values (ring.py), or "" for none."""
     # Ctrl-C goes to the whole foreground process group; it is the caller's to handle, and
     # the caller's close() still needs this worker to finish what it holds.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -97,10 +99,11 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
     except BaseException as exc:  # e.g. do() needs a module this process cannot import
         _init_failed(results, failure(exc, "unpickling do and init in the worker"))
     counters = LoadCounters.attach(counters_name, workers)
+    ring = RingReader(ring_name, index, workers) if ring_name else None
     # The reader drains a full item pipe from now on: while init() loads a model for
     # seconds, neither the caller's adds nor the collector re-sending a replaced worker's
     # items to this one wait on it.
-    inlet = Inlet(items, drain)
+    inlet = Inlet(items, drain, ring)
     inlet.start()
     state = None
     if config.init is not None:
@@ -113,6 +116,8 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
         recycle = _Loop(index, inlet, results, counters, config, state).run()
     finally:
         counters.close()  # release our view before SharedMemory.__del__ tries to
+        if ring is not None:
+            ring.close()
     if recycle:
         # Items still queued here are in the caller's ledger: it re-sends them, with no
         # attempt spent, to the worker that replaces this one.

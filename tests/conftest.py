@@ -129,15 +129,16 @@ def no_collector_errors(caplog):
 @pytest.fixture
 def gated(batcher_factory, tmp_path):
     """make(**options) -> (Batcher, pids): each batch writes its worker's pid to ``pids``
-    (a FIFO, read with readline) when it starts, then waits until ``gate()`` is called."""
+    (a FIFO, read with readline) when it starts, then waits until ``gate()`` is called
+    (and then doubles its values, or runs ``make(then=...)``)."""
     from tests import fns
 
     fifo, gate = tmp_path / "started", tmp_path / "gate"
     os.mkfifo(fifo)
     reader = fns.fifo_reader(fifo)
 
-    def make(**options):
-        b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate)), **options)
+    def make(then=fns.double, **options):  # then: what each batch does once let through
+        b = batcher_factory(fns.announce_then_wait(str(fifo), str(gate), then), **options)
         return b, reader
 
     make.gate = gate.touch

@@ -185,14 +185,17 @@ def once_then_bad(first):
     return do
 
 
-def announce_then_wait(fifo, gate):
-    """do() that writes its pid to ``fifo`` when a batch starts, then waits for ``gate``."""
+def announce_then_wait(fifo, gate, then=double):
+    """do() that writes its pid to ``fifo`` when a batch starts, then waits for ``gate``
+    and runs ``then``."""
 
     def do(batch):
         fd = os.open(fifo, os.O_WRONLY)
         os.write(fd, f"{os.getpid()}\n".encode())
         os.close(fd)
-        return wait_for_file(gate)(batch)
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return then(batch)
 
     return do
 
@@ -299,16 +302,16 @@ def sleep_per_item(batch):
     return double(batch)
 
 
-def crash_first_when_gated(fifo, gate, marker_dir):
+def crash_first_when_gated(fifo, gate, marker_dir, then=double):
     """do() whose very first call (across workers) writes its pid to ``fifo``, waits for
-    ``gate`` and then exits the worker; every later call doubles."""
+    ``gate`` and then exits the worker; every later call runs ``then``."""
     first = announce_then_wait(fifo, gate)
 
     def crash(batch):
         first(batch)
         os._exit(3)
 
-    return once_then(marker_dir, crash)
+    return once_then(marker_dir, crash, then)
 
 
 # -- per-item functions (mpbatch.peritem.PerItem) --------------------------------------------

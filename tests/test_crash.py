@@ -13,6 +13,10 @@ import pytest
 import mpbatch
 from tests import fns
 
+# 64 KiB values that a worker holding the GIL cannot take in: 7.9 MB, more than its ring
+# (ring.REGION, 4 MiB) and its pipe (1 MiB) hold together, so an add() waits on the pipe.
+FILL = 120
+
 CRASHES = [  # (id, do, error the future raises, text its message must contain, extra options)
     ("raises", fns.raise_value_error, mpbatch.BatchFailed, "ValueError: bad batch", {}),
     ("sys-exit", fns.sys_exit, mpbatch.BatchFailed, "SystemExit: 5", {}),
@@ -59,13 +63,13 @@ def test_timeout_kills_a_do_holding_the_gil_while_add_waits_on_its_full_pipe(
     b.add("stuck", b"")
     reader.readline()  # the worker is inside do(), holding the GIL
     reader.close()
-    for _ in range(40):  # 2.6 MB: more than the pipe holds
+    for _ in range(FILL):
         b.add("k", bytes(64 * 1024))
     b.flush()
     [letter] = letters
     assert isinstance(letter.error, mpbatch.BatchTimeout) and letter.batch == {"stuck": [b""]}
     s = b.stats()
-    assert (s.succeeded, s.dead_lettered, s.pending, s.worker_restarts) == (40, 1, 0, 1)
+    assert (s.succeeded, s.dead_lettered, s.pending, s.worker_restarts) == (FILL, 1, 0, 1)
 
 
 def test_worker_died_names_pid_exitcode_and_keys(batcher_factory):
@@ -374,7 +378,7 @@ def test_close_timeout_ends_while_another_thread_waits_on_a_full_pipe(
 
     def adder():
         try:
-            for _ in range(40):  # 2.6 MB: more than the pipe holds
+            for _ in range(FILL):
                 b.add("k", bytes(64 * 1024))
         except mpbatch.Closed as exc:
             refused.append(exc)
