@@ -89,17 +89,6 @@ def default_workers() -> int:
     return max(1, n)
 
 
-def _written(parts: list[memoryview], n: int) -> None:
-    """Drop the ``n`` bytes written from the head of ``parts``."""
-    k = 0
-    while k < len(parts) and n >= len(parts[k]):
-        n -= len(parts[k])
-        k += 1
-    del parts[:k]
-    if n:
-        parts[0] = parts[0][n:]
-
-
 def _write(fd: int, frame: bytes | list, hold: held_interrupt, drain: int,
            stalled: Callable[[], bool]) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
@@ -122,7 +111,7 @@ def _write(fd: int, frame: bytes | list, hold: held_interrupt, drain: int,
                 if not parts[0]:
                     parts.clear()
             else:
-                _written(parts, os.writev(fd, parts[:tp.IOV_MAX]))
+                tp.drop_written(parts, os.writev(fd, parts[:tp.IOV_MAX]))
             stuck = 0.0
             continue
         except BlockingIOError:

@@ -4,7 +4,7 @@ emptied by the worker as it reads its item pipe (caller and worker).
 A chunk of large ``bytes`` values (transport.OUT_OF_BAND) crossed the item pipe after its
 pickle: the kernel copied every value into the pipe and out again, a page at a time, and
 that write was most of the caller's time (one writer on a 2-vCPU VM: ~2.5 GB/s into a
-pipe, ~20 GB/s of memcpy into shared memory). Now the caller copies the values into
+pipe, several times that into shared memory). Now the caller copies the values into
 worker i's ring, and the pipe carries the chunk's header, where the values sit and the
 pickle of the rest (transport.IN_RING):
 
@@ -24,9 +24,9 @@ pipe still holds the caller back.
 Layout: one segment per Batcher, ``mpbatch_<caller pid>_<random>_ring`` (swept like the
 counters when its caller is gone), REGION bytes per worker: an 8-byte ``tail`` cell
 (writer: the worker) in a 64-byte header, then the data. A replacement worker's region
-starts empty (``reset``, under the send lock, before it starts). Each region's pages are
-reserved (posix_fallocate) before first use, so a full /dev/shm refuses the ring instead
-of killing a process with SIGBUS later; a region that cannot be reserved is not used.
+starts empty (``reset``, under the send lock, before it starts). The caller fills a ring
+with os.pwritev on the segment's descriptor (see Rings.place), so a full /dev/shm fails
+that write instead of killing a process with SIGBUS; that ring is not used again.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import contextlib
 import mmap
 import os
 from multiprocessing import shared_memory
+
+from .transport import IOV_MAX, drop_written
 
 REGION = 4 << 20  # bytes of ring per worker, header included
 MIN_REGION = 256 << 10  # less than this and no ring is made: the pipe carries everything
@@ -58,25 +60,27 @@ class Rings:
 
     def __init__(self, name: str, workers: int, region: int) -> None:
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=region * workers)
+        self.fd = getattr(self.shm, "_fd", -1)  # POSIX shm_open's descriptor
+        if self.fd < 0:
+            self.unlink()
+            raise OSError("no descriptor to write the rings with (not POSIX shared memory)")
         self.region = region
         self.capacity = region - HEADER
         self.head = [0] * workers
-        self.usable = [None] * workers  # region i reserved (True), refused (False), not yet
+        self.usable = [True] * workers  # False once /dev/shm had no room for ring i
         self.cells = self.shm.buf.cast("q")
         self.stride = region // 8  # cells per region: worker i's tail is cells[i * stride]
-        for i in range(workers):
-            self.cells[i * self.stride] = 0
 
     @property
     def name(self) -> str:
         return self.shm.name
 
-    def place(self, i: int, raws: list) -> tuple[int, int] | None:
+    def place(self, i: int, raws: list[memoryview]) -> tuple[int, int] | None:
         """Copy ``raws`` (a chunk's values, in order) into ring i: (offset of the first,
         bytes taken from the ring), or None if they do not fit now. Hold send_locks[i]."""
         total = sum(map(len, raws))
         capacity = self.capacity
-        if total > capacity or not self._usable(i):
+        if total > capacity or not self.usable[i]:
             return None
         head = self.head[i]
         at = head % capacity
@@ -85,15 +89,23 @@ class Rings:
             return None  # the worker has not read that far yet
         if span != total:
             at = 0
-        offset = at
-        base = i * self.region + HEADER
-        buf = self.shm.buf
-        for raw in raws:
-            end = at + len(raw)
-            buf[base + at:base + end] = raw
-            at = end
+        # Written, not stored through the mapping: the kernel copies with the GIL let go,
+        # as the pipe's write did, so the collector thread keeps settling outcomes (and
+        # freeing their values) meanwhile. A memcpy under the GIL let add() outrun it: the
+        # caller held ~0.5 GB of finished 64 KiB values, up to buffer=. A full /dev/shm
+        # fails the write (ENOSPC) rather than a later access (SIGBUS).
+        parts = list(raws)
+        pos = i * self.region + HEADER + at
+        try:
+            while parts:
+                n = os.pwritev(self.fd, parts[:IOV_MAX], pos)
+                pos += n
+                drop_written(parts, n)
+        except OSError:
+            self.usable[i] = False  # no room in /dev/shm: the pipe carries worker i's values
+            return None
         self.head[i] = head + span
-        return offset, span
+        return at, span
 
     def reset(self, i: int) -> None:
         """Ring i starts empty: worker i is (re)started (hold send_locks[i]; the previous
@@ -101,30 +113,13 @@ class Rings:
         self.head[i] = 0
         self.cells[i * self.stride] = 0
 
-    def _usable(self, i: int) -> bool:
-        usable = self.usable[i]
-        if usable is None:
-            usable = self.usable[i] = _reserve(self.shm, i * self.region, self.region)
-        return usable
-
     def unlink(self) -> None:
         """Close and remove the segment (the caller's job, once its workers are gone)."""
-        self.cells.release()
+        if hasattr(self, "cells"):
+            self.cells.release()
         self.shm.close()
         with contextlib.suppress(FileNotFoundError):  # swept by another caller meanwhile
             self.shm.unlink()
-
-
-def _reserve(shm: shared_memory.SharedMemory, start: int, size: int) -> bool:
-    """Reserve a region's pages in /dev/shm now: False if there is no room for them."""
-    fd = getattr(shm, "_fd", -1)
-    if fd < 0 or not hasattr(os, "posix_fallocate"):
-        return True  # not POSIX shm_open (or no fallocate): nothing to reserve with
-    try:
-        os.posix_fallocate(fd, start, size)
-    except OSError:
-        return False
-    return True
 
 
 class RingReader:

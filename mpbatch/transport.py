@@ -111,6 +111,17 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def drop_written(parts: list[memoryview], n: int) -> None:
+    """Drop the ``n`` bytes written (os.writev, os.pwritev) from the head of ``parts``."""
+    k = 0
+    while k < len(parts) and n >= len(parts[k]):
+        n -= len(parts[k])
+        k += 1
+    del parts[:k]
+    if n:
+        parts[0] = parts[0][n:]
+
+
 def _length_at(buf: bytearray, pos: int) -> tuple[int, int] | None:
     """(frame length, header bytes) of the frame at ``pos``, or None if its header is cut."""
     size = len(buf) - pos

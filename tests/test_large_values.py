@@ -11,7 +11,6 @@ import zlib
 import pytest
 
 from mpbatch import transport as tp
-from mpbatch.lifecycle import _written
 from tests import fns
 
 
@@ -114,9 +113,9 @@ def test_a_chunk_of_small_values_stays_in_band():
 
 def test_written_drops_what_writev_took():
     parts = [memoryview(b"abc"), memoryview(b"de"), memoryview(b"fghi")]
-    _written(parts, 4)
+    tp.drop_written(parts, 4)
     assert [bytes(p) for p in parts] == [b"e", b"fghi"]
-    _written(parts, 5)
+    tp.drop_written(parts, 5)
     assert parts == []
 
 
