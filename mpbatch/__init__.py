@@ -79,13 +79,13 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-_MODULES = frozenset({"batcher", "bulk", "calls", "cli", "closing", "collector", "counters",
-                      "deadletters", "dispatch", "engine", "errors", "executor", "futures",
-                      "inlet", "inputs",
-                      "intake", "interrupts", "job", "journal", "ledger", "lifecycle", "maps",
-                      "options", "outcomes", "peritem", "progress", "raypool", "rayworker",
-                      "recovery", "replay",
-                      "report", "results", "stats", "transport", "worker", "zygote"})
+_MODULES = frozenset({"affinity", "batcher", "bulk", "calls", "cli", "closing", "collector",
+                      "costs", "counters", "deadletters", "dispatch", "engine", "errors",
+                      "executor", "futures", "inlet", "inputs", "intake", "interrupts", "job",
+                      "journal", "ledger", "lifecycle", "maps", "options", "outcomes",
+                      "peritem", "progress", "raypool", "rayworker", "recovery", "replay",
+                      "report", "results", "ring", "stats", "steal", "transport", "worker",
+                      "zygote"})
 
 
 def __getattr__(name: str) -> Any:

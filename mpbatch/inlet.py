@@ -117,6 +117,14 @@ class Inlet:
                 pass
         return self.frames
 
+    def close_ring(self) -> None:
+        """Release the ring (the worker exits): the reader thread, which may still drain
+        the pipe until then, stops taking values out of it first."""
+        with self.lock:
+            ring, self.ring = self.ring, None
+            if ring is not None:
+                ring.close()
+
     def recycle(self, frame: Any) -> None:
         """The main thread is done with ``frame``: its buffer may be read into again."""
         with self.lock:

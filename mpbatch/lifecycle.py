@@ -170,21 +170,23 @@ class Pool:
         self.counters_name = counters_name
         self.config_blob = config_blob
         self.caller_pid = os.getpid()
-        region = region_bytes(workers)
-        self.ring_name = f"{counters_name}_ring" if region else ""
-        if start_method == "zygote":  # first: it must not hold copies of the pipes below
-            if not zygote.available():
-                raise ValueError("start_method='zygote' needs os.fork, pidfds and fd "
-                                 "passing (Linux 5.3+); use 'forkserver'")
-            self.zygote = zygote.Zygote(worker.main, (
-                counters_name, self.ring_name, workers, config_blob, self.caller_pid,
-                worker.PACKAGE_DIR))
-        self.rings: Rings | None = None  # after the zygote: it must not map them either
-        if region:
+        if start_method == "zygote" and not zygote.available():
+            raise ValueError("start_method='zygote' needs os.fork, pidfds and fd "
+                             "passing (Linux 5.3+); use 'forkserver'")
+        # Before the zygote, which passes every worker the name: a worker told of a ring
+        # that was never made could not start.
+        self.rings = _rings(f"{counters_name}_ring", workers)
+        ring_name = self.rings.name if self.rings is not None else ""
+        self.ring_name = ring_name
+        if start_method == "zygote":  # before the pipes below: it must not hold copies
             try:
-                self.rings = Rings(self.ring_name, workers, region)
-            except OSError:  # no room in /dev/shm after all: the pipes carry every value
-                self.ring_name = ""
+                self.zygote = zygote.Zygote(worker.main, (
+                    counters_name, ring_name, workers, config_blob, self.caller_pid,
+                    worker.PACKAGE_DIR))
+            except BaseException:
+                if self.rings is not None:
+                    self.rings.unlink()
+                raise
         self.procs: list[Any] = [None] * workers
         self.items: list[Connection | None] = [None] * workers
         self.drains: list[Connection | None] = [None] * workers  # wakes a busy worker's reader
@@ -274,11 +276,17 @@ class Pool:
 
     def _into_ring(self, i: int, frame: tp.OutOfBand) -> bytes | list:
         """``frame`` with its values copied into worker i's ring, if they fit there now."""
+        rings = self.rings
+        if rings is None:  # close() took them down meanwhile (the write fails as before)
+            return frame
+        placed = rings.place(i, frame.raws)
+        if placed is None:
+            return frame
         try:
-            placed = self.rings.place(i, frame.raws)  # type: ignore[union-attr]
-        except (AttributeError, TypeError, ValueError):  # close() unmapped it meanwhile
-            return frame  # (the pipe is closed too: the write fails as it would have)
-        return frame if placed is None else tp.ring_frame(frame, *placed)
+            return tp.ring_frame(frame, *placed)
+        except BaseException:  # (MemoryError) no frame will say where they are
+            rings.unplace(i, placed[1])
+            raise
 
     def _stalled(self) -> bool:
         """A write waits on a full pipe: watch timeout=; False once close() gives up."""
@@ -349,6 +357,18 @@ class Pool:
                 proc.close()
         if self.zygote is not None:  # its workers are reaped: nothing more to fork
             self.zygote.close()
+
+
+def _rings(name: str, workers: int) -> Rings | None:
+    """The workers' rings for large values, or None: no room in /dev/shm for them (the
+    pipes then carry every value)."""
+    region = region_bytes(workers)
+    if not region:
+        return None
+    try:
+        return Rings(name, workers, region)
+    except OSError:
+        return None
 
 
 class Ended:

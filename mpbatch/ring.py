@@ -22,11 +22,13 @@ the ring) crosses the pipe as before: the ring never makes a sender wait, and a 
 pipe still holds the caller back.
 
 Layout: one segment per Batcher, ``mpbatch_<caller pid>_<random>_ring`` (swept like the
-counters when its caller is gone), REGION bytes per worker: an 8-byte ``tail`` cell
+counters when its caller is gone), region_bytes() per worker: an 8-byte ``tail`` cell
 (writer: the worker) in a 64-byte header, then the data. A replacement worker's region
-starts empty (``reset``, under the send lock, before it starts). The caller fills a ring
-with os.pwritev on the segment's descriptor (see Rings.place), so a full /dev/shm fails
-that write instead of killing a process with SIGBUS; that ring is not used again.
+starts empty (``reset``, under the send lock, before it starts). The caller writes every
+byte of a ring with os.pwrite(v) on the segment's descriptor (see Rings.place), never
+through its mapping: on a full /dev/shm a write fails (that ring is then left alone until
+its worker is replaced) where a first touch of a page would kill the process with SIGBUS.
+The worker only reads pages the caller wrote, and writes its tail in a page written first.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import threading
 from multiprocessing import shared_memory
 
 from .transport import IOV_MAX, drop_written
@@ -61,13 +64,24 @@ class Rings:
     def __init__(self, name: str, workers: int, region: int) -> None:
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=region * workers)
         self.fd = getattr(self.shm, "_fd", -1)  # POSIX shm_open's descriptor
-        if self.fd < 0:
-            self.unlink()
-            raise OSError("no descriptor to write the rings with (not POSIX shared memory)")
         self.region = region
         self.capacity = region - HEADER
         self.head = [0] * workers
         self.usable = [True] * workers  # False once /dev/shm had no room for ring i
+        # Held for each write and by unlink(): a sender racing close() must not write to
+        # a descriptor number that is closed, and maybe reused by then.
+        self.lock = threading.Lock()
+        self.closed = False
+        try:
+            if self.fd < 0:
+                raise OSError("no descriptor to write the rings with (not POSIX shm)")
+            # Each header page is written, not touched through the mapping: on a full
+            # /dev/shm the write fails here instead of a process taking SIGBUS later.
+            for i in range(workers):
+                os.pwrite(self.fd, bytes(HEADER), i * region)
+        except OSError:
+            self.unlink()
+            raise
         self.cells = self.shm.buf.cast("q")
         self.stride = region // 8  # cells per region: worker i's tail is cells[i * stride]
 
@@ -85,39 +99,47 @@ class Rings:
         head = self.head[i]
         at = head % capacity
         span = total if at + total <= capacity else capacity - at + total  # no wrap inside
-        if head + span - self.cells[i * self.stride] > capacity:
-            return None  # the worker has not read that far yet
         if span != total:
             at = 0
-        # Written, not stored through the mapping: the kernel copies with the GIL let go,
-        # as the pipe's write did, so the collector thread keeps settling outcomes (and
-        # freeing their values) meanwhile. A memcpy under the GIL let add() outrun it: the
-        # caller held ~0.5 GB of finished 64 KiB values, up to buffer=. A full /dev/shm
-        # fails the write (ENOSPC) rather than a later access (SIGBUS).
-        parts = list(raws)
-        pos = i * self.region + HEADER + at
-        try:
-            while parts:
-                n = os.pwritev(self.fd, parts[:IOV_MAX], pos)
-                pos += n
-                drop_written(parts, n)
-        except OSError:
-            self.usable[i] = False  # no room in /dev/shm: the pipe carries worker i's values
-            return None
+        with self.lock:
+            if self.closed or head + span - self.cells[i * self.stride] > capacity:
+                return None  # closed, or the worker has not read that far yet
+            # Written, not stored through the mapping: the kernel copies with the GIL let
+            # go, as the pipe's write did, so the collector thread keeps settling outcomes
+            # (and freeing their values) meanwhile. A memcpy under the GIL let add() outrun
+            # it: the caller held ~0.5 GB of finished 64 KiB values, up to buffer=.
+            parts = list(raws)
+            pos = i * self.region + HEADER + at
+            try:
+                while parts:
+                    n = os.pwritev(self.fd, parts[:IOV_MAX], pos)
+                    pos += n
+                    drop_written(parts, n)
+            except OSError:  # no room in /dev/shm: the pipe carries worker i's values
+                self.usable[i] = False
+                return None
         self.head[i] = head + span
         return at, span
 
+    def unplace(self, i: int, span: int) -> None:
+        """Take back the last place(i): its frame was never written (hold send_locks[i])."""
+        self.head[i] -= span
+
     def reset(self, i: int) -> None:
         """Ring i starts empty: worker i is (re)started (hold send_locks[i]; the previous
-        worker, the only other writer of the tail, is gone)."""
+        worker, the only other writer of the tail, is gone). A ring that found no room in
+        /dev/shm is tried again."""
         self.head[i] = 0
         self.cells[i * self.stride] = 0
+        self.usable[i] = True
 
     def unlink(self) -> None:
         """Close and remove the segment (the caller's job, once its workers are gone)."""
-        if hasattr(self, "cells"):
-            self.cells.release()
-        self.shm.close()
+        with self.lock:
+            self.closed = True
+            if hasattr(self, "cells"):
+                self.cells.release()
+            self.shm.close()
         with contextlib.suppress(FileNotFoundError):  # swept by another caller meanwhile
             self.shm.unlink()
 
@@ -142,8 +164,8 @@ class RingReader:
         return values
 
     def close(self) -> None:
-        """Release the views, then the mapping (the worker is exiting)."""
-        with contextlib.suppress(BufferError):  # the reader thread is inside take()
-            for view in (self.tail, self.data, self.view):
-                view.release()
-            self.shm.close()
+        """Release the views, then the mapping (the worker is exiting; hold the inlet's
+        lock, so that its reader thread is not inside take())."""
+        for view in (self.tail, self.data, self.view):
+            view.release()
+        self.shm.close()

@@ -17,6 +17,8 @@ caller -> worker (item pipe i)
                                                             large bytes values raw),
                                                             IN_RING (those values are in
                                                             the worker's ring, ring.py)
+           OUT_OF_BAND: count, each value's length | pickle | the values, raw
+           IN_RING too: count, each value's length, offset in the ring, span | pickle
     FLUSH  -                                                run what you hold now
     STOP   -                                                run what you hold, then exit
     DEFINE n=token | cloudpickle(object)                    keep it as definitions[token]

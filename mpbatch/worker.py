@@ -116,8 +116,7 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
         recycle = _Loop(index, inlet, results, counters, config, state).run()
     finally:
         counters.close()  # release our view before SharedMemory.__del__ tries to
-        if ring is not None:
-            ring.close()
+        inlet.close_ring()
     if recycle:
         # Items still queued here are in the caller's ledger: it re-sends them, with no
         # attempt spent, to the worker that replaces this one.

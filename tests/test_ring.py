@@ -6,11 +6,13 @@ ring leaves nothing behind."""
 import os
 import secrets
 import zlib
+from multiprocessing import Pipe
 
 import pytest
 
-from mpbatch import ring
+from mpbatch import lifecycle, ring
 from mpbatch import transport as tp
+from mpbatch.inlet import Inlet
 from tests import fns
 
 MiB = 1 << 20
@@ -80,6 +82,13 @@ def test_reset_empties_a_ring_whose_reader_died_holding_data(rings):
         0, made.capacity)
 
 
+def test_a_closed_ring_takes_nothing(rings):
+    """close() unlinks the rings under their lock: a sender racing it writes nothing."""
+    made, _ = rings
+    made.unlink()
+    assert made.place(0, [memoryview(os.urandom(100))]) is None
+
+
 def test_a_small_dev_shm_gets_smaller_rings_or_none(monkeypatch):
     class Stat:
         f_frsize = 4096
@@ -123,9 +132,10 @@ def test_a_full_ring_sends_the_rest_by_pipe_and_loses_nothing(gated, start_metho
     values = [os.urandom(MiB + j) for j in range(12)]
     futures = [b.submit("k", values[0])]
     pids.readline()  # the first batch is in do(), and stays there until gate()
-    futures += [b.submit("k", v) for v in values[1:]]
     rings = b._engine.pool.rings
-    placed = rings.head[0]
+    first = rings.head[0]
+    futures += [b.submit("k", v) for v in values[1:]]
+    placed = rings.head[0] - first
     assert 0 < placed < sum(map(len, values[1:])), "some chunks went by ring, some by pipe"
     gated.gate()
     assert [f.result(timeout=60) for f in futures] == _expected(values)
@@ -155,3 +165,73 @@ def test_a_worker_killed_with_chunks_in_its_ring_loses_nothing(batcher_factory, 
     assert results == _expected(values)
     assert b.stats().worker_restarts == 1
     assert rings.head[0] == _tail(rings, 0)
+
+
+@pytest.mark.timeout(120)
+def test_without_rings_the_pipes_carry_every_value(batcher_factory, start_method,
+                                                   monkeypatch):
+    """No room for the rings at start (/dev/shm full): no worker is told of them (the
+    zygote is given their name before it forks any), and values go by pipe."""
+    def no_room(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lifecycle, "Rings", no_room)
+    values = [os.urandom(100_000 + j) for j in range(20)]
+    b = batcher_factory(fns.digest, size=4, workers=2, start_method=start_method)
+    futures = [b.submit(f"k{j % 3}", v) for j, v in enumerate(values)]
+    assert [f.result(timeout=60) for f in futures] == _expected(values)
+    assert b._engine.pool.rings is None
+
+
+@pytest.mark.timeout(120)
+def test_a_write_that_finds_dev_shm_full_sends_by_pipe(batcher_factory, monkeypatch):
+    """os.pwritev fails (ENOSPC): that chunk and the rest of that worker's go by pipe."""
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    values = [os.urandom(100_000 + j) for j in range(20)]
+    b = batcher_factory(fns.digest, size=4, workers=2).start()
+    monkeypatch.setattr(os, "pwritev", full)  # the caller's: workers never call it
+    futures = [b.submit(f"k{j % 3}", v) for j, v in enumerate(values)]
+    assert [f.result(timeout=60) for f in futures] == _expected(values)
+    rings = b._engine.pool.rings
+    assert rings.head == [0, 0] and not all(rings.usable)
+
+
+@pytest.mark.timeout(20)
+def test_an_inlet_whose_ring_is_closed_reads_on_without_it(rings):
+    """A worker lets go of its ring as it exits, while its reader thread may still drain
+    the pipe: close_ring() waits for a read in progress, and later reads pass frames on
+    without touching the released ring (they raised ValueError in the reader thread)."""
+    made, _ = rings
+    items_r, items_w = Pipe(duplex=False)
+    drain_r, drain_w = Pipe(duplex=False)
+    inlet = Inlet(items_r, drain_r, ring.RingReader(made.name, 0, 2))
+    try:
+        frame = tp.chunk_frame(["k"], [os.urandom(tp.OOB_MIN)], None, 0)
+        wire = tp.ring_frame(frame, *made.place(0, frame.raws))
+        os.write(items_w.fileno(), wire)
+        assert inlet.queued()[0].values == [bytes(frame.raws[0])]
+        inlet.close_ring()
+        second = tp.ring_frame(frame, *made.place(0, frame.raws))
+        os.write(items_w.fileno(), second)
+        after = inlet.queued()[1]
+        assert type(after) is bytes and after == second[4:]  # as read: its values stay put
+    finally:
+        for conn in (items_r, items_w, drain_r, drain_w):
+            conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_workers_recycled_with_chunks_in_their_rings_lose_nothing(batcher_factory, capfd):
+    """Workers recycled every two batches while chunks wait in their rings (each
+    replacement's ring starts empty): every value comes back intact, and no worker prints
+    an error on its way out."""
+    values = [os.urandom(200_000 + j) for j in range(40)]
+    b = batcher_factory(fns.digest, size=2, workers=2, max_batches_per_worker=2)
+    futures = [b.submit(f"k{j % 5}", v) for j, v in enumerate(values)]
+    assert [f.result(timeout=60) for f in futures] == _expected(values)
+    assert b.stats().worker_restarts >= 5
+    b.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
