@@ -103,14 +103,16 @@ def main():
             if mode == "stuck":
                 b.add_many(stuck_items())
             b.add_many(("k", i) for i in range(items))
-            print("added", flush=True)
-            if mode == "closing":
-                threading.Thread(target=say_when_closing, args=(b,), daemon=True).start()
-                print("closing", flush=True)
-                return
-            if mode == "exit":
-                os._exit(0)
             try:
+                # Inside the try: print() may not have returned yet when the test, which
+                # has read the line, sends its Ctrl-C (seen on CPython 3.13).
+                print("added", flush=True)
+                if mode == "closing":
+                    threading.Thread(target=say_when_closing, args=(b,), daemon=True).start()
+                    print("closing", flush=True)
+                    return
+                if mode == "exit":
+                    os._exit(0)
                 threading.Event().wait()
             except KeyboardInterrupt:
                 print("interrupted", flush=True)  # the with block's close() comes next

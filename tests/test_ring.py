@@ -235,3 +235,37 @@ def test_workers_recycled_with_chunks_in_their_rings_lose_nothing(batcher_factor
     b.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_hands_back_part_of_a_chunk_whose_values_came_by_ring():
+    """Asked for items between two batches of a chunk read from the ring (work stealing):
+    its values were copied out as the frame was read, so the items kept run on their own
+    values, and the ring is empty whatever is handed back."""
+    from mpbatch.counters import ASK
+    from tests.test_steal import InProcessLoop
+
+    w = InProcessLoop(size=10)
+    w.loop.do = fns.digest  # small results: nobody drains the result pipe until the end
+    name = f"mpbatch_{os.getpid()}_{secrets.token_hex(4)}_ring"
+    made = ring.Rings(name, 1, ring.MIN_REGION)
+    w.inlet.ring = ring.RingReader(name, 0, 1)
+    try:
+        values = [os.urandom(tp.OOB_MIN + j) for j in range(25)]
+        frame = tp.chunk_frame(["k"] * 25, values, None, 1 << 62)
+        w.write(tp.ring_frame(frame, *made.place(0, frame.raws)))
+        got = w.inlet.next(5)
+        assert type(got) is tp.RingFrame
+        w.counters.set(0, ASK, 1 << 32 | 7)  # seen once the first batch of 10 has run
+        w.loop._take_chunk(got, *tp.read_to_worker(got)[1:])
+        w.loop._flush()
+        reports = w.reports()
+        heads = [tp.read_to_caller(f)[:3] for f in reports]
+        assert heads == [(tp.FINISHED, 0, 10), (tp.RETURNED, 10, 7), (tp.FINISHED, 17, 8)]
+        grouped = [tp.payload_of(reports[j], tp.TO_CALLER_SIZE)[1] for j in (0, 2)]
+        assert grouped == [[_expected(values[:10])], [_expected(values[17:])]]
+        assert made.head[0] == _tail(made, 0)
+    finally:
+        w.inlet.close_ring()
+        w.close()
+        made.unlink()
