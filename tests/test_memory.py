@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 import mpbatch
-from tests import fns
+from tests import fns, rayenv
 
 
 def memory_cgroup_root():
@@ -98,7 +98,8 @@ def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory, b
     freed memory kept by the workers' malloc): after a warm-up of 100 MiB, 600 MiB more of
     1 MiB values leave the whole process tree, caller and workers, within 100 MB of where
     it was (on Ray 200 MB: a value in flight is also in the object store and copied out of
-    it), and 600 MiB after those add nothing to the peak."""
+    it), and 600 MiB after those add nothing to the peak (on Ray, nothing beyond the pages
+    of the fixed-size object store not touched yet)."""
     me = psutil.Process()
     pool = os.urandom((1 << 20) + 4096)
     peak = [0]
@@ -123,6 +124,9 @@ def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory, b
         f"the tree grew {(first - start) / 1e6:.0f} MB over 600 MiB more"
     b.add_many(values(600))
     b.flush()
-    assert peak[0] - first < 30 * 1024 * 1024, \
+    # On Ray the tree's PSS also counts the object store's pages as its processes first
+    # touch them: up to the store's fixed size more (seen: 41 and 56 MB), never more.
+    rise = 30 * 1024 * 1024 if backend == "process" else rayenv.OBJECT_STORE_BYTES
+    assert peak[0] - first < rise, \
         f"the peak rose {(peak[0] - first) / 1e6:.0f} MB over the next 600 MiB"
     assert got[0] == 1300 and b.stats().succeeded == 1300
