@@ -18,10 +18,11 @@ Two kinds of key are placed otherwise, judged by their share of the last WINDOW 
   stacked where the hot keys already live.
 
 Queued work is read from the shared-memory counters (items sent and not done, times the
-worker's measured cost per item: WORK_NS / DONE) plus the items waiting in the caller's
-open chunk for that worker. Before a worker has finished anything its cost is unknown, and
-the bound is two batches' worth of items. Per-key order is not promised: a key that moves
-may run on its new home before its last items finish on the old one.
+worker's cost per item now, the estimate routing and pacing use too: costs.py) plus the
+items waiting in the caller's open chunk for that worker. A worker whose batch in do() runs
+long looks as costly as that batch is, so its keys move. Before any batch has ended no cost
+is known, and the bound is two batches' worth of items. Per-key order is not promised: a key
+that moves may run on its new home before its last items finish on the old one.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from .counters import CELLS, DONE, GIVEN, SENT, WORK_NS
+from .counters import CELLS, DONE, SENT
 
 if TYPE_CHECKING:
+    from .costs import Costs
     from .counters import LoadCounters
     from .intake import OpenChunk
 
@@ -45,8 +47,10 @@ class Affinity:
 
     HOMES_MAX = 65_536  # bounded: a stream of distinct keys must not grow memory
 
-    def __init__(self, counters: LoadCounters, batch_items: int, spill_after: float) -> None:
+    def __init__(self, counters: LoadCounters, costs: Costs, batch_items: int,
+                 spill_after: float) -> None:
         self.counters = counters
+        self.costs = costs
         self.workers = counters.workers
         self.bound_ns = spill_after * 1e9
         self.bound_items = 2 * batch_items  # while a worker's cost is unknown
@@ -62,14 +66,8 @@ class Affinity:
 
     def limits(self) -> list[float]:
         """Items each worker may have queued before its keys move."""
-        cells = self.counters.cells
-        out = []
-        for i in range(self.workers):
-            base = CELLS * i
-            done = cells[base + DONE] - cells[base + GIVEN]  # handed back: not run
-            cost = cells[base + WORK_NS] / done if done > 0 else 0.0
-            out.append(self.bound_ns / cost if cost else self.bound_items)
-        return out
+        return [self.bound_ns / cost if cost else self.bound_items
+                for cost in self.costs.current()]
 
     def loads(self) -> list[int]:
         """Items queued per worker: sent and not done, and waiting in its open chunk."""

@@ -90,24 +90,35 @@ class Costs:
         self._recent[i] = (0.0, 0.0)
         self._seen[i] = seen
 
-    def least(self) -> int:
-        """The worker with the least queued work (the lowest index of equals), with the
-        estimates brought up to date first: items sent and not done, times the worker's
-        cost per item (items alone while no cost is known); O(workers)."""
+    def current(self) -> list[float]:
+        """Each worker's cost per item now, with the estimates brought up to date first: its
+        own (the pooled one while its own is unknown), raised to what the batch it has in
+        do() has cost so far per item when that is more. All 0.0 while nothing has been
+        measured: compare queued items then (a time is no match for a count of items)."""
         self.update()
-        cells, per_worker, pooled = self.counters.cells, self.per_worker, self.pooled
-        # Nothing measured yet: items alone (a time is no match for a count of items).
-        now = time.monotonic_ns() if pooled else 0
-        best, best_work = 0, 0.0
+        pooled = self.pooled
+        if not pooled:
+            return [0.0] * self.workers
+        cells, per_worker, now = self.counters.cells, self.per_worker, time.monotonic_ns()
+        out = []
         for i in range(self.workers):
             base = CELLS * i
-            cost = per_worker[i] or pooled or 1.0
-            began = cells[base + BUSY_NS] if now else 0
+            cost = per_worker[i] or pooled
+            began = cells[base + BUSY_NS]
             if began:  # the batch in do() so far: its items cost at least this much each
                 inside = cells[base + B_END] - cells[base + B_START]
                 if inside > 0 and now - began > cost * inside:
                     cost = (now - began) / inside
-            work = (cells[base + SENT] - cells[base + DONE]) * cost
+            out.append(cost)
+        return out
+
+    def least(self) -> int:
+        """The worker with the least queued work (the lowest index of equals): items sent
+        and not done, times its cost per item now (``current()``); O(workers)."""
+        cells, best, best_work = self.counters.cells, 0, 0.0
+        for i, cost in enumerate(self.current()):
+            base = CELLS * i
+            work = (cells[base + SENT] - cells[base + DONE]) * (cost or 1.0)
             if i == 0 or work < best_work:
                 best, best_work = i, work
         return best

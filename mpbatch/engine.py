@@ -86,9 +86,9 @@ class Engine:
         collector made so far is discarded (the caller discards the pool)."""
         counters = self.counters
         batch = opts.batch_items
-        affinity = (Affinity(counters, batch, opts.spill_after)  # type: ignore[arg-type]
-                    if opts.routing == "affinity" else None)
         costs = Costs(counters)  # cost per item on each worker: routing, pacing, stealing
+        affinity = (Affinity(counters, costs, batch, opts.spill_after)  # type: ignore[arg-type]
+                    if opts.routing == "affinity" else None)
         self.router = Router(opts.routing, counters, affinity, costs)
         # add_many's blocks go to the least-loaded worker (or to keys' homes, which move
         # by queued work): pace them by work, not count.

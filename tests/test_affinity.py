@@ -2,11 +2,14 @@
 queued work, and moves to the least-loaded worker past it. Checked through which worker
 ran each item, not through timing."""
 
+import time
+
 import pytest
 
 import mpbatch
 from mpbatch.affinity import SPILL_AFTER, WINDOW, Affinity
-from mpbatch.counters import DONE, SENT, WORK_NS, LoadCounters
+from mpbatch.costs import Costs
+from mpbatch.counters import B_END, B_START, BUSY_NS, DONE, SENT, WORK_NS, LoadCounters
 from tests import fns
 from tests.test_cli import mpbatch_cmd, outputs, write_jsonl
 
@@ -16,6 +19,13 @@ class Waiting:
 
     def __init__(self, n=0):
         self.entries = [None] * n
+
+
+def make_affinity(counters, batch_items, spill_after=SPILL_AFTER):
+    """Affinity as the engine makes it: on the cost estimates routing and pacing share."""
+    affinity = Affinity(counters, Costs(counters), batch_items, spill_after)
+    affinity.waiting = [Waiting() for _ in range(counters.workers)]
+    return affinity
 
 
 def where_each_ran(b, items):
@@ -89,9 +99,9 @@ def test_the_bound_in_seconds_follows_each_workers_measured_cost():
         counters.set(0, DONE, 100)
         counters.set(0, SENT, 100)
         counters.set(0, WORK_NS, 100 * 1_000_000)
-        affinity = Affinity(counters, batch_items=50, spill_after=0.005)
-        affinity.waiting = [Waiting(), Waiting()]
-        assert affinity.limits() == [5.0, 100]  # 5 ms / 1 ms; 2 batches of 50
+        affinity = make_affinity(counters, batch_items=50, spill_after=0.005)
+        # 5 ms / 1 ms; worker 1 has run nothing yet and takes the cost measured so far
+        assert affinity.limits() == [5.0, 5.0]
         affinity.homes["a"] = 0
         owners = affinity.owners(["a"] * 12)
         assert owners == [0] * 5 + [1] * 7  # moved at 5 items queued, to the idle worker
@@ -104,13 +114,48 @@ def test_the_bound_in_seconds_follows_each_workers_measured_cost():
         counters.unlink()
 
 
+def test_before_any_batch_ends_the_bound_is_two_batches_of_items():
+    counters = LoadCounters(2)
+    try:
+        affinity = make_affinity(counters, batch_items=50)
+        assert affinity.limits() == [100, 100]
+        counters.set(0, SENT, 100)  # worker 0 has its bound queued: "a" goes to worker 1
+        affinity.homes["a"] = 0
+        assert affinity.for_key("a") == 1 and affinity.moves == 1
+    finally:
+        counters.unlink()
+
+
+def test_keys_leave_a_worker_whose_batch_in_do_runs_long():
+    """A worker measured at 1 ms per item but 1 s into a batch of 10 items: its items cost
+    at least 100 ms each now, so its bound of 50 ms is past with one item queued."""
+    counters = LoadCounters(2)
+    try:
+        for i in (0, 1):
+            counters.set(i, DONE, 100)
+            counters.set(i, SENT, 100)
+            counters.set(i, WORK_NS, 100 * 1_000_000)
+        affinity = make_affinity(counters, batch_items=50, spill_after=0.05)
+        assert affinity.limits() == [50.0, 50.0]
+        affinity.homes["a"] = 0
+        assert affinity.owners(["a"] * 3) == [0, 0, 0]  # under its bound: stays home
+        counters.set(0, SENT, 110)  # a batch of 10 in do() on worker 0 for 1 s
+        counters.set(0, B_START, 100)
+        counters.set(0, B_END, 110)
+        counters.set(0, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
+        limit = affinity.limits()[0]
+        assert 0.4 < limit <= 0.5, limit  # 50 ms over >= 100 ms an item
+        assert affinity.for_key("a") == 1 and affinity.homes["a"] == 1
+    finally:
+        counters.unlink()
+
+
 def test_a_key_too_hot_for_one_worker_is_spread_and_the_others_stay_home():
     """Past 1/workers of a window's items, a key has no home: each of its items goes to the
     least-loaded worker, and the keys homed around it do not move."""
     counters = LoadCounters(2)
     try:
-        affinity = Affinity(counters, batch_items=10_000, spill_after=SPILL_AFTER)
-        affinity.waiting = [Waiting(), Waiting()]
+        affinity = make_affinity(counters, batch_items=10_000)
         affinity.homes.update({"hot": 0, "a": 0, "b": 1})
         window = ["hot"] * 1400 + ["a"] * 300 + ["b"] * 348  # hot: 68 %
         assert len(window) == WINDOW
@@ -128,8 +173,7 @@ def test_a_new_key_goes_where_fewer_busy_keys_live():
     keys (a share of BUSY or more of the last window), not to the one with the hot keys."""
     counters = LoadCounters(2)
     try:
-        affinity = Affinity(counters, batch_items=10_000, spill_after=SPILL_AFTER)
-        affinity.waiting = [Waiting(), Waiting()]
+        affinity = make_affinity(counters, batch_items=10_000)
         affinity.homes.update({"x": 1, "y": 1, "z": 0})
         window = ["x"] * 600 + ["y"] * 600 + ["z"] * 848
         affinity.owners(window)
@@ -143,8 +187,7 @@ def test_a_new_key_goes_where_fewer_busy_keys_live():
 def test_homes_stay_bounded_with_a_stream_of_distinct_keys():
     counters = LoadCounters(2)
     try:
-        affinity = Affinity(counters, batch_items=100, spill_after=SPILL_AFTER)
-        affinity.waiting = [Waiting(), Waiting()]
+        affinity = make_affinity(counters, batch_items=100)
         for start in range(0, 3 * Affinity.HOMES_MAX, 10_000):
             affinity.owners(list(range(start, start + 10_000)))
         assert len(affinity.homes) <= Affinity.HOMES_MAX
