@@ -18,11 +18,11 @@ Two kinds of key are placed otherwise, judged by their share of the last WINDOW 
   stacked where the hot keys already live.
 
 Queued work is read from the shared-memory counters (items sent and not done, times the
-worker's cost per item now, the estimate routing and pacing use too: costs.py) plus the
-items waiting in the caller's open chunk for that worker. A worker whose batch in do() runs
-long looks as costly as that batch is, so its keys move. Before any batch has ended no cost
-is known, and the bound is two batches' worth of items. Per-key order is not promised: a key
-that moves may run on its new home before its last items finish on the old one.
+worker's cost per item over all it has run: costs.py, ``steady``) plus the items waiting in
+the caller's open chunk for that worker. A worker whose batch in do() runs long looks as
+costly as that batch is, so its keys move. Before any batch has ended no cost is known, and
+the bound is two batches' worth of items. Per-key order is not promised: a key that moves
+may run on its new home before its last items finish on the old one.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Affinity:
     def limits(self) -> list[float]:
         """Items each worker may have queued before its keys move."""
         return [self.bound_ns / cost if cost else self.bound_items
-                for cost in self.costs.current()]
+                for cost in self.costs.current(steady=True)]
 
     def loads(self) -> list[int]:
         """Items queued per worker: sent and not done, and waiting in its open chunk."""

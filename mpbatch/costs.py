@@ -90,20 +90,28 @@ class Costs:
         self._recent[i] = (0.0, 0.0)
         self._seen[i] = seen
 
-    def current(self) -> list[float]:
+    def current(self, steady: bool = False) -> list[float]:
         """Each worker's cost per item now, with the estimates brought up to date first: its
         own (the pooled one while its own is unknown), raised to what the batch it has in
         do() has cost so far per item when that is more. All 0.0 while nothing has been
-        measured: compare queued items then (a time is no match for a count of items)."""
+        measured: compare queued items then (a time is no match for a count of items).
+
+        ``steady``: a worker's own cost over everything its incarnation has run, not over
+        its recent batches. Affinity bounds a key's home by it: a recent cost jumps with a
+        batch that warmed a key up, and every jump of a bound moves keys, each move a
+        warm-up more (measured on benchmarks/keyed.py).
+        """
         self.update()
         pooled = self.pooled
         if not pooled:
             return [0.0] * self.workers
-        cells, per_worker, now = self.counters.cells, self.per_worker, time.monotonic_ns()
+        cells, now = self.counters.cells, time.monotonic_ns()
+        # steady: the cells at the last sample are the incarnation's totals
+        own = [w / r if r > 0 else 0.0 for _, r, w in self._seen] if steady else self.per_worker
         out = []
         for i in range(self.workers):
             base = CELLS * i
-            cost = per_worker[i] or pooled
+            cost = own[i] or pooled
             began = cells[base + BUSY_NS]
             if began:  # the batch in do() so far: its items cost at least this much each
                 inside = cells[base + B_END] - cells[base + B_START]

@@ -114,6 +114,28 @@ def test_the_bound_in_seconds_follows_each_workers_measured_cost():
         counters.unlink()
 
 
+def test_one_costly_batch_barely_moves_a_homes_bound():
+    """Routing reads a worker's recent cost; a home's bound reads its cost over all it ran,
+    so a batch that warmed keys up does not shrink every bound on that worker at once."""
+    counters = LoadCounters(2)
+    try:
+        affinity = make_affinity(counters, batch_items=100, spill_after=0.05)
+        for i in (0, 1):
+            counters.set(i, DONE, 1000)
+            counters.set(i, SENT, 1000)
+            counters.set(i, WORK_NS, 1000 * 100_000)  # 100 us an item
+        assert affinity.limits() == [500.0, 500.0]
+        counters.set(0, DONE, 1100)  # then a batch of 100 at 300 us an item (warm-ups)
+        counters.set(0, SENT, 1100)
+        counters.set(0, WORK_NS, 1000 * 100_000 + 100 * 300_000)
+        limits = affinity.limits()
+        assert 0.05e9 / limits[0] == pytest.approx(1.3e8 / 1100)  # all it ran: ~118 us
+        # What routing reads instead: the earlier batches halved, the costly one whole
+        assert affinity.costs.of(0) == pytest.approx((1e8 / 2 + 3e7) / (1000 / 2 + 100))
+    finally:
+        counters.unlink()
+
+
 def test_before_any_batch_ends_the_bound_is_two_batches_of_items():
     counters = LoadCounters(2)
     try:
