@@ -114,8 +114,9 @@ class Bulk:
             return room
         with b._lock:
             allowed = pacer.allowance()
-            if allowed <= 0:
-                b._wait_until(lambda: pacer.allowance() > 0, time.monotonic() + PACE_WAIT)
+            if allowed < pacer.least:
+                b._wait_until(lambda: pacer.allowance() >= pacer.least,
+                              time.monotonic() + PACE_WAIT)
                 allowed = pacer.allowance()
         # After PACE_WAIT without a wake-up, a batch and a half goes anyway: not one item.
         return min(room, allowed if allowed > 0 else pacer.floor)

@@ -96,6 +96,30 @@ def test_add_many_queues_about_20ms_of_work_per_worker_not_buffer_items(batcher_
     assert queued <= 100, queued  # 2 workers x (a batch and a half, or 20 ms) + one block
 
 
+@pytest.mark.parametrize("routing", ["affinity", "least-loaded"])
+def test_paced_add_many_sends_blocks_of_half_a_batch_or_more(batcher_factory, monkeypatch,
+                                                             routing):
+    """A paced add_many waits for half a batch of allowance before it pulls a block: under
+    "affinity" a block spreads over keys' homes, and sending whatever was allowed made ever
+    smaller blocks (1-4 items here), each a pickle, a frame and a write of its own."""
+    from mpbatch.bulk import Bulk
+    sizes = []
+    send = Bulk._send
+
+    def recording(self, keys, values, *args, **kwargs):
+        sizes.append(len(keys))
+        return send(self, keys, values, *args, **kwargs)
+
+    monkeypatch.setattr(Bulk, "_send", recording)
+    b = batcher_factory(fns.sleep_per_item, size=10, workers=2, routing=routing)
+    assert b.add_many((f"k{i % 20}", i) for i in range(600)) == 600  # ~0.6 s of work
+    b.flush()
+    assert b.stats().succeeded == 600 and sum(sizes) == 600
+    # Blocks grow from one item (1, 2, 4: a slow stream's first item does not wait for a
+    # block to fill); the last is what the stream had left.
+    assert sizes[:3] == [1, 2, 4] and min(sizes[3:-1]) >= 5, sizes
+
+
 def test_round_robin_add_many_is_not_paced(batcher_factory):
     b = batcher_factory(fns.sleep_per_item, size=5, workers=2, routing="round-robin")
     b.add_many((f"k{i % 3}", i) for i in range(400))  # ~0.4 s of work
