@@ -19,18 +19,19 @@ Two kinds of key are placed otherwise, judged by their share of the last WINDOW 
 
 Queued work is read from the shared-memory counters (items sent and not done, times the
 worker's cost per item over all it has run: costs.py, ``steady``) plus the items waiting in
-the caller's open chunk for that worker. A worker whose batch in do() runs long looks as
-costly as that batch is, so its keys move. Before any batch has ended no cost is known, and
-the bound is two batches' worth of items. Per-key order is not promised: a key that moves
-may run on its new home before its last items finish on the old one.
+the caller's open chunk for that worker. A worker whose batch in do() has overrun its
+estimate by more than the bound is past it, so its keys move. Before any batch has ended no
+cost is known, and the bound is two batches' worth of items. Per-key order is not promised:
+a key that moves may run on its new home before its last items finish on the old one.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from .counters import CELLS, DONE, SENT
+from .counters import B_END, B_START, BUSY_NS, CELLS, DONE, SENT
 
 if TYPE_CHECKING:
     from .costs import Costs
@@ -65,9 +66,22 @@ class Affinity:
         self.busy = [0] * self.workers  # busy keys homed on each worker, last window
 
     def limits(self) -> list[float]:
-        """Items each worker may have queued before its keys move."""
-        return [self.bound_ns / cost if cost else self.bound_items
-                for cost in self.costs.current(steady=True)]
+        """Items each worker may have queued before its keys move: none on a worker whose
+        batch in do() has overrun its estimate by more than the bound (its queue waits that
+        long at least). A batch that warmed a few keys up overruns by less; were any
+        overrun enough, each would move keys, each move a warm-up more. (No estimate yet:
+        two batches' worth of items.)"""
+        cells, bound, now = self.counters.cells, self.bound_ns, time.monotonic_ns()
+        out = []
+        for i, cost in enumerate(self.costs.steady()):
+            base = CELLS * i
+            began = cells[base + BUSY_NS]
+            inside = cells[base + B_END] - cells[base + B_START]
+            if began and cost and now - began - cost * inside > bound:
+                out.append(0.0)
+            else:
+                out.append(bound / cost if cost else self.bound_items)
+        return out
 
     def loads(self) -> list[int]:
         """Items queued per worker: sent and not done, and waiting in its open chunk."""

@@ -90,28 +90,20 @@ class Costs:
         self._recent[i] = (0.0, 0.0)
         self._seen[i] = seen
 
-    def current(self, steady: bool = False) -> list[float]:
+    def current(self) -> list[float]:
         """Each worker's cost per item now, with the estimates brought up to date first: its
         own (the pooled one while its own is unknown), raised to what the batch it has in
         do() has cost so far per item when that is more. All 0.0 while nothing has been
-        measured: compare queued items then (a time is no match for a count of items).
-
-        ``steady``: a worker's own cost over everything its incarnation has run, not over
-        its recent batches. Affinity bounds a key's home by it: a recent cost jumps with a
-        batch that warmed a key up, and every jump of a bound moves keys, each move a
-        warm-up more (measured on benchmarks/keyed.py).
-        """
+        measured: compare queued items then (a time is no match for a count of items)."""
         self.update()
         pooled = self.pooled
         if not pooled:
             return [0.0] * self.workers
-        cells, now = self.counters.cells, time.monotonic_ns()
-        # steady: the cells at the last sample are the incarnation's totals
-        own = [w / r if r > 0 else 0.0 for _, r, w in self._seen] if steady else self.per_worker
+        cells, per_worker, now = self.counters.cells, self.per_worker, time.monotonic_ns()
         out = []
         for i in range(self.workers):
             base = CELLS * i
-            cost = own[i] or pooled
+            cost = per_worker[i] or pooled
             began = cells[base + BUSY_NS]
             if began:  # the batch in do() so far: its items cost at least this much each
                 inside = cells[base + B_END] - cells[base + B_START]
@@ -119,6 +111,20 @@ class Costs:
                     cost = (now - began) / inside
             out.append(cost)
         return out
+
+    def steady(self) -> list[float]:
+        """Each worker's cost per item over all its incarnation has run (the pooled one
+        while it has run nothing); all 0.0 while nothing has been measured.
+
+        Affinity bounds a key's home by it. The recent cost jumps with every batch that
+        warmed a key up, and so does current()'s floor, the batch in do(): each jump of a
+        home's bound moved keys, each move a warm-up more (27-35 moves on
+        benchmarks/keyed.py against 10-14).
+        """
+        self.update()
+        pooled = self.pooled
+        # The cells at the last sample taken from a worker are its incarnation's totals.
+        return [w / r if r > 0 else pooled for _, r, w in self._seen]
 
     def least(self) -> int:
         """The worker with the least queued work (the lowest index of equals): items sent
