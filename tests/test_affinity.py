@@ -21,6 +21,14 @@ class Waiting:
         self.entries = [None] * n
 
 
+@pytest.fixture
+def counters():
+    """Two workers' load counters in real shared memory, unlinked after the test."""
+    counters = LoadCounters(2)
+    yield counters
+    counters.unlink()
+
+
 def make_affinity(counters, batch_items, spill_after=SPILL_AFTER):
     """Affinity as the engine makes it: on the cost estimates routing and pacing share."""
     affinity = Affinity(counters, Costs(counters), batch_items, spill_after)
@@ -92,130 +100,102 @@ def test_many_keys_through_add_many_lose_nothing(batcher_factory):
     assert (s.succeeded, s.pending, s.dead_lettered) == (20_000, 0, 0)
 
 
-def test_the_bound_in_seconds_follows_each_workers_measured_cost():
-    counters = LoadCounters(2)
-    try:
-        # worker 0: 1 ms per item measured; worker 1: nothing finished yet (unknown cost)
-        counters.set(0, DONE, 100)
-        counters.set(0, SENT, 100)
-        counters.set(0, WORK_NS, 100 * 1_000_000)
-        affinity = make_affinity(counters, batch_items=50, spill_after=0.005)
-        # 5 ms / 1 ms; worker 1 has run nothing yet and takes the cost measured so far
-        assert affinity.limits() == [5.0, 5.0]
-        affinity.homes["a"] = 0
-        owners = affinity.owners(["a"] * 12)
-        assert owners == [0] * 5 + [1] * 7  # moved at 5 items queued, to the idle worker
-        assert affinity.homes["a"] == 1 and affinity.moves == 1
-        # Items waiting in the caller's open chunk count as queued work too.
-        affinity.homes["b"] = 0
-        affinity.waiting = [Waiting(5), Waiting()]
-        assert affinity.for_key("b") == 1
-    finally:
-        counters.unlink()
+def test_the_bound_in_seconds_follows_each_workers_measured_cost(counters):
+    # worker 0: 1 ms per item measured; worker 1: nothing finished yet (unknown cost)
+    counters.set(0, DONE, 100)
+    counters.set(0, SENT, 100)
+    counters.set(0, WORK_NS, 100 * 1_000_000)
+    affinity = make_affinity(counters, batch_items=50, spill_after=0.005)
+    # 5 ms / 1 ms; worker 1 has run nothing yet and takes the cost measured so far
+    assert affinity.limits() == [5.0, 5.0]
+    affinity.homes["a"] = 0
+    owners = affinity.owners(["a"] * 12)
+    assert owners == [0] * 5 + [1] * 7  # moved at 5 items queued, to the idle worker
+    assert affinity.homes["a"] == 1 and affinity.moves == 1
+    # Items waiting in the caller's open chunk count as queued work too.
+    affinity.homes["b"] = 0
+    affinity.waiting = [Waiting(5), Waiting()]
+    assert affinity.for_key("b") == 1
 
 
-def test_one_costly_batch_barely_moves_a_homes_bound():
+def test_one_costly_batch_barely_moves_a_homes_bound(counters):
     """Routing reads a worker's recent cost; a home's bound reads its cost over all it ran,
     so a batch that warmed keys up does not shrink every bound on that worker at once."""
-    counters = LoadCounters(2)
-    try:
-        affinity = make_affinity(counters, batch_items=100, spill_after=0.05)
-        for i in (0, 1):
-            counters.set(i, DONE, 1000)
-            counters.set(i, SENT, 1000)
-            counters.set(i, WORK_NS, 1000 * 100_000)  # 100 us an item
-        assert affinity.limits() == [500.0, 500.0]
-        counters.set(0, DONE, 1100)  # then a batch of 100 at 300 us an item (warm-ups)
-        counters.set(0, SENT, 1100)
-        counters.set(0, WORK_NS, 1000 * 100_000 + 100 * 300_000)
-        limits = affinity.limits()
-        assert 0.05e9 / limits[0] == pytest.approx(1.3e8 / 1100)  # all it ran: ~118 us
-        # What routing reads instead: the earlier batches halved, the costly one whole
-        assert affinity.costs.of(0) == pytest.approx((1e8 / 2 + 3e7) / (1000 / 2 + 100))
-    finally:
-        counters.unlink()
+    affinity = make_affinity(counters, batch_items=100, spill_after=0.05)
+    for i in (0, 1):
+        counters.set(i, DONE, 1000)
+        counters.set(i, SENT, 1000)
+        counters.set(i, WORK_NS, 1000 * 100_000)  # 100 us an item
+    assert affinity.limits() == [500.0, 500.0]
+    counters.set(0, DONE, 1100)  # then a batch of 100 at 300 us an item (warm-ups)
+    counters.set(0, SENT, 1100)
+    counters.set(0, WORK_NS, 1000 * 100_000 + 100 * 300_000)
+    limits = affinity.limits()
+    assert 0.05e9 / limits[0] == pytest.approx(1.3e8 / 1100)  # all it ran: ~118 us
+    # What routing reads instead: the earlier batches halved, the costly one whole
+    assert affinity.costs.of(0) == pytest.approx((1e8 / 2 + 3e7) / (1000 / 2 + 100))
 
 
-def test_before_any_batch_ends_the_bound_is_two_batches_of_items():
-    counters = LoadCounters(2)
-    try:
-        affinity = make_affinity(counters, batch_items=50)
-        assert affinity.limits() == [100, 100]
-        counters.set(0, SENT, 100)  # worker 0 has its bound queued: "a" goes to worker 1
-        affinity.homes["a"] = 0
-        assert affinity.for_key("a") == 1 and affinity.moves == 1
-    finally:
-        counters.unlink()
+def test_before_any_batch_ends_the_bound_is_two_batches_of_items(counters):
+    affinity = make_affinity(counters, batch_items=50)
+    assert affinity.limits() == [100, 100]
+    counters.set(0, SENT, 100)  # worker 0 has its bound queued: "a" goes to worker 1
+    affinity.homes["a"] = 0
+    assert affinity.for_key("a") == 1 and affinity.moves == 1
 
 
-def test_keys_leave_a_worker_whose_batch_overran_its_estimate_by_the_bound():
+def test_keys_leave_a_worker_whose_batch_overran_its_estimate_by_the_bound(counters):
     """A batch of 10 at 1 ms an item, 40 ms in: 30 ms over its estimate, as one that warmed
     a key up may be; its worker keeps its keys. 70 ms in, 60 ms over, past the bound of
     50 ms: its queue waits that long at least, and they move."""
-    counters = LoadCounters(2)
-    try:
-        for i in (0, 1):
-            counters.set(i, DONE, 100)
-            counters.set(i, SENT, 100)
-            counters.set(i, WORK_NS, 100 * 1_000_000)  # 1 ms an item
-        affinity = make_affinity(counters, batch_items=50, spill_after=0.05)
-        affinity.homes["a"] = 0
-        counters.set(0, SENT, 110)  # a batch of 10 in do() on worker 0
-        counters.set(0, B_START, 100)
-        counters.set(0, B_END, 110)
-        counters.set(0, BUSY_NS, time.monotonic_ns() - 40_000_000)
-        assert affinity.limits() == [50.0, 50.0]
-        assert affinity.for_key("a") == 0
-        counters.set(0, BUSY_NS, time.monotonic_ns() - 70_000_000)
-        assert affinity.limits() == [0.0, 50.0]
-        assert affinity.for_key("a") == 1 and affinity.homes["a"] == 1
-    finally:
-        counters.unlink()
+    for i in (0, 1):
+        counters.set(i, DONE, 100)
+        counters.set(i, SENT, 100)
+        counters.set(i, WORK_NS, 100 * 1_000_000)  # 1 ms an item
+    affinity = make_affinity(counters, batch_items=50, spill_after=0.05)
+    affinity.homes["a"] = 0
+    counters.set(0, SENT, 110)  # a batch of 10 in do() on worker 0
+    counters.set(0, B_START, 100)
+    counters.set(0, B_END, 110)
+    counters.set(0, BUSY_NS, time.monotonic_ns() - 40_000_000)
+    assert affinity.limits() == [50.0, 50.0]
+    assert affinity.for_key("a") == 0
+    counters.set(0, BUSY_NS, time.monotonic_ns() - 70_000_000)
+    assert affinity.limits() == [0.0, 50.0]
+    assert affinity.for_key("a") == 1 and affinity.homes["a"] == 1
 
 
-def test_a_key_too_hot_for_one_worker_is_spread_and_the_others_stay_home():
+def test_a_key_too_hot_for_one_worker_is_spread_and_the_others_stay_home(counters):
     """Past 1/workers of a window's items, a key has no home: each of its items goes to the
     least-loaded worker, and the keys homed around it do not move."""
-    counters = LoadCounters(2)
-    try:
-        affinity = make_affinity(counters, batch_items=10_000)
-        affinity.homes.update({"hot": 0, "a": 0, "b": 1})
-        window = ["hot"] * 1400 + ["a"] * 300 + ["b"] * 348  # hot: 68 %
-        assert len(window) == WINDOW
-        affinity.owners(window)
-        assert affinity.hot == {"hot"}
-        owners = affinity.owners(["hot"] * 10 + ["a", "b"])
-        assert owners[:10] == [0, 1] * 5 or owners[:10] == [1, 0] * 5  # shared, item by item
-        assert owners[10:] == [0, 1] and affinity.homes == {"hot": 0, "a": 0, "b": 1}
-    finally:
-        counters.unlink()
+    affinity = make_affinity(counters, batch_items=10_000)
+    affinity.homes.update({"hot": 0, "a": 0, "b": 1})
+    window = ["hot"] * 1400 + ["a"] * 300 + ["b"] * 348  # hot: 68 %
+    assert len(window) == WINDOW
+    affinity.owners(window)
+    assert affinity.hot == {"hot"}
+    owners = affinity.owners(["hot"] * 10 + ["a", "b"])
+    assert owners[:10] == [0, 1] * 5 or owners[:10] == [1, 0] * 5  # shared, item by item
+    assert owners[10:] == [0, 1] and affinity.homes == {"hot": 0, "a": 0, "b": 1}
 
 
-def test_a_new_key_goes_where_fewer_busy_keys_live():
+def test_a_new_key_goes_where_fewer_busy_keys_live(counters):
     """Both workers near the least load: the new key goes to the worker home to fewer busy
     keys (a share of BUSY or more of the last window), not to the one with the hot keys."""
-    counters = LoadCounters(2)
-    try:
-        affinity = make_affinity(counters, batch_items=10_000)
-        affinity.homes.update({"x": 1, "y": 1, "z": 0})
-        window = ["x"] * 600 + ["y"] * 600 + ["z"] * 848
-        affinity.owners(window)
-        assert affinity.busy == [1, 2] and affinity.hot == frozenset()
-        counters.set(0, SENT, 3)  # worker 0 a little busier, within half a bound
-        assert affinity.for_key("new") == 0
-    finally:
-        counters.unlink()
+    affinity = make_affinity(counters, batch_items=10_000)
+    affinity.homes.update({"x": 1, "y": 1, "z": 0})
+    window = ["x"] * 600 + ["y"] * 600 + ["z"] * 848
+    affinity.owners(window)
+    assert affinity.busy == [1, 2] and affinity.hot == frozenset()
+    counters.set(0, SENT, 3)  # worker 0 a little busier, within half a bound
+    assert affinity.for_key("new") == 0
 
 
-def test_homes_stay_bounded_with_a_stream_of_distinct_keys():
-    counters = LoadCounters(2)
-    try:
-        affinity = make_affinity(counters, batch_items=100)
-        for start in range(0, 3 * Affinity.HOMES_MAX, 10_000):
-            affinity.owners(list(range(start, start + 10_000)))
-        assert len(affinity.homes) <= Affinity.HOMES_MAX
-    finally:
-        counters.unlink()
+def test_homes_stay_bounded_with_a_stream_of_distinct_keys(counters):
+    affinity = make_affinity(counters, batch_items=100)
+    for start in range(0, 3 * Affinity.HOMES_MAX, 10_000):
+        affinity.owners(list(range(start, start + 10_000)))
+    assert len(affinity.homes) <= Affinity.HOMES_MAX
 
 
 @pytest.mark.parametrize(("kwargs", "error", "text"), [
