@@ -77,7 +77,9 @@ class Affinity:
             base = CELLS * i
             began = cells[base + BUSY_NS]
             inside = cells[base + B_END] - cells[base + B_START]
-            if began and cost and now - began - cost * inside > bound:
+            # inside <= 0: the batch ended (and the next began) between these reads; its
+            # time then has no estimate to be set against
+            if began and cost and inside > 0 and now - began - cost * inside > bound:
                 out.append(0.0)
             else:
                 out.append(bound / cost if cost else self.bound_items)
@@ -143,7 +145,9 @@ class Affinity:
         holds at least half a bound less. (Were every worker past its bound, a plain "least"
         would bounce a hot key between them item by item.)"""
         least = min(range(self.workers), key=loads.__getitem__)
-        if loads[least] > loads[home] - limit / 2:
+        # least == home: a worker past its bound (an overrun batch: a limit of 0) may still
+        # hold the fewest items; the key stays, and it is no move
+        if least == home or loads[least] > loads[home] - limit / 2:
             return home
         self.moves += 1
         self.homes[key] = least

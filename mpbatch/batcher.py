@@ -14,10 +14,10 @@
    x cost[i], from shared memory, counters.py, with cost[i] worker i's recent work_ns per
    item, costs.py; round-robin; key: spread crc32 of the key; affinity: its home unless
    it has spill_after of work queued, affinity.py), record the chunk in ledger i
-   (ledger.py), sent[i] += n; add_many pulls its next block, of half a batch or more,
-   once the worker with the fewest queued items has that much room under ~20 ms of work
-   at the pooled cost, or 1.5 batches (Pacer); a Ctrl-C waits until the chunk is
-   recorded and written (interrupts.py)
+   (ledger.py), sent[i] += n; add_many pulls its next block once the worker with the
+   fewest queued items has room for half a batch under ~20 ms of work at the pooled cost,
+   or 1.5 batches (Pacer); a Ctrl-C waits until the chunk is recorded and written
+   (interrupts.py)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
    (transport.py; processes: lifecycle.py, zygote.py)         (inlet.py); group by key;
                                                               flush at min(size, buffer),

@@ -119,7 +119,7 @@ class Bulk:
                               time.monotonic() + PACE_WAIT)
                 allowed = pacer.allowance()
         # After PACE_WAIT without a wake-up, a batch and a half goes anyway: not one item.
-        return min(room, allowed if allowed > 0 else pacer.floor)
+        return min(room, allowed if allowed >= pacer.least else pacer.floor)
 
     def _send(self, keys: list, values: list, deadline_ns: int, tag: int | None = None) -> None:
         try:

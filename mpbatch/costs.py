@@ -3,14 +3,16 @@
 After each batch a worker adds the time it took to its WORK_NS cell, then its items to DONE;
 items it hands back unrun go to GIVEN, also before DONE (counters.py). ``Costs.update()``
 folds what changed since its last look into a cost per item for each worker and one over
-all of them. Three readers use them:
+all of them. Four readers use them:
 
 - routing (dispatch.Router.least_loaded): a chunk goes to the worker with the least queued
   *work*, its queued items times its cost per item, not the fewest queued items: a worker
   whose queue is a run of costly items (hot keys) looks as busy as it is;
 - add_many's pacing (dispatch.Pacer): about HORIZON_NS of work per worker, at the pooled
   cost;
-- work stealing (steal.Stealer): the victim is the worker with the most queued work.
+- work stealing (steal.Stealer): the victim is the worker with the most queued work;
+- routing="affinity" (affinity.py): a key's home is bounded by its queued work, at the
+  worker's cost over all it has run (``steady()``, below), not its recent one.
 
 A worker's cost is what its recent batches cost, so it describes what it has queued as far
 as the stream is clustered (the queue was filled at the same time). A batch still running

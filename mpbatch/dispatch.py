@@ -150,7 +150,8 @@ class Pacer:
         return self.costs.pooled
 
     def allowance(self) -> int:
-        """Items the least-loaded worker may receive now (<= 0: wait for a batch to end)."""
+        """Items the least-loaded worker may receive now (under ``least``: add_many waits
+        for a batch to end)."""
         costs = self.costs
         costs.update()
         load = costs.counters.load

@@ -145,24 +145,32 @@ def test_before_any_batch_ends_the_bound_is_two_batches_of_items(counters):
 
 
 def test_keys_leave_a_worker_whose_batch_overran_its_estimate_by_the_bound(counters):
-    """A batch of 10 at 1 ms an item, 40 ms in: 30 ms over its estimate, as one that warmed
-    a key up may be; its worker keeps its keys. 70 ms in, 60 ms over, past the bound of
-    50 ms: its queue waits that long at least, and they move."""
+    """A batch of 10 at 10 ms an item, 300 ms in: 200 ms over its estimate, as one that
+    warmed a key up may be; its worker keeps its keys. 700 ms in, 600 ms over, past the
+    bound of 500 ms: its queue waits that long at least, and they move."""
     for i in (0, 1):
         counters.set(i, DONE, 100)
         counters.set(i, SENT, 100)
-        counters.set(i, WORK_NS, 100 * 1_000_000)  # 1 ms an item
-    affinity = make_affinity(counters, batch_items=50, spill_after=0.05)
+        counters.set(i, WORK_NS, 100 * 10_000_000)  # 10 ms an item
+    affinity = make_affinity(counters, batch_items=50, spill_after=0.5)
     affinity.homes["a"] = 0
     counters.set(0, SENT, 110)  # a batch of 10 in do() on worker 0
     counters.set(0, B_START, 100)
     counters.set(0, B_END, 110)
-    counters.set(0, BUSY_NS, time.monotonic_ns() - 40_000_000)
+    counters.set(0, BUSY_NS, time.monotonic_ns() - 300_000_000)
     assert affinity.limits() == [50.0, 50.0]
     assert affinity.for_key("a") == 0
-    counters.set(0, BUSY_NS, time.monotonic_ns() - 70_000_000)
+    counters.set(0, BUSY_NS, time.monotonic_ns() - 700_000_000)
     assert affinity.limits() == [0.0, 50.0]
-    assert affinity.for_key("a") == 1 and affinity.homes["a"] == 1
+    # Past its bound but holding the fewest items: the key stays, and that is no move.
+    counters.set(1, SENT, 130)
+    assert affinity.for_key("a") == 0 and affinity.moves == 0
+    counters.set(1, SENT, 100)
+    assert affinity.for_key("a") == 1 and affinity.homes["a"] == 1 and affinity.moves == 1
+    # The batch ended and the next began between the reads (B_START == B_END): no
+    # estimate to set its time against, so no overrun either.
+    counters.set(0, B_START, 110)
+    assert affinity.limits() == [50.0, 50.0]
 
 
 def test_a_key_too_hot_for_one_worker_is_spread_and_the_others_stay_home(counters):

@@ -49,8 +49,9 @@ def test_a_future_is_done_only_after_its_callback_ran(batcher_factory):
 
 
 def test_groups_keep_each_keys_order_with_few_keys_and_with_new_keys(batcher_factory):
-    """The worker groups a chunk two ways (in C when chunks bring few new keys, a loop when
-    most keys are new) and switches between them chunk by chunk: here both, in one batch."""
+    """The worker groups items two ways (in C when the last batch had few keys for its
+    items, a loop when most keys were new) and chooses again after each batch: here both,
+    in one stream."""
     calls = []
     b = batcher_factory(fns.double, size=3000, workers=1,
                         on_result=lambda k, vs, rs: calls.append((k, vs, rs)))
