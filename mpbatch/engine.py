@@ -86,7 +86,7 @@ class Engine:
         collector made so far is discarded (the caller discards the pool)."""
         counters = self.counters
         batch = opts.batch_items
-        costs = Costs(counters)  # cost per item on each worker: routing, pacing, stealing
+        costs = Costs(counters)  # per worker: routing, pacing, stealing, affinity
         affinity = (Affinity(counters, costs, batch, opts.spill_after)  # type: ignore[arg-type]
                     if opts.routing == "affinity" else None)
         self.router = Router(opts.routing, counters, affinity, costs)
