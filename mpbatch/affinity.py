@@ -31,7 +31,7 @@ import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from .counters import B_END, B_START, BUSY_NS, CELLS, DONE, SENT
+from .counters import CELLS, DONE, SENT
 
 if TYPE_CHECKING:
     from .costs import Costs
@@ -71,14 +71,12 @@ class Affinity:
         long at least). A batch that warmed a few keys up overruns by less; were any
         overrun enough, each would move keys, each move a warm-up more. (No estimate yet:
         two batches' worth of items.)"""
-        cells, bound, now = self.counters.cells, self.bound_ns, time.monotonic_ns()
+        in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
         out = []
         for i, cost in enumerate(self.costs.steady()):
-            base = CELLS * i
-            began = cells[base + BUSY_NS]
-            inside = cells[base + B_END] - cells[base + B_START]
-            # inside <= 0: the batch ended (and the next began) between these reads; its
-            # time then has no estimate to be set against
+            began, inside = in_do(i)
+            # inside <= 0: the batch ended between the reads; its time then has no
+            # estimate to be set against
             if began and cost and inside > 0 and now - began - cost * inside > bound:
                 out.append(0.0)
             else:

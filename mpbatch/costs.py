@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from .counters import B_END, B_START, BUSY_NS, CELLS, DONE, GIVEN, SENT, WORK_NS
+from .counters import CELLS, DONE, GIVEN, SENT, WORK_NS
 
 if TYPE_CHECKING:
     from .counters import LoadCounters
@@ -101,16 +101,14 @@ class Costs:
         pooled = self.pooled
         if not pooled:
             return [0.0] * self.workers
-        cells, per_worker, now = self.counters.cells, self.per_worker, time.monotonic_ns()
+        in_do, per_worker, now = self.counters.in_do, self.per_worker, time.monotonic_ns()
         out = []
         for i in range(self.workers):
-            base = CELLS * i
             cost = per_worker[i] or pooled
-            began = cells[base + BUSY_NS]
-            if began:  # the batch in do() so far: its items cost at least this much each
-                inside = cells[base + B_END] - cells[base + B_START]
-                if inside > 0 and now - began > cost * inside:
-                    cost = (now - began) / inside
+            began, inside = in_do(i)
+            # the batch in do() so far: its items cost at least this much each
+            if inside > 0 and now - began > cost * inside:
+                cost = (now - began) / inside
             out.append(cost)
         return out
 

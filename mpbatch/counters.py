@@ -79,6 +79,16 @@ class LoadCounters:
         base = CELLS * i
         return self.cells[base + SENT] - self.cells[base + DONE]
 
+    def in_do(self, i: int) -> tuple[int, int]:
+        """Worker i's batch in do(): when it began (monotonic ns) and its items; (0, 0)
+        while it runs none. Racy reads of another process's cells: the items read <= 0
+        when the batch ended (and the next began) between them."""
+        base = CELLS * i
+        began = self.cells[base + BUSY_NS]
+        if not began:
+            return 0, 0
+        return began, self.cells[base + B_END] - self.cells[base + B_START]
+
     def reset(self, i: int) -> None:
         """Zero worker i's line before its replacement starts (the old writer is dead);
         ``cancel`` is the caller's, and holds for the replacement too."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .counters import ASK, ASK_ITEMS, B_END, B_START, BUSY_NS, CELLS, DONE, SENT
+from .counters import ASK, ASK_ITEMS, CELLS
 
 if TYPE_CHECKING:
     from .costs import Costs
@@ -52,28 +52,24 @@ class Stealer:
 
     def consider(self) -> None:
         """Ask a victim for half its queued items if a thief is running dry (see module)."""
-        cells = self.counters.cells
         self.costs.update()
         cost_of = self.costs.per_worker  # its own: a worker with no batch run is no victim
         thief = False
         victim, most = -1, float(STEAL_MIN_NS)
         for i in range(self.workers):
-            base = CELLS * i
             cost = cost_of[i]
-            queued = self._queued(cells, base)
+            queued = self._queued(i)
             if queued <= 0:
                 thief = thief or self.ready[i]
             elif not self.asking[i] and cost >= ITEM_MIN_NS and queued * cost >= most:
                 victim, most = i, queued * cost
         if thief and victim >= 0:
-            self._ask(victim, self._queued(cells, CELLS * victim) // 2)
+            self._ask(victim, self._queued(victim) // 2)
 
-    @staticmethod
-    def _queued(cells: memoryview, base: int) -> int:
-        """Items sent to a worker and neither reported nor inside its running batch (racy
+    def _queued(self, i: int) -> int:
+        """Items sent to worker i and neither reported nor inside its running batch (racy
         reads of another process's cells: a hint, which is all routing needs)."""
-        inside = cells[base + B_END] - cells[base + B_START] if cells[base + BUSY_NS] else 0
-        return cells[base + SENT] - cells[base + DONE] - max(0, inside)
+        return self.counters.load(i) - max(0, self.counters.in_do(i)[1])
 
     def _ask(self, i: int, items: int) -> None:
         if items < 1:
