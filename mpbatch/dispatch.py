@@ -133,7 +133,11 @@ class Pacer:
 
     def __init__(self, costs: Costs, size: int, first: int) -> None:
         self.costs = costs
-        self.floor = size + size // 2  # one batch in do() and half of the next behind it
+        # One batch in do() and the whole next one queued behind it: a worker that ends a
+        # batch starts the next at once. With half of it queued, the worker waited for the
+        # caller to top it up (a result read, a wake-up, a pull, a write): W2 at size=200
+        # left each worker idle ~30-60 ms between batches per second of work, ~10-20 after.
+        self.floor = 2 * size
         # A smaller allowance waits for the next batch to end. Sent at once, it made ever
         # smaller blocks: under "affinity" a block spreads over keys' homes, so the
         # allowance (reckoned for the least-loaded worker) shrank by only part of each

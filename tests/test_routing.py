@@ -93,7 +93,7 @@ def test_add_many_queues_about_20ms_of_work_per_worker_not_buffer_items(batcher_
     queued = b.stats().pending  # unpaced, nearly all 1000 would still be queued here
     b.flush()
     assert accepted == 1000 and b.stats().succeeded == 1000
-    assert queued <= 100, queued  # 2 workers x (a batch and a half, or 20 ms) + one block
+    assert queued <= 100, queued  # 2 workers x (two batches, or 20 ms) + one block
 
 
 @pytest.mark.parametrize("routing", ["affinity", "least-loaded"])
@@ -142,9 +142,9 @@ def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
         assert pacer.cost == 1_000_000
         counters.set(0, WORK_NS, 30 * 3_000_000)  # worker 0: 3 ms per item
         counters.set(0, DONE, 30)
-        assert pacer.allowance() == 15  # cost 2 ms (smoothed): 10 items, but a batch and a half
+        assert pacer.allowance() == 20  # cost 2 ms (smoothed): 10 items, but two batches
         counters.reset(1)  # a respawned worker starts from zero: not a sample
-        assert pacer.allowance() == 15 and pacer.cost == 2_000_000
+        assert pacer.allowance() == 20 and pacer.cost == 2_000_000
         for batch in range(1, 17):  # cheap items now, 1 us each: the estimate follows
             counters.set(0, WORK_NS, 30 * 3_000_000 + batch * 10 * 1_000)
             counters.set(0, DONE, 30 + batch * 10)
@@ -261,10 +261,10 @@ def test_pacer_paces_at_the_pooled_cost_not_a_workers_stale_own(shared_counters)
         counters.set(i, WORK_NS, 10 * cost)
         counters.set(i, DONE, 10)
         counters.set(i, SENT, 10)
-    # pooled: 2.05 ms per item, 20 ms of it is 9 items: a batch and a half instead
-    assert pacer.allowance() == 15 and pacer.cost == pytest.approx(2_050_000)
+    # pooled: 2.05 ms per item, 20 ms of it is 9 items: two batches instead
+    assert pacer.allowance() == 20 and pacer.cost == pytest.approx(2_050_000)
     counters.set(0, SENT, 10 + 5)  # worker 1 is the least loaded now: at its own
-    assert pacer.allowance() == 15  # 100 us, 20 ms would be 200 items for everyone
+    assert pacer.allowance() == 20  # 100 us, 20 ms would be 200 items for everyone
 
 
 def test_add_many_under_key_routing_pins_each_of_many_distinct_keys(
