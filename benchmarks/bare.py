@@ -15,6 +15,11 @@ prepares the next one. Two of them:
   the worker builds each batch in C and only the results go back; the caller rebuilds the
   batch from the chunk it kept, as mpbatch does: the floor is then the least that keyed
   batches of distinct keys cost (it knows the keys are distinct; mpbatch must check).
+- ``bare-keyed-key``: ``bare-keyed`` with each key pinned to one worker, as mpbatch's
+  ``routing="key"``: the caller splits each chunk by owner (crc32 of the key's UTF-8 modulo
+  the workers: the cheapest route that is the same in every run; mpbatch spreads the crc32
+  with a multiply first) and sends each part to its owner. On DK, the least a stable key
+  route costs on top of ``bare-keyed``.
 
 What they score on a workload is the ceiling a library works under on this machine, with and
 without keys. Their ratios are taken against the best peer like everyone's, but they are not
@@ -32,6 +37,7 @@ import os
 import pickle
 import select
 import struct
+import zlib
 from array import array
 from collections import deque
 from itertools import islice
@@ -192,12 +198,17 @@ def _columns(pairs, n):
     return (keys, values) if keys else None
 
 
-def _stream(job, serve, function, chunks, on_results, sent=None):
-    """``sent(w, chunk)``: told of each chunk written to worker w, in order."""
+def _stream(job, serve, function, parts, on_results, sent=None):
+    """Send ``parts``, (worker, chunk) pairs, each to its worker (None: the least busy one)
+    once it has fewer than DEPTH in flight. ``sent(w, chunk)``: told of each chunk written
+    to worker w, in order."""
     pool = PipePool(job, serve, function, on_results)
     try:
-        for chunk in chunks:
-            while (w := pool.least_busy(DEPTH)) is None:
+        for w, chunk in parts:
+            if w is None:
+                while (w := pool.least_busy(DEPTH)) is None:
+                    pool.pump(None)
+            while pool.inflight[w] >= DEPTH:
                 pool.pump(None)
             pool.send(w, chunk)
             if sent is not None:
@@ -216,11 +227,24 @@ def bare_stream(job):
 
     values = job.values()
     chunks = iter(lambda: list(islice(values, job.chunk)), [])
-    _stream(job, _serve, job.workload.fn, chunks, on_results)
+    _stream(job, _serve, job.workload.fn, ((None, c) for c in chunks), on_results)
     return tally.outcome()
 
 
-def bare_keyed_stream(job):
+def _by_owner(pairs, n, workers):
+    """Chunks of up to n pairs, each split by its keys' owners into (worker, chunk) parts."""
+    crc32 = zlib.crc32
+    while (chunk := _columns(pairs, n)) is not None:
+        keys, values = chunk
+        ks, vs = [[] for _ in range(workers)], [[] for _ in range(workers)]
+        for w, key, value in zip([crc32(k.encode()) % workers for k in keys], keys, values,
+                                 strict=True):
+            ks[w].append(key)
+            vs[w].append(value)
+        yield from ((w, (ks[w], vs[w])) for w in range(workers) if ks[w])
+
+
+def bare_keyed_stream(job, route=False):
     tally = Tally()
     waiting = [deque() for _ in range(job.workers)]  # DK: chunks sent to each, in order
 
@@ -236,13 +260,22 @@ def bare_keyed_stream(job):
             tally.on_result(key, values, results)  # the call mpbatch's contenders get
 
     pairs = job.pairs()
-    chunks = iter(lambda: _columns(pairs, job.chunk), None)
-    if job.workload.distinct_keys:  # results alone come back: keep each chunk till then
-        _stream(job, _serve_distinct, job.workload.do, chunks, on_results,
-                lambda w, chunk: waiting[w].append(chunk))
+    serve = _serve_distinct if job.workload.distinct_keys else _serve_keyed
+
+    def sent(w, chunk):  # distinct keys: results alone come back, keep each chunk till then
+        if job.workload.distinct_keys:
+            waiting[w].append(chunk)
+
+    if route:
+        parts = _by_owner(pairs, job.chunk, job.workers)
     else:
-        _stream(job, _serve_keyed, job.workload.do, chunks, on_results)
+        parts = ((None, c) for c in iter(lambda: _columns(pairs, job.chunk), None))
+    _stream(job, serve, job.workload.do, parts, on_results, sent)
     return tally.outcome()
+
+
+def bare_keyed_key_stream(job):
+    return bare_keyed_stream(job, route=True)
 
 
 def _paced(job, serve, function, one, results_of):

@@ -421,6 +421,12 @@ def bare_keyed_stream(job):
     return bare.bare_keyed_stream(job)
 
 
+def bare_keyed_key_stream(job):
+    import bare
+
+    return bare.bare_keyed_key_stream(job)
+
+
 def bare_keyed_paced(job):
     import bare
 
@@ -446,6 +452,9 @@ CONTENDERS = {
     "mpire": ("peer", mpire_stream, mpire_paced),
     "bare": ("reference", bare_stream, bare_paced),
     "bare-keyed": ("reference", bare_keyed_stream, bare_keyed_paced),
+    # Streamed only, with each key pinned to one worker (routing="key"'s floor); run.py
+    # runs it on DK alone unless --only names it.
+    "bare-keyed-key": ("reference", bare_keyed_key_stream, None),
     # Raw bytes only, streamed only: the large-value workloads (L16K-L1M).
     "pipe-floor": ("reference", pipe_floor_stream, None),
     "mpbatch-add": ("mpbatch", mpbatch_add_stream, mpbatch_add_paced),
@@ -465,6 +474,7 @@ LIBRARIES = {
     "mpire": ("mpire",),
     "bare": ("bare", "multiprocessing.connection"),
     "bare-keyed": ("bare", "multiprocessing.connection"),
+    "bare-keyed-key": ("bare", "multiprocessing.connection"),
     "pipe-floor": ("bare", "multiprocessing.connection"),
     # `import mpbatch` alone imports nothing (PEP 562 lazy names): the Batcher's modules are
     # imported on first use, which put ~60-90 ms of imports inside mpbatch's timed run.

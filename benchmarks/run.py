@@ -61,10 +61,11 @@ MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "bare", "bare-keyed",
 # DK: W1's items with a key each. joblib sits out: its W1 (~0.1x Pool, loky's fresh
 # interpreters) says nothing new here, since the peers never see keys. add_many delivers
 # through on_batch, and routing="key" is measured here only.
-DK_CONTENDERS = ("serial", "pool", "ppe", "mpire", "bare", "bare-keyed", "mpbatch-add",
-                 "mpbatch-add_many", "mpbatch-add_many-key")
+DK_CONTENDERS = ("serial", "pool", "ppe", "mpire", "bare", "bare-keyed", "bare-keyed-key",
+                 "mpbatch-add", "mpbatch-add_many", "mpbatch-add_many-key")
 # Everywhere else: every contender but those meant for DK alone (--only still runs them).
-OTHER_CONTENDERS = tuple(n for n in contenders.CONTENDERS if n != "mpbatch-add_many-key")
+OTHER_CONTENDERS = tuple(n for n in contenders.CONTENDERS
+                         if n not in ("bare-keyed-key", "mpbatch-add_many-key"))
 
 # workload -> [(metric, label, higher is better)]; the first one is the headline score.
 SCORES = {
