@@ -369,6 +369,22 @@ def with_pid_gated(path, key):
     return do
 
 
+def with_pid_held_on(bad, fifo, gate):
+    """with_pid() that, for a batch holding value ``bad``, writes its pid to ``fifo`` when
+    it starts and waits for ``gate`` to exist."""
+
+    def do(batch):
+        if any(bad in vs for vs in batch.values()):
+            fd = os.open(fifo, os.O_WRONLY)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            while not os.path.exists(gate):
+                time.sleep(0.01)
+        return with_pid(batch)
+
+    return do
+
+
 def digest_and_add_a_key(batch):
     """do() that adds a key of its own to the batch it was given, with a result for it."""
     batch["added"] = [b"x"]

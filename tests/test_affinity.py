@@ -2,6 +2,7 @@
 queued work, and moves to the least-loaded worker past it. Checked through which worker
 ran each item, not through timing."""
 
+import os
 import time
 
 import pytest
@@ -98,6 +99,61 @@ def test_many_keys_through_add_many_lose_nothing(batcher_factory):
     assert got == {i: 2 * i for i in range(20_000)}
     s = b.stats()
     assert (s.succeeded, s.pending, s.dead_lettered) == (20_000, 0, 0)
+
+
+def test_keys_leave_a_worker_stuck_in_do_and_no_item_is_lost(batcher_factory, tmp_path,
+                                                               start_method):
+    """A batch held in do() overruns its worker's measured cost by more than spill_after:
+    the keys homed there run on the other worker while it is still held, and once it is let
+    go every item has its result, the held one too."""
+    fifo, gate = tmp_path / "started", tmp_path / "gate"
+    os.mkfifo(fifo)
+    started = fns.fifo_reader(fifo)
+    # size=1: each item is a batch of its own, sent as it is added, so each is placed by
+    # the loads left by the items before it. steal=False: a stolen item runs away from its
+    # key's home, which stays; here where a key ran last is its home.
+    b = batcher_factory(fns.with_pid_held_on("hold", str(fifo), str(gate)),
+                        routing="affinity", spill_after=0.05, size=1, workers=2,
+                        steal=False, start_method=start_method)
+    keys = [f"k{i}" for i in range(8)]
+    rows = []
+    for round_ in range(5):  # each round drains; the workers' costs get measured
+        rows += where_each_ran(b, [(k, round_) for k in keys])
+    assert [v for _, _, v in rows] == [r for r in range(5) for _ in keys]
+    homes = {key: pid for key, pid, _ in rows}  # where each key ran last: its home
+    held_pid = max(homes.values(), key=list(homes.values()).count)
+    held, *followers = [k for k in keys if homes[k] == held_pid]  # 4 keys or more there
+    affinity = b._router.affinity  # the running Batcher's
+    moves = affinity.moves
+
+    stuck = b.submit(held, "hold")
+    assert int(started.readline()) == held_pid  # the held batch is inside do(), at home
+    started.close()
+    i = affinity.homes[held]
+    deadline = time.monotonic() + 10
+    while affinity.limits()[i] > 0:  # until it has overrun its estimate by spill_after
+        assert time.monotonic() < deadline, f"never past its bound: {affinity.limits()}"
+        time.sleep(0.01)
+    ran = {}
+    for round_ in (5, 6):
+        for key in (k for k in keys if k != held):
+            # one at a time: the other worker has nothing queued when the next is placed
+            pid, value = b.submit(key, round_).result(timeout=10)
+            assert value == round_
+            ran.setdefault(key, []).append(pid)
+    assert not stuck.done()
+    # every key but the held one ran on the other worker: its followers moved there, once
+    # each, and stayed
+    elsewhere = {pid for pids in ran.values() for pid in pids}
+    assert len(elsewhere) == 1 and held_pid not in elsewhere, (held_pid, ran)
+    assert affinity.moves - moves == len(followers)
+
+    gate.touch()
+    b.flush()
+    assert stuck.result() == (held_pid, "hold")
+    n = len(rows) + 1 + sum(len(pids) for pids in ran.values())
+    s = b.stats()
+    assert (s.accepted, s.succeeded, s.pending, s.dead_lettered) == (n, n, 0, 0)
 
 
 def test_the_bound_in_seconds_follows_each_workers_measured_cost(counters):
