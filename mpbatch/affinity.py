@@ -72,12 +72,17 @@ class Affinity:
         overrun enough, each would move keys, each move a warm-up more. (No estimate yet:
         two batches' worth of items.)"""
         in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
+        steady = self.costs.steady()  # brings the recent costs up to date too
+        recent = self.costs.per_worker
         out = []
-        for i, cost in enumerate(self.costs.steady()):
+        for i, cost in enumerate(steady):
             began, inside = in_do(i)
-            # inside <= 0: the batch ended between the reads; its time then has no
-            # estimate to be set against
-            if began and cost and inside > 0 and now - began - cost * inside > bound:
+            # The overrun is set against the recent cost where that is higher: a machine
+            # shared with other work stretches every batch, and keys moved off a worker
+            # that is as slow as the rest gain nothing and cost a warm-up each.
+            # (inside <= 0: the batch ended between the reads; nothing to set it against.)
+            if (began and cost and inside > 0
+                    and now - began - max(cost, recent[i]) * inside > bound):
                 out.append(0.0)
             else:
                 out.append(bound / cost if cost else self.bound_items)

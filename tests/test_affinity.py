@@ -229,6 +229,38 @@ def test_keys_leave_a_worker_whose_batch_overran_its_estimate_by_the_bound(count
     assert affinity.limits() == [50.0, 50.0]
 
 
+def test_a_worker_slowed_down_with_the_rest_of_the_machine_keeps_its_keys(counters):
+    """Other work on the machine stretched worker 0's last batches to 70 ms an item from 10:
+    its batch in do() is set against that (~62 ms, recent batches weighing most), not its
+    cost over all it ran (30 ms), before its keys move to a worker no faster, each move a
+    warm-up more."""
+    affinity = make_affinity(counters, batch_items=1, spill_after=0.5)
+    for i in (0, 1):
+        counters.set(i, DONE, 100)
+        counters.set(i, SENT, 100)
+        counters.set(i, WORK_NS, 100 * 10_000_000)
+    affinity.limits()  # the first sample: 10 ms an item
+    work = 100 * 10_000_000
+    for done in range(110, 160, 10):  # five batches of 10 at 70 ms an item
+        work += 10 * 70_000_000
+        counters.set(0, DONE, done)
+        counters.set(0, SENT, done)
+        counters.set(0, WORK_NS, work)
+        affinity.limits()
+    steady, recent = affinity.costs.steady()[0], affinity.costs.of(0)
+    assert steady == pytest.approx(30e6) and recent > 2 * steady
+    counters.set(0, SENT, 160)  # a batch of 10 in do(), 900 ms in: 600 ms over its
+    counters.set(0, B_START, 150)  # estimate at 30 ms, under 300 ms over it at ~62 ms
+    counters.set(0, B_END, 160)
+    counters.set(0, BUSY_NS, time.monotonic_ns() - 900_000_000)
+    affinity.homes["a"] = 0
+    assert affinity.limits()[0] == pytest.approx(0.5e9 / steady)
+    assert affinity.for_key("a") == 0 and affinity.moves == 0
+    # Stuck, though: 1.4 s in, it is past the bound at its recent cost too.
+    counters.set(0, BUSY_NS, time.monotonic_ns() - 1_400_000_000)
+    assert affinity.limits()[0] == 0.0
+
+
 def test_a_key_too_hot_for_one_worker_is_spread_and_the_others_stay_home(counters):
     """Past 1/workers of a window's items, a key has no home: each of its items goes to the
     least-loaded worker, and the keys homed around it do not move."""
