@@ -54,7 +54,13 @@ class Affinity:
         self.costs = costs
         self.workers = counters.workers
         self.bound_ns = spill_after * 1e9
-        self.bound_items = 2 * batch_items  # while a worker's cost is unknown
+        # Never under three batches of items: add_many's pacing keeps two queued on a
+        # worker (dispatch.Pacer), so a home holding that is not overloaded. Under it, a
+        # machine shared with other work (each item slower, so fewer items to the bound)
+        # put homes past it in the ordinary run of things: on benchmarks/keyed.py with a
+        # busy loop beside it, 255 moves and 362 warm-ups against 8-10 and ~150.
+        self.least_items = 3 * batch_items
+        self.bound_items = self.least_items  # while a worker's cost is unknown
         self.homes: dict[Hashable, int] = {}
         # The open chunks of Intake, one per worker (the same list): their items are
         # queued work too, though no counter has them yet.
@@ -85,7 +91,7 @@ class Affinity:
                     and now - began - max(cost, recent[i]) * inside > bound):
                 out.append(0.0)
             else:
-                out.append(bound / cost if cost else self.bound_items)
+                out.append(max(bound / cost, self.least_items) if cost else self.bound_items)
         return out
 
     def loads(self) -> list[int]:
