@@ -19,9 +19,11 @@ Two kinds of key are placed otherwise, judged by their share of the last WINDOW 
 
 Queued work is read from the shared-memory counters (items sent and not done, times the
 worker's cost per item over all it has run: costs.py, ``steady``) plus the items waiting in
-the caller's open chunk for that worker. A worker whose batch in do() has overrun its
-estimate by more than the bound is past it, so its keys move. Before any batch has ended no
-cost is known, and the bound is two batches' worth of items. Per-key order is not promised:
+the caller's open chunk for that worker. The bound is never under three batches of items
+(add_many's pacing keeps two queued on a worker anyway); before any batch has ended no cost
+is known, and it is those three. A worker whose batch in do() has overrun its estimate (at
+its recent cost, when that is higher: a slowed machine stretches every batch) by more than
+the bound is past it, so its keys move. Per-key order is not promised:
 a key that moves may run on its new home before its last items finish on the old one.
 """
 
@@ -75,8 +77,8 @@ class Affinity:
         """Items each worker may have queued before its keys move: none on a worker whose
         batch in do() has overrun its estimate by more than the bound (its queue waits that
         long at least). A batch that warmed a few keys up overruns by less; were any
-        overrun enough, each would move keys, each move a warm-up more. (No estimate yet:
-        two batches' worth of items.)"""
+        overrun enough, each would move keys, each move a warm-up more. Never fewer than
+        three batches of items, the bound while no cost is known."""
         in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
         steady = self.costs.steady()  # brings the recent costs up to date too
         recent = self.costs.per_worker

@@ -16,7 +16,7 @@
    it has spill_after of work queued, affinity.py), record the chunk in ledger i
    (ledger.py), sent[i] += n; add_many pulls its next block once the worker with the
    fewest queued items has room for half a batch under ~20 ms of work at the pooled cost,
-   or 1.5 batches (Pacer); a Ctrl-C waits until the chunk is recorded and written
+   or two batches (Pacer); a Ctrl-C waits until the chunk is recorded and written
    (interrupts.py)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
    (transport.py; processes: lifecycle.py, zygote.py)         (inlet.py); group by key;
