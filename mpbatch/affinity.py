@@ -22,8 +22,9 @@ worker's cost per item over all it has run: costs.py, ``steady``) plus the items
 the caller's open chunk for that worker. The bound is never under three batches of items
 (add_many's pacing keeps two queued on a worker anyway); before any batch has ended no cost
 is known, and it is those three. A worker whose batch in do() has overrun its estimate (at
-its recent cost, when that is higher: a slowed machine stretches every batch) by more than
-the bound is past it, so its keys move. Per-key order is not promised:
+the fastest worker's recent cost, when that is higher: a slowed machine stretches every
+batch) by more than the bound is stuck: its keys move to a worker that is not, and no key
+goes to it while another is free. Per-key order is not promised:
 a key that moves may run on its new home before its last items finish on the old one.
 """
 
@@ -34,6 +35,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from .counters import CELLS, DONE, SENT
+from .dispatch import PACED_BATCHES
 
 if TYPE_CHECKING:
     from .costs import Costs
@@ -56,13 +58,14 @@ class Affinity:
         self.costs = costs
         self.workers = counters.workers
         self.bound_ns = spill_after * 1e9
-        # Never under three batches of items: add_many's pacing keeps two queued on a
-        # worker (dispatch.Pacer), so a home holding that is not overloaded. Under it, a
-        # machine shared with other work (each item slower, so fewer items to the bound)
-        # put homes past it in the ordinary run of things: on benchmarks/keyed.py with a
-        # busy loop beside it, 255 moves and 362 warm-ups against 8-10 and ~150.
-        self.least_items = 3 * batch_items
-        self.bound_items = self.least_items  # while a worker's cost is unknown
+        # Never under a batch more than add_many's pacing keeps queued on a worker
+        # (dispatch.Pacer): a home holding that is not overloaded, and a batch cannot form
+        # with fewer items queued. Under it, a machine shared with other work (each item
+        # slower, so fewer items to the bound) put homes past it in the ordinary run of
+        # things: on benchmarks/keyed.py beside a busy loop, 21 and 400 moves (157 and 429
+        # warm-ups) in two runs, against 8 and 22 (147 and 267) with it. It is also the
+        # bound while a worker's cost is unknown.
+        self.least_items = (PACED_BATCHES + 1) * batch_items
         self.homes: dict[Hashable, int] = {}
         # The open chunks of Intake, one per worker (the same list): their items are
         # queued work too, though no counter has them yet.
@@ -74,26 +77,28 @@ class Affinity:
         self.busy = [0] * self.workers  # busy keys homed on each worker, last window
 
     def limits(self) -> list[float]:
-        """Items each worker may have queued before its keys move: none on a worker whose
-        batch in do() has overrun its estimate by more than the bound (its queue waits that
-        long at least). A batch that warmed a few keys up overruns by less; were any
-        overrun enough, each would move keys, each move a warm-up more. Never fewer than
-        three batches of items, the bound while no cost is known."""
+        """Items each worker may have queued before its keys move: ``spill_after`` of work
+        at its cost, never under ``least_items`` (also the bound while no cost is known);
+        0.0, stuck, on a worker whose batch in do() has overrun its estimate by more than
+        the bound (its queue waits that long at least). A batch that warmed a few keys up
+        overruns by less; were any overrun enough, each would move keys, each move a
+        warm-up more."""
         in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
         steady = self.costs.steady()  # brings the recent costs up to date too
-        recent = self.costs.per_worker
+        # The machine's pace lately: the fastest worker's recent cost. A machine shared
+        # with other work stretches every batch; keys moved off a worker no slower than the
+        # rest gain nothing and cost a warm-up each. A worker slowed alone (its keys grew
+        # costly) is judged at its own steady cost: its keys may run faster elsewhere.
+        known = [c for c in self.costs.per_worker if c]
+        pace = min(known) if known else 0.0
         out = []
         for i, cost in enumerate(steady):
             began, inside = in_do(i)
-            # The overrun is set against the recent cost where that is higher: a machine
-            # shared with other work stretches every batch, and keys moved off a worker
-            # that is as slow as the rest gain nothing and cost a warm-up each.
             # (inside <= 0: the batch ended between the reads; nothing to set it against.)
-            if (began and cost and inside > 0
-                    and now - began - max(cost, recent[i]) * inside > bound):
+            if began and cost and inside > 0 and now - began - max(cost, pace) * inside > bound:
                 out.append(0.0)
             else:
-                out.append(max(bound / cost, self.least_items) if cost else self.bound_items)
+                out.append(max(bound / cost, self.least_items) if cost else self.least_items)
         return out
 
     def loads(self) -> list[int]:
@@ -110,18 +115,20 @@ class Affinity:
         """The worker for each of ``keys``, in order: a block is placed as if its items came
         one by one, each counted on the worker it goes to."""
         homes, limits, loads = self.homes, self.limits(), self.loads()
-        counts, hot, spread = self.counts, self.hot, range(self.workers)
+        counts, hot = self.counts, self.hot
+        # Workers not stuck in an overrun batch: the only ones keys go to, unless all are.
+        free = [i for i in range(self.workers) if limits[i]] or list(range(self.workers))
         out = []
         for key in keys:
             counts[key] = counts.get(key, 0) + 1
             if key in hot:
-                home = min(spread, key=loads.__getitem__)
+                home = min(free, key=loads.__getitem__)
             else:
                 home = homes.get(key)
                 if home is None:
-                    home = self._settle(key, loads, limits)
+                    home = self._settle(key, loads, limits, free)
                 elif loads[home] >= limits[home]:
-                    home = self._move(key, home, loads, limits[home])
+                    home = self._move(key, home, loads, limits, free)
             loads[home] += 1
             out.append(home)
         self.seen += len(keys)
@@ -141,24 +148,28 @@ class Affinity:
         self.busy = busy
         self.counts, self.seen = {}, 0
 
-    def _settle(self, key: Hashable, loads: list[int], limits: list[float]) -> int:
-        """A key without a home: of the workers within half a bound of the least-loaded,
-        the one home to the fewest busy keys becomes it."""
+    def _settle(self, key: Hashable, loads: list[int], limits: list[float],
+                free: list[int]) -> int:
+        """A key without a home: of the free workers within half a bound of the least-loaded
+        of them, the one home to the fewest busy keys becomes it."""
         if len(self.homes) >= self.HOMES_MAX:
             self.homes.clear()  # homes are a hint: losing them costs warm-ups, not items
-        least = min(loads)
-        near = [i for i in range(self.workers) if loads[i] - least <= limits[i] / 2]
+        least = min(loads[i] for i in free)
+        near = [i for i in free if loads[i] - least <= limits[i] / 2]
         home = self.homes[key] = min(near, key=lambda i: (self.busy[i], loads[i]))
         return home
 
-    def _move(self, key: Hashable, home: int, loads: list[int], limit: float) -> int:
-        """The key's home is past its bound: it moves to the least-loaded worker if that one
-        holds at least half a bound less. (Were every worker past its bound, a plain "least"
-        would bounce a hot key between them item by item.)"""
-        least = min(range(self.workers), key=loads.__getitem__)
-        # least == home: a worker past its bound (an overrun batch: a limit of 0) may still
-        # hold the fewest items; the key stays, and it is no move
-        if least == home or loads[least] > loads[home] - limit / 2:
+    def _move(self, key: Hashable, home: int, loads: list[int], limits: list[float],
+              free: list[int]) -> int:
+        """The key's home is past its bound: it moves to the least-loaded free worker if
+        that one holds at least half a bound less (were every worker past its bound, a plain
+        "least" would bounce a hot key between them item by item), or at once if its home
+        is stuck in an overrun batch (nothing runs there until that batch ends)."""
+        least = min(free, key=loads.__getitem__)
+        limit = limits[home]
+        # least == home: the home is the least-loaded free worker (or every worker is
+        # stuck); the key stays, and it is no move
+        if least == home or (limit and loads[least] > loads[home] - limit / 2):
             return home
         self.moves += 1
         self.homes[key] = least

@@ -101,7 +101,8 @@ class Batcher:
         seconds of work queued, then moves to the least-loaded one: warm per-key state,
         no per-key order), or "round-robin".
     spill_after: seconds of queued work on a key's worker before the key moves, under
-        routing="affinity" only (default 0.05).
+        routing="affinity" only (default 0.05); never fewer than three batches of items
+        (add_many keeps two queued on a worker).
     steal: let a worker running dry take items another worker has queued but not started
         (handed back over its result pipe and sent again, no attempt spent; see steal.py).
         Default None: on for every routing but "key" (whose per-key order it would break)

@@ -12,7 +12,9 @@ all of them. Four readers use them:
   cost;
 - work stealing (steal.Stealer): the victim is the worker with the most queued work;
 - routing="affinity" (affinity.py): a key's home is bounded by its queued work, at the
-  worker's cost over all it has run (``steady()``, below), not its recent one.
+  worker's cost over all it has run (``steady()``, below), not its recent one; a batch in
+  do() is stuck once it overruns that or the fastest worker's recent cost, whichever is
+  higher, by the bound.
 
 A worker's cost is what its recent batches cost, so it describes what it has queued as far
 as the stream is clustered (the queue was filled at the same time). A batch still running

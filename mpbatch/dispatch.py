@@ -27,6 +27,7 @@ ROUTINGS = ("least-loaded", "key", "affinity", "round-robin")
 PER_WORKER = ("key", "affinity")  # routings that choose a worker per item, not per chunk
 INT_MASK = 0x7FFFFFFFFFFFFFFF  # an int key's hash: itself, made non-negative
 HORIZON_NS = 20_000_000  # add_many keeps about this much estimated work queued per worker
+PACED_BATCHES = 2  # ... and never less than this many batches (Pacer.floor)
 
 
 GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio (Fibonacci hashing)
@@ -135,17 +136,17 @@ class Pacer:
         self.costs = costs
         # One batch in do() and the whole next one queued behind it: a worker that ends a
         # batch starts the next at once. With half of it queued, the worker waited for the
-        # caller to top it up (a result read, a wake-up, a pull, a write): W2 at size=200
-        # left each worker idle ~30-60 ms between batches per second of work, ~10-20 after.
-        self.floor = 2 * size
+        # caller to top it up (a result read, a wake-up, a pull, a write): on W2 at
+        # size=200 each worker sat idle 26-74 ms between batches per run, 10-21 after.
+        self.floor = PACED_BATCHES * size
         # A smaller allowance waits for the next batch to end. Sent at once, it made ever
         # smaller blocks: under "affinity" a block spreads over keys' homes, so the
         # allowance (reckoned for the least-loaded worker) shrank by only part of each
         # block. benchmarks/keyed.py sent 30,000 items in 1,218 blocks, half of them of 5
         # items or fewer, each one pickle, frame and write.
         self.least = max(1, size // 2)
-        # Items per worker before any cost is known: at least a full batch, or the first one
-        # would wait for interval to run.
+        # Items per worker before any cost is known: at least the floor, or the first
+        # batch would wait for interval to run.
         self.first = max(first, self.floor)
 
     @property
