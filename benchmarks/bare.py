@@ -4,7 +4,7 @@ No library, no retries, no ledger: one pipe each way per worker, items pickled i
 results pickled back, and one caller thread that feeds and drains the pipes without ever
 blocking on either (a blocking write would deadlock against a worker blocked on writing its
 results back). Each worker keeps DEPTH chunks in hand, so it never idles while the caller
-prepares the next one. Two of them:
+prepares the next one. Three of them:
 
 - ``bare``: values only, ``[fn(v) for v in chunk]``, as Pool's contender (no keys at all).
 - ``bare-keyed``: mpbatch's shape without its guarantees. The caller splits (key, value)
@@ -19,13 +19,14 @@ prepares the next one. Two of them:
   ``routing="key"``: the caller splits each chunk by owner (crc32 of the key's UTF-8 modulo
   the workers: the cheapest route that is the same in every run; mpbatch spreads the crc32
   with a multiply first) and sends each part to its owner. On DK, the least a stable key
-  route costs on top of ``bare-keyed``.
+  route costs on top of ``bare-keyed``; its keys split evenly so (every chunk of 1,000
+  within 2 items of half and half on two workers).
 
 What they score on a workload is the ceiling a library works under on this machine, with and
 without keys. Their ratios are taken against the best peer like everyone's, but they are not
 peers (a user does not write them), so they never set the bar.
 
-A third, ``pipe-floor``, is for the large-value workloads (L16K-L1M) only: the machine's pipe
+A fourth, ``pipe-floor``, is for the large-value workloads (L16K-L1M) only: the machine's pipe
 bandwidth, with no pickle at all. Each value's raw bytes go, after a 4-byte length, straight
 from the caller's ``bytes`` object into one ``os.pipe()`` per worker (``os.writev``: no copy,
 no concatenation), and each worker reads them into one reused buffer (``os.readv``) and

@@ -9,8 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The peers (and the floors) that need no extra install; joblib and mpire come with the bench
 # extra. The pipe floor runs in the large-value workloads only.
-CONTENDERS = ("serial,pool,ppe,bare,bare-keyed,pipe-floor,mpbatch-add,mpbatch-add_many,"
-              "mpbatch-submit")
+CONTENDERS = ("serial,pool,ppe,bare,bare-keyed,bare-keyed-key,pipe-floor,mpbatch-add,"
+              "mpbatch-add_many,mpbatch-submit")
 
 
 @pytest.mark.slow

@@ -131,7 +131,7 @@ def test_round_robin_add_many_is_not_paced(batcher_factory):
 def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
     counters = LoadCounters(2)
     try:
-        pacer = Pacer(Costs(counters), size=10, first=64)
+        pacer = Pacer(Costs(counters), size=8, first=64)
         assert pacer.allowance() == 64  # nothing finished yet: the first allowance
         counters.set(0, SENT, 30)
         counters.set(1, SENT, 20)
@@ -142,9 +142,9 @@ def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
         assert pacer.cost == 1_000_000
         counters.set(0, WORK_NS, 30 * 3_000_000)  # worker 0: 3 ms per item
         counters.set(0, DONE, 30)
-        assert pacer.allowance() == 20  # cost 2 ms (smoothed): 10 items, but two batches
+        assert pacer.allowance() == 16  # cost 2 ms (smoothed): 10 items, but two batches
         counters.reset(1)  # a respawned worker starts from zero: not a sample
-        assert pacer.allowance() == 20 and pacer.cost == 2_000_000
+        assert pacer.allowance() == 16 and pacer.cost == 2_000_000
         for batch in range(1, 17):  # cheap items now, 1 us each: the estimate follows
             counters.set(0, WORK_NS, 30 * 3_000_000 + batch * 10 * 1_000)
             counters.set(0, DONE, 30 + batch * 10)
