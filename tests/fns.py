@@ -370,16 +370,12 @@ def with_pid_gated(path, key):
 
 
 def with_pid_held_on(bad, fifo, gate):
-    """with_pid() that, for a batch holding value ``bad``, writes its pid to ``fifo`` when
-    it starts and waits for ``gate`` to exist."""
+    """with_pid() that, for a batch holding value ``bad``, is announce_then_wait()'s."""
+    held = announce_then_wait(fifo, gate, then=with_pid)
 
     def do(batch):
         if any(bad in vs for vs in batch.values()):
-            fd = os.open(fifo, os.O_WRONLY)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
-            while not os.path.exists(gate):
-                time.sleep(0.01)
+            return held(batch)
         return with_pid(batch)
 
     return do
