@@ -165,10 +165,12 @@ class Affinity:
         that one holds at least half a bound less (were every worker past its bound, a plain
         "least" would bounce a hot key between them item by item), or at once if its home
         is stuck in an overrun batch (nothing runs there until that batch ends)."""
-        least = min(free, key=loads.__getitem__)
         limit = limits[home]
-        # least == home: the home is the least-loaded free worker (or every worker is
-        # stuck); the key stays, and it is no move
+        if not limit and home in free:  # every worker is stuck: moving gains nothing
+            return home
+        least = min(free, key=loads.__getitem__)
+        # least == home: the home is the least-loaded free worker; the key stays, and it
+        # is no move
         if least == home or (limit and loads[least] > loads[home] - limit / 2):
             return home
         self.moves += 1
