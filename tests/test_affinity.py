@@ -262,7 +262,7 @@ def test_a_batch_is_stuck_at_the_machines_recent_pace(counters, slowed):
     slow_down(counters, affinity, slowed, 110)
     steady = affinity.costs.steady()[0]
     assert steady == pytest.approx(6.5e9 / 150) and affinity.costs.of(0) > 2 * steady
-    held_in_do(counters, 0, 1100)  # 667 ms over 10 x 43 ms, 139 under 10 x 96 + 500
+    held_in_do(counters, 0, 1100)  # 667 ms over 10 x 43 ms; 361 short of 10 x 96 + 500
     affinity.homes["a"] = 0
     if slowed == (0,):
         assert affinity.limits()[0] == 0.0
