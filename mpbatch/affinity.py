@@ -85,21 +85,24 @@ class Affinity:
         warm-up more."""
         in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
         steady = self.costs.steady()  # brings the recent costs up to date too
-        # The machine's pace lately: the fastest worker's recent cost. A machine shared
-        # with other work stretches every batch; keys moved off a worker no slower than the
-        # rest gain nothing and cost a warm-up each. A worker slowed alone (its keys grew
-        # costly) is judged at its own steady cost: its keys may run faster elsewhere.
-        known = [c for c in self.costs.per_worker if c]
-        pace = min(known) if known else 0.0
         out = []
         for i, cost in enumerate(steady):
             began, inside = in_do(i)
             # (inside <= 0: the batch ended between the reads; nothing to set it against.)
-            if began and cost and inside > 0 and now - began - max(cost, pace) * inside > bound:
+            if (began and cost and inside > 0 and now - began - cost * inside > bound
+                    and now - began - self._pace() * inside > bound):
                 out.append(0.0)
             else:
                 out.append(max(bound / cost, self.least_items) if cost else self.least_items)
         return out
+
+    def _pace(self) -> float:
+        """The machine's pace lately: the fastest worker's recent cost (0.0: none known).
+        A machine shared with other work stretches every batch; keys moved off a worker no
+        slower than the rest gain nothing and cost a warm-up each. A worker slowed alone
+        (its keys grew costly) is judged at its own steady cost: its keys may run faster
+        elsewhere. Read only for a batch that has overrun its steady estimate already."""
+        return min((c for c in self.costs.per_worker if c), default=0.0)
 
     def loads(self) -> list[int]:
         """Items queued per worker: sent and not done, and waiting in its open chunk."""
