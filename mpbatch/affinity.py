@@ -129,11 +129,25 @@ class Affinity:
     def owners(self, keys: list) -> list[int]:
         """The worker for each of ``keys``, in order: a block is placed as if its items came
         one by one, each counted on the worker it goes to."""
-        homes, limits, loads = self.homes, self.limits(), self.loads()
-        counts, hot = self.counts, self.hot
+        limits, loads = self.limits(), self.loads()
         # Workers not stuck in an overrun batch: the only ones keys go to, unless all are.
         free = [i for i in range(self.workers) if limits[i]] or list(range(self.workers))
-        out = []
+        out: list[int] = []
+        start = 0
+        while True:  # a window that ends inside the block judges the rest of it
+            stop = start + self.window - self.seen
+            part = keys[start:stop] if start or stop < len(keys) else keys
+            self._place(part, loads, limits, free, out)
+            self.seen += len(part)
+            if self.seen >= self.window:
+                self._new_window()
+            if stop >= len(keys):
+                return out
+            start = stop
+
+    def _place(self, keys: list, loads: list[int], limits: list[float], free: list[int],
+               out: list[int]) -> None:
+        homes, counts, hot = self.homes, self.counts, self.hot
         for key in keys:
             counts[key] = counts.get(key, 0) + 1
             if key in hot:
@@ -146,10 +160,6 @@ class Affinity:
                     home = self._move(key, home, loads, limits, free)
             loads[home] += 1
             out.append(home)
-        self.seen += len(keys)
-        if self.seen >= self.window:
-            self._new_window()
-        return out
 
     def _new_window(self) -> None:
         """Judge the keys by their shares of the window that ends now, and start another."""

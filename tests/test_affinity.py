@@ -341,6 +341,7 @@ def test_a_key_too_hot_for_one_worker_is_spread_and_the_others_stay_home(counter
     """Past 1/workers of a window's items, a key has no home: each of its items goes to the
     least-loaded worker, and the keys homed around it do not move."""
     affinity = make_affinity(counters, batch_items=10_000)
+    affinity.window = WINDOW  # past the first, shorter windows
     affinity.homes.update({"hot": 0, "a": 0, "b": 1})
     window = ["hot"] * 1400 + ["a"] * 300 + ["b"] * 348  # hot: 68 %
     assert len(window) == WINDOW
@@ -370,10 +371,21 @@ def test_the_first_windows_are_short_so_a_hot_key_is_found_early(counters):
     assert affinity.hot == {"a"} and affinity.window == WINDOW
 
 
+def test_a_window_that_ends_inside_a_block_judges_the_rest_of_it(counters):
+    """add_many's first blocks are large (no cost is known yet to pace them): the first
+    window ends inside one, and the rest of the block is placed with what it found."""
+    affinity = make_affinity(counters, batch_items=10_000)
+    affinity.homes["hot"] = 0
+    owners = affinity.owners(["hot"] * (FIRST_WINDOW + 44))
+    assert affinity.hot == {"hot"} and affinity.seen == 44
+    assert owners == [0] * FIRST_WINDOW + [1] * 44  # then item by item, least-loaded first
+
+
 def test_a_new_key_goes_where_fewer_busy_keys_live(counters):
     """Both workers near the least load: the new key goes to the worker home to fewer busy
     keys (a share of BUSY or more of the last window), not to the one with the hot keys."""
     affinity = make_affinity(counters, batch_items=10_000)
+    affinity.window = WINDOW  # past the first, shorter windows
     affinity.homes.update({"x": 1, "y": 1, "z": 0})
     window = ["x"] * 600 + ["y"] * 600 + ["z"] * 848
     affinity.owners(window)
