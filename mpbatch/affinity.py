@@ -27,9 +27,10 @@ the caller's open chunk for that worker. The bound is never under three batches 
 is known, and it is those three. A worker whose batch in do() has overrun its estimate (at
 the fastest worker's recent cost, when that is higher: a slowed machine stretches every
 batch) by more than the bound is stuck: its keys move to a worker that is not, and no key
-goes to it while another is free. A worker is not judged so before it has run three batches
-of items: its first batches warm keys up beside a caller that is filling every queue, and
-one overran by the bound with nothing wrong. Per-key order is not promised:
+goes to it while another is free. A worker is not judged so before it has ended three
+batches or run three batches' worth of items: its first batches warm keys up beside a caller
+that is filling every queue, and one overran by the bound with nothing wrong. Per-key order
+is not promised:
 a key that moves may run on its new home before its last items finish on the old one.
 """
 
@@ -39,7 +40,7 @@ import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from .counters import CELLS, DONE, SENT
+from .counters import BATCHES, CELLS, DONE, SENT
 from .dispatch import PACED_BATCHES
 
 if TYPE_CHECKING:
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
     from .intake import OpenChunk
 
 SPILL_AFTER = 0.05  # s of queued work on its home before a key moves (the default)
-WINDOW = 2048  # items: keys' shares are counted over this many, then start again
-FIRST_WINDOW = 256  # ... after a first window of this many, each next one twice the last
+WINDOW = 2048  # items in the longest window: keys' shares are counted over one, then anew
+FIRST_WINDOW = 256  # items in the first window; each next one is twice the last, to WINDOW
 BUSY = 0.02  # a key with this share of the last window holds a warm slot on its home
 
 
@@ -89,23 +90,24 @@ class Affinity:
         0.0, stuck, on a worker whose batch in do() has overrun its estimate by more than
         the bound (its queue waits that long at least). A batch that warmed a few keys up
         overruns by less; were any overrun enough, each would move keys, each move a
-        warm-up more. A worker that has run under ``least_items`` is never stuck: on
-        benchmarks/keyed.py a first batch of 100 items took 93 ms against an estimate of
-        12 (its keys warmed up while the caller filled every queue), and its keys moved
-        away and back."""
+        warm-up more. A worker is never stuck in its first batches, until it has ended
+        three or run ``least_items``: on benchmarks/keyed.py a first batch of 100 items
+        took 93 ms against an estimate of 12 (its keys warmed up while the caller filled
+        every queue), and its keys moved away and back."""
         in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
         steady = self.costs.steady()  # brings the recent costs up to date too
-        ran, least = self.costs.ran(), self.least_items
+        ran, least, cells = self.costs.ran(), self.least_items, self.counters.cells
         out = []
         for i, cost in enumerate(steady):
             began, inside = in_do(i)
             # (inside <= 0: the batch ended between the reads; nothing to set it against.)
-            if (began and cost and inside > 0 and ran[i] >= least
+            if (began and cost and inside > 0
+                    and (ran[i] >= least or cells[CELLS * i + BATCHES] > PACED_BATCHES)
                     and now - began - cost * inside > bound
                     and now - began - self._pace() * inside > bound):
                 out.append(0.0)
             else:
-                out.append(max(bound / cost, self.least_items) if cost else self.least_items)
+                out.append(max(bound / cost, least) if cost else least)
         return out
 
     def _pace(self) -> float:
@@ -135,7 +137,11 @@ class Affinity:
         out: list[int] = []
         start = 0
         while True:  # a window that ends inside the block judges the rest of it
-            stop = start + self.window - self.seen
+            room = self.window - self.seen
+            if room <= 0:  # another thread's block filled it (add_many runs unlocked)
+                self._new_window()
+                continue
+            stop = start + room
             part = keys[start:stop] if start or stop < len(keys) else keys
             self._place(part, loads, limits, free, out)
             self.seen += len(part)
@@ -147,6 +153,7 @@ class Affinity:
 
     def _place(self, keys: list, loads: list[int], limits: list[float], free: list[int],
                out: list[int]) -> None:
+        """Append the worker for each of ``keys`` to ``out``, counting each on ``loads``."""
         homes, counts, hot = self.homes, self.counts, self.hot
         for key in keys:
             counts[key] = counts.get(key, 0) + 1
