@@ -144,6 +144,28 @@ def test_add_many_from_a_slow_iterator_does_not_hold_items_back(batcher_factory)
     assert lags[-1] < 0.2 + 0.15, lags  # interval, plus slack for a loaded machine
 
 
+def test_one_item_already_due_does_not_make_the_next_block_wait():
+    """A producer an item a millisecond, behind its own schedule once: that one quick pull
+    must not double the block, or the next block's first item waits for the one after it.
+    A run of quick pulls (a backlog) does grow it, and a fast iterator's ramps as before."""
+    from mpbatch.bulk import Bulk
+
+    budget, limit = 0.00025, 64  # interval=0.001, as W4 runs
+    slow = Bulk(None, iter(()), None)
+    slow._resize(0.001, 1, budget, limit)
+    slow._resize(0.000005, 1, budget, limit)
+    assert slow.block == 1
+    for _ in range(5):
+        slow._resize(0.000005, 1, budget, limit)
+    assert 1 < slow.block < limit
+    fast = Bulk(None, iter(()), None)
+    sizes = []
+    for _ in range(8):
+        fast._resize(fast.block * 1e-6, fast.block, 0.0125, 4096)
+        sizes.append(fast.block)
+    assert sizes == [2, 4, 8, 16, 32, 64, 128, 256]
+
+
 def test_an_interval_longer_than_epoll_can_wait(batcher_factory):
     """interval=60 days: the collector's wait for the open chunk's timer is over epoll's limit
     (2**31 - 1 ms); it must wait (in steps), not fail in a loop (no_collector_errors)."""
