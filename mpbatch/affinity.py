@@ -40,7 +40,7 @@ import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from .counters import BATCHES, CELLS, DONE, SENT
+from .counters import BATCHES, CELLS, DONE, GIVEN, SENT
 from .dispatch import PACED_BATCHES
 
 if TYPE_CHECKING:
@@ -96,19 +96,25 @@ class Affinity:
         every queue), and its keys moved away and back."""
         in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
         steady = self.costs.steady()  # brings the recent costs up to date too
-        ran, least, cells = self.costs.ran(), self.least_items, self.counters.cells
+        least = self.least_items
         out = []
         for i, cost in enumerate(steady):
             began, inside = in_do(i)
             # (inside <= 0: the batch ended between the reads; nothing to set it against.)
-            if (began and cost and inside > 0
-                    and (ran[i] >= least or cells[CELLS * i + BATCHES] > PACED_BATCHES)
-                    and now - began - cost * inside > bound
-                    and now - began - self._pace() * inside > bound):
+            if (began and cost and inside > 0 and now - began - cost * inside > bound
+                    and now - began - self._pace() * inside > bound and self._seasoned(i)):
                 out.append(0.0)
             else:
                 out.append(max(bound / cost, least) if cost else least)
         return out
+
+    def _seasoned(self, i: int) -> bool:
+        """Worker i is past its first batches: it has ended three, or run ``least_items``
+        (its counters, this incarnation's). Read only for a batch that has overrun."""
+        base = CELLS * i
+        cells = self.counters.cells
+        ran = cells[base + DONE] - cells[base + GIVEN]
+        return ran >= self.least_items or cells[base + BATCHES] > PACED_BATCHES
 
     def _pace(self) -> float:
         """The machine's pace lately: the fastest worker's recent cost (0.0: none known).

@@ -128,10 +128,6 @@ class Costs:
         # The cells at the last sample taken from a worker are its incarnation's totals.
         return [w / r if r > 0 else pooled for _, r, w in self._seen]
 
-    def ran(self) -> list[int]:
-        """Items each worker's incarnation had run at the last sample taken from it."""
-        return [r for _, r, _ in self._seen]
-
     def least(self) -> int:
         """The worker with the least queued work (the lowest index of equals): items sent
         and not done, times its cost per item now (``current()``); O(workers)."""
