@@ -47,6 +47,11 @@ PACED_SAMPLE_PERIOD = float(os.environ.get("MPBATCH_BENCH_PACED_PERIOD", "0.25")
 # W4 scores latency, not memory, and its PSS is not sampled: reading the smaps of the whole
 # tree (~1 ms per process) took the CPU from under the contenders and set everyone's p99 at
 # ~5 ms every 20 ms, and at 3-9 ms for mpbatch's 5-process tree still every 0.5 s.
+_TASK_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
+# W2 and W3 score CPU time: their PSS stays flat (20,000 small items), and reading it costs
+# per process (~250 us each), so a 20 ms period took ~6 % of a vCPU from a 3-process pool and
+# ~11 % from mpbatch's 5 (caller, zygote, resource tracker, 2 workers): sampled every 100 ms.
+CPU_SAMPLE_PERIOD = 0.1
 RESULT_TAG = "RESULT "  # prefixes the child's one line of JSON on stdout
 MB = 2**20  # in PSS and in MB/s alike
 BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of the run,
@@ -136,6 +141,7 @@ class TreeSampler(threading.Thread):
         self.cpu = {}  # pid -> its user + system CPU s when last sampled
         self.peak = 0 if memory else None
         self.most_procs = 0
+        self.own_cpu = 0.0  # CPU s this thread spent sampling: taken from the run it measures
         self.halt = threading.Event()
 
     def run(self):
@@ -145,10 +151,46 @@ class TreeSampler(threading.Thread):
                 return
 
     def sample(self):
+        started = time.thread_time()
         try:
-            procs = [self.root, *self.root.children(recursive=True)]
+            self._read(self.tree())
         except psutil.Error:
-            return
+            pass
+        finally:
+            self.own_cpu += time.thread_time() - started
+
+    def tree(self):
+        """The root and its descendants. Read from each task's ``children`` file where the
+        kernel has them: psutil's ``children(recursive=True)`` reads every process's stat
+        on the machine (~1 ms a sample here, 5 % of a vCPU at 20 ms, taken from the run)."""
+        if not _TASK_CHILDREN:
+            return [self.root, *self.root.children(recursive=True)]
+        pids, todo = [self.root.pid], [self.root.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/children") as f:
+                        kids = [int(x) for x in f.read().split()]
+                except OSError:
+                    continue
+                pids += kids
+                todo += kids
+        procs = []
+        for pid in pids:
+            proc = self.seen.get(pid)
+            if proc is None:
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+            if proc is not None:
+                procs.append(proc)
+        return procs
+
+    def _read(self, procs):
         total = 0
         for p in procs:
             try:
@@ -254,6 +296,13 @@ def foreign_cpu(before, after, sampled):
     return (foreign / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0), foreign
 
 
+def sample_period(w):
+    """Seconds between samples of the tree while workload ``w`` runs."""
+    if w.paced:
+        return PACED_SAMPLE_PERIOD
+    return CPU_SAMPLE_PERIOD if w.units_per_item else SAMPLE_PERIOD
+
+
 def busy(rec):
     """Whether other work took enough of the machine, in share and in seconds, to matter."""
     return rec["foreign_cpu"] > BUSY and rec["foreign_cpu_s"] > BUSY_SECONDS
@@ -273,8 +322,7 @@ def measure(spec, timeout):
                             cwd=here, env=os.environ | {"PYTHONPATH": path})
     w = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]]
     paced = w.paced
-    sampler = TreeSampler(proc.pid, memory=not paced,
-                          period=PACED_SAMPLE_PERIOD if paced else SAMPLE_PERIOD)
+    sampler = TreeSampler(proc.pid, memory=not paced, period=sample_period(w))
     stdout, stderr, timed_out, _ = communicate_sampled(proc, sampler, timeout)
     if timed_out:
         stdout += RESULT_TAG + json.dumps({"error": f"timeout after {timeout} s"}) + "\n"
@@ -285,7 +333,7 @@ def measure(spec, timeout):
     if "error" in out:
         out["stderr_tail"] = stderr[-2000:]
     out |= {"peak_pss": sampler.peak, "most_procs": sampler.most_procs, "foreign_cpu": foreign,
-            "foreign_cpu_s": foreign_s,
+            "foreign_cpu_s": foreign_s, "sampler_cpu_s": sampler.own_cpu,
             "leftovers": sampler.leftovers()}
     count, checksum = w.check(spec["n"])
     out["ok"] = out.get("count") == count and out.get("checksum") == checksum
