@@ -178,6 +178,8 @@ class Pool:
         self.rings = _rings(f"{counters_name}_ring", workers)
         ring_name = self.rings.name if self.rings is not None else ""
         self.ring_name = ring_name
+        if start_method in ("zygote", "fork"):
+            worker.glibc_mallopt()  # looked up here once, not in every worker it forks
         if start_method == "zygote":  # before the pipes below: it must not hold copies
             try:
                 self.zygote = zygote.Zygote(worker.main, (

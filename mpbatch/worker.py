@@ -138,14 +138,28 @@ def _keep_freed_memory() -> None:
     worker's CPU per GiB; with these settings ~35,000 faults and ~1.2 s. A worker keeps up
     to TRIM_THRESHOLD of freed heap (counted by max_rss). Not glibc: nothing to tune.
     """
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ImportError, OSError, AttributeError):  # pragma: no cover - not glibc
+    mallopt = glibc_mallopt()
+    if mallopt is None:  # pragma: no cover - not glibc
         return
     mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixes it: no more adapting)
     mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+
+
+_mallopt: list = []  # [glibc's mallopt, or None] once looked up
+
+
+def glibc_mallopt() -> Any:
+    """glibc's ``mallopt``, or None elsewhere; looked up once per process. The caller looks
+    it up before it forks the zygote or the workers (lifecycle.Pool): ``import ctypes`` took
+    a forked worker 2.5-7 ms of its start, two workers starting at once on two vCPUs."""
+    if not _mallopt:
+        try:
+            import ctypes
+
+            _mallopt.append(ctypes.CDLL(None).mallopt)
+        except (ImportError, OSError, AttributeError):  # pragma: no cover - not glibc
+            _mallopt.append(None)
+    return _mallopt[0]
 
 
 def _init_failed(results: Connection, error: BatchFailed) -> NoReturn:
