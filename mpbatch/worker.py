@@ -10,12 +10,12 @@ another worker.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import select
 import signal
 import sys
-import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -195,7 +195,7 @@ def _exit_with_caller(caller_pid: int) -> None:
             except PermissionError:
                 pass
 
-    threading.Thread(target=watch, name="mpbatch-watchdog", daemon=True).start()
+    _thread.start_new_thread(watch, ())  # not Thread.start(): see Inlet.start
 
 
 _append = list.append
