@@ -184,7 +184,13 @@ def _exit_with_caller(caller_pid: int) -> None:
 
     def watch() -> None:
         if fd is not None:
-            select.select([fd], [], [])
+            # poll(), not select(): a fork or zygote worker inherits the caller's descriptors,
+            # and in a program holding ~1,000 of them the pidfd is past select()'s limit
+            # (ValueError: the thread died, and the worker outlived its caller).
+            caller = select.poll()
+            caller.register(fd, select.POLLIN)
+            while not caller.poll():
+                pass
             os._exit(EXIT_ORPHANED)
         while True:
             time.sleep(0.1)  # no event to wait on without pidfd

@@ -10,6 +10,7 @@ It prints lines the test waits on (no sleeps needed on the test's side):
   streaming               (mode "stream") the stream reached item AT; adding goes on
   closing                 (mode "closing") every item is accepted; close() runs next
   inside close            (mode "closing") close() has begun: the Batcher is closing
+HIGH_FDS=N: hold descriptors numbered up to past N, opened before the Batcher starts.
 MODE: "wait" (block until a signal), "closing" (leave the with block at once: close()
 flushes for most of the run, where a first Ctrl-C must still flush), "exit" (os._exit while
 workers are busy), "noclose" (return from main without close(): atexit must flush), "stream"
@@ -78,6 +79,7 @@ def main():
     items = int(os.environ.get("ITEMS", "40"))
     done = []
     ray = os.environ.get("BACKEND") == "ray"  # a local Ray this process starts (and stops)
+    held = hold_descriptors(int(os.environ.get("HIGH_FDS", "0")))  # noqa: F841 - kept open
     b = mpbatch.Batcher(do, size=int(os.environ.get("SIZE", "5")), workers=2, interval=0.05,
                         on_result=lambda k, vs, rs: done.extend(rs),
                         init=hang if mode == "stuck" else None,
@@ -119,6 +121,20 @@ def main():
                 raise
     finally:
         print("closed", len(done), b.stats(), flush=True)
+
+
+def hold_descriptors(past):
+    """Open descriptors until one is numbered past ``past``: a program holding many sockets
+    or files, whose forked workers inherit them all."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft <= past + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, past + 256), hard))
+    held = []
+    while past and (not held or held[-1] <= past):
+        held.append(os.open(os.devnull, os.O_RDONLY))
+    return held
 
 
 def say_when_closing(b):

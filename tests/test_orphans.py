@@ -30,6 +30,21 @@ def test_caller_sigkill_takes_the_workers_along(busy, start_method):
 
 
 @pytest.mark.timeout(60)
+def test_a_caller_holding_many_descriptors_still_takes_busy_workers_along(start_method):
+    """A fork or zygote worker inherits the caller's descriptors: with ~1,100 of them its
+    pidfd of the caller is past select()'s limit of 1,024, and the watchdog must still see
+    the caller die (a busy worker reads no pipe that could tell it)."""
+    caller = start_caller("wait", ITEMS=200, BATCH_SECONDS=30, START_METHOD=start_method,
+                          HIGH_FDS=1100)
+    ours = _ours(caller, start_method)
+    read_until(caller, "added")
+    read_until(caller, "batch")  # a worker is 30 s into a do() call
+    caller.send_signal(signal.SIGKILL)
+    assert caller.wait(10) == -signal.SIGKILL
+    assert_gone_within(ours, 1)
+
+
+@pytest.mark.timeout(60)
 def test_caller_os_exit_takes_the_workers_along(start_method):
     caller = start_caller("exit", ITEMS=200, BATCH_SECONDS=30, START_METHOD=start_method)
     ours = _ours(caller, start_method)
