@@ -10,7 +10,8 @@
 Every measured run is a fresh child process (this file with --child): no run inherits a warm
 pool, a grown heap or imports from the one before. The child times the contender, cold start
 and teardown included, and checks nothing itself; this process samples the PSS of the child's
-whole process tree every 20 ms, checks count and checksum, and writes the results.
+whole process tree (every 20 ms; W2 and W3 100 ms, W4 250 ms: sample_period), checks count
+and checksum, and writes the results.
 """
 
 import argparse
@@ -126,7 +127,7 @@ def child_main(spec):
 
 
 class TreeSampler(threading.Thread):
-    """Peak PSS of a process and all its descendants, sampled every SAMPLE_PERIOD seconds.
+    """Peak PSS of a process and all its descendants, sampled every ``period`` seconds.
 
     PSS (not RSS) because forked workers share pages with their parent: RSS counts a shared
     page once per process, PSS splits it between them, so the sum is the tree's real memory.
@@ -178,6 +179,9 @@ class TreeSampler(threading.Thread):
                         kids = [int(x) for x in f.read().split()]
                 except OSError:
                     continue
+                # A child moving to another thread of its parent between two reads (its
+                # thread exited) shows in both: counted twice, it would stay in the peak.
+                kids = [k for k in kids if k not in pids]
                 pids += kids
                 todo += kids
         procs = []
@@ -205,7 +209,7 @@ class TreeSampler(threading.Thread):
         self.most_procs = max(self.most_procs, len(procs))
 
     def cpu_seconds(self):
-        """CPU used by the tree, up to each process's last sample (at most 20 ms short)."""
+        """CPU used by the tree, up to each process's last sample (at most a period short)."""
         return sum(self.cpu.values())
 
     def stop(self):
@@ -287,7 +291,7 @@ def foreign_cpu(before, after, sampled):
 
     The run's own CPU is this process's (the sampler) plus its tree's, counted two ways that
     each fall short: RUSAGE_CHILDREN misses processes nobody here waits for (a forkserver and
-    the workers it forks), the 20 ms samples miss each process's last moments. The larger is
+    the workers it forks), the samples miss each process's last period. The larger is
     taken, so a short run still reads a few % of foreign work it did not have.
     """
     wall = after[0] - before[0]
@@ -296,11 +300,16 @@ def foreign_cpu(before, after, sampled):
     return (foreign / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0), foreign
 
 
-def sample_period(w):
-    """Seconds between samples of the tree while workload ``w`` runs."""
+def sample_period(w, start_method=None):
+    """Seconds between samples of the tree while workload ``w`` runs. Under forkserver the
+    workers' CPU is seen only in samples (RUSAGE_CHILDREN misses them, see foreign_cpu), so
+    a CPU-bound workload keeps the short period there: a worker's last 100 ms unseen would
+    count as foreign work, and flag the run busy."""
     if w.paced:
         return PACED_SAMPLE_PERIOD
-    return CPU_SAMPLE_PERIOD if w.units_per_item else SAMPLE_PERIOD
+    if w.units_per_item and start_method != "forkserver":
+        return CPU_SAMPLE_PERIOD
+    return SAMPLE_PERIOD
 
 
 def busy(rec):
@@ -322,7 +331,8 @@ def measure(spec, timeout):
                             cwd=here, env=os.environ | {"PYTHONPATH": path})
     w = workloads.workloads(spec["smoke"], spec["big"])[spec["workload"]]
     paced = w.paced
-    sampler = TreeSampler(proc.pid, memory=not paced, period=sample_period(w))
+    sampler = TreeSampler(proc.pid, memory=not paced,
+                          period=sample_period(w, spec.get("start_method")))
     stdout, stderr, timed_out, _ = communicate_sampled(proc, sampler, timeout)
     if timed_out:
         stdout += RESULT_TAG + json.dumps({"error": f"timeout after {timeout} s"}) + "\n"

@@ -56,7 +56,8 @@ class Inlet:
     def start(self) -> None:
         """Start the reader thread. Not threading.Thread.start(), which waits until the new
         thread runs: two workers starting at once on two vCPUs waited 0.3-3 ms each there,
-        before their first batch. The thread ends with the process (os._exit)."""
+        before their first batch. Like the daemon thread it replaces, nothing joins it: it
+        ends when the drain pipe closes, or with the process."""
         _thread.start_new_thread(self._drain, ())
 
     def next(self, wait: float | None) -> Any:
