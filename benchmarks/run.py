@@ -48,11 +48,13 @@ PACED_SAMPLE_PERIOD = float(os.environ.get("MPBATCH_BENCH_PACED_PERIOD", "0.25")
 # W4 scores latency, not memory, and its PSS is not sampled: reading the smaps of the whole
 # tree (~1 ms per process) took the CPU from under the contenders and set everyone's p99 at
 # ~5 ms every 20 ms, and at 3-9 ms for mpbatch's 5-process tree still every 0.5 s.
-_TASK_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
 # W2 and W3 score CPU time: their PSS stays flat (20,000 small items), and reading it costs
 # per process (~250 us each), so a 20 ms period took ~6 % of a vCPU from a 3-process pool and
 # ~11 % from mpbatch's 5 (caller, zygote, resource tracker, 2 workers): sampled every 100 ms.
 CPU_SAMPLE_PERIOD = 0.1
+# The kernel lists each task's children in /proc (CONFIG_PROC_CHILDREN): TreeSampler.tree
+# reads those; without them it falls back to psutil, which reads every process on the machine.
+_TASK_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
 RESULT_TAG = "RESULT "  # prefixes the child's one line of JSON on stdout
 MB = 2**20  # in PSS and in MB/s alike
 BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of the run,
