@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -145,21 +146,17 @@ def _keep_freed_memory() -> None:
     mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
 
 
-_mallopt: list = []  # [glibc's mallopt, or None] once looked up
-
-
+@functools.cache
 def glibc_mallopt() -> Any:
     """glibc's ``mallopt``, or None elsewhere; looked up once per process. The caller looks
     it up before it forks the zygote or the workers (lifecycle.Pool): ``import ctypes`` took
     a forked worker 2.5-7 ms of its start, two workers starting at once on two vCPUs."""
-    if not _mallopt:
-        try:
-            import ctypes
+    try:
+        import ctypes
 
-            _mallopt.append(ctypes.CDLL(None).mallopt)
-        except (ImportError, OSError, AttributeError):  # pragma: no cover - not glibc
-            _mallopt.append(None)
-    return _mallopt[0]
+        return ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - not glibc
+        return None
 
 
 def _init_failed(results: Connection, error: BatchFailed) -> NoReturn:
