@@ -22,13 +22,13 @@ its home past the bound and moved a few times with the keys around it):
 
 Queued work is read from the shared-memory counters (items sent and not done, times the
 worker's cost per item over all it has run: costs.py, ``steady``) plus the items waiting in
-the caller's open chunk for that worker. The bound is never under three batches of items
-(add_many's pacing keeps two queued on a worker anyway); before any batch has ended no cost
-is known, and it is those three. A worker whose batch in do() has overrun its estimate (at
+the caller's open chunk for that worker. The bound is never under four batches of items
+(add_many's pacing keeps three queued on a worker anyway); before any batch has ended no
+cost is known, and it is those four. A worker whose batch in do() has overrun its estimate (at
 the fastest worker's recent cost, when that is higher: a slowed machine stretches every
 batch) by more than the bound is stuck: its keys move to a worker that is not, and no key
-goes to it while another is free. A worker is not judged so before it has ended three
-batches or run three batches' worth of items: its first batches warm keys up beside a caller
+goes to it while another is free. A worker is not judged so before it has ended four
+batches or run four batches' worth of items: its first batches warm keys up beside a caller
 that is filling every queue, and one overran by the bound with nothing wrong. Per-key order
 is not promised:
 a key that moves may run on its new home before its last items finish on the old one.
@@ -41,7 +41,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from .counters import BATCHES, CELLS, DONE, GIVEN, SENT
-from .dispatch import PACED_BATCHES
+from .dispatch import SPREAD_PACED_BATCHES
 
 if TYPE_CHECKING:
     from .costs import Costs
@@ -72,7 +72,7 @@ class Affinity:
         # things: on benchmarks/keyed.py beside a busy loop, 21 and 400 moves (157 and 429
         # warm-ups) in two runs, against 8 and 22 (147 and 267) with it. It is also the
         # bound while a worker's cost is unknown.
-        self.least_items = (PACED_BATCHES + 1) * batch_items
+        self.least_items = (SPREAD_PACED_BATCHES + 1) * batch_items
         self.homes: dict[Hashable, int] = {}
         # The open chunks of Intake, one per worker (the same list): their items are
         # queued work too, though no counter has them yet.
@@ -91,7 +91,7 @@ class Affinity:
         the bound (its queue waits that long at least). A batch that warmed a few keys up
         overruns by less; were any overrun enough, each would move keys, each move a
         warm-up more. A worker is never stuck in its first batches, until it has ended
-        three or run ``least_items``: on benchmarks/keyed.py a first batch of 100 items
+        four or run ``least_items``: on benchmarks/keyed.py a first batch of 100 items
         took 93 ms against an estimate of 12 (its keys warmed up while the caller filled
         every queue), and its keys moved away and back."""
         in_do, bound, now = self.counters.in_do, self.bound_ns, time.monotonic_ns()
@@ -109,12 +109,12 @@ class Affinity:
         return out
 
     def _seasoned(self, i: int) -> bool:
-        """Worker i is past its first batches: it has ended three, or run ``least_items``
+        """Worker i is past its first batches: it has ended four, or run ``least_items``
         (its counters, this incarnation's). Read only for a batch that has overrun."""
         base = CELLS * i
         cells = self.counters.cells
         ran = cells[base + DONE] - cells[base + GIVEN]
-        return ran >= self.least_items or cells[base + BATCHES] > PACED_BATCHES
+        return ran >= self.least_items or cells[base + BATCHES] > SPREAD_PACED_BATCHES
 
     def _pace(self) -> float:
         """The machine's pace lately: the fastest worker's recent cost (0.0: none known).

@@ -16,8 +16,8 @@
    it has spill_after of work queued, affinity.py), record the chunk in ledger i
    (ledger.py), sent[i] += n; add_many pulls its next block once the worker with the
    fewest queued items has room for half a batch under ~20 ms of work at the pooled cost,
-   or two batches (Pacer); a Ctrl-C waits until the chunk is recorded and written
-   (interrupts.py)
+   or two batches (three under affinity: Pacer); a Ctrl-C waits until the chunk is
+   recorded and written (interrupts.py)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
    (transport.py; processes: lifecycle.py, zygote.py)         (inlet.py); group by key;
                                                               flush at min(size, buffer),

@@ -28,6 +28,7 @@ PER_WORKER = ("key", "affinity")  # routings that choose a worker per item, not 
 INT_MASK = 0x7FFFFFFFFFFFFFFF  # an int key's hash: itself, made non-negative
 HORIZON_NS = 20_000_000  # add_many keeps about this much estimated work queued per worker
 PACED_BATCHES = 2  # ... and never less than this many batches (Pacer.floor)
+SPREAD_PACED_BATCHES = 3  # ... under "affinity", whose blocks spread over keys' homes
 
 
 GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio (Fibonacci hashing)
@@ -132,13 +133,18 @@ class Pacer:
     low but stale (stuck in a long batch) must not open the gate for everyone.
     """
 
-    def __init__(self, costs: Costs, size: int, first: int) -> None:
+    def __init__(self, costs: Costs, size: int, first: int,
+                 batches: int = PACED_BATCHES) -> None:
         self.costs = costs
         # One batch in do() and the whole next one queued behind it: a worker that ends a
         # batch starts the next at once. With half of it queued, the worker waited for the
         # caller to top it up (a result read, a wake-up, a pull, a write): on W2 at
         # size=200 each worker sat idle 26-74 ms between batches per run, 10-21 after.
-        self.floor = PACED_BATCHES * size
+        # Under "affinity" (SPREAD_PACED_BATCHES) a block reckoned for the least-loaded
+        # worker spreads over keys' homes, so that worker got part of it and its next
+        # batch was often short when the one in do() ended: on benchmarks/keyed.py each
+        # worker waited ~60 ms per run for the caller, ~30 with a third batch.
+        self.floor = batches * size
         # A smaller allowance waits for the next batch to end. Sent at once, it made ever
         # smaller blocks: under "affinity" a block spreads over keys' homes, so the
         # allowance (reckoned for the least-loaded worker) shrank by only part of each

@@ -18,7 +18,7 @@ from .collector import Collector
 from .costs import Costs
 from .counters import LoadCounters
 from .deadletters import DeadLetterStore
-from .dispatch import Dispatcher, Pacer, Router
+from .dispatch import SPREAD_PACED_BATCHES, Dispatcher, Pacer, Router
 from .errors import Closed, SerializationError
 from .intake import Intake
 from .lifecycle import Pool, default_start_method, default_workers
@@ -92,8 +92,11 @@ class Engine:
         self.router = Router(opts.routing, counters, affinity, costs)
         # add_many's blocks go to the least-loaded worker (or to keys' homes, which move
         # by queued work): pace them by work, not count.
-        self.pacer = (Pacer(costs, batch, 2 * block_limit(batch))
-                      if opts.routing in ("least-loaded", "affinity") else None)
+        self.pacer = None
+        if opts.routing == "least-loaded":
+            self.pacer = Pacer(costs, batch, 2 * block_limit(batch))
+        elif opts.routing == "affinity":
+            self.pacer = Pacer(costs, batch, 2 * block_limit(batch), SPREAD_PACED_BATCHES)
         self.dispatcher = Dispatcher(pool, counters, self.router)
         intake.attach(pool.workers, self.router, self.dispatcher)
         for i in range(pool.workers):

@@ -33,9 +33,9 @@ if TYPE_CHECKING:
     from .costs import Costs
 
 STEAL_MIN_NS = 40_000_000  # queued work a victim keeps without being asked (2x the Pacer's
-# horizon: add_many queues ~20 ms, or one batch behind the one in do(), so only a misjudged
-# run of costly items, or batches of 40 ms or more, make a victim: a dry worker then does
-# better taking them than waiting)
+# horizon: add_many queues ~20 ms, or a batch behind the one in do() (two under affinity),
+# so only a misjudged run of costly items, or batches of 40 ms or more, make a victim: a
+# dry worker then does better taking them than waiting)
 ITEM_MIN_NS = 20_000  # cheaper items are never moved: re-sending one costs the caller ~1 us
 SEQ_MASK = 0x7FFFFFFF  # ask numbers wrap here: ``seq << 32`` stays a positive int64
 

@@ -67,19 +67,19 @@ def test_a_key_stays_on_its_worker_while_that_worker_keeps_up(batcher_factory, s
 
 def test_a_key_moves_when_its_worker_is_past_the_bound(batcher_factory, tmp_path):
     # The gate holds every batch of "hot", so no worker finishes anything: the bound is
-    # three batches (3 x size = 15 items) while the cost per item is unknown.
+    # four batches (4 x size = 20 items) while the cost per item is unknown.
     gate = tmp_path / "gate"
     b = batcher_factory(fns.with_pid_gated(str(gate), "hot"), routing="affinity", size=5,
                         workers=2, steal=False)  # a stolen item would run off its home
-    futs = [b.submit("hot", i) for i in range(45)]
+    futs = [b.submit("hot", i) for i in range(55)]
     gate.touch()
     b.flush()
     pids = [f.result()[0] for f in futs]
-    first, second = pids[0], pids[15]
+    first, second = pids[0], pids[20]
     assert first != second
-    # 15 items at home; home moves to the idle worker; with both past the bound, it moves
-    # back only once the other holds half a bound (7.5 items) less
-    assert pids == [first] * 15 + [second] * 23 + [first] * 7
+    # 20 items at home; home moves to the idle worker; with both past the bound, it moves
+    # back only once the other holds half a bound (10 items) less
+    assert pids == [first] * 20 + [second] * 30 + [first] * 5
 
 
 def test_add_many_under_affinity_places_a_block_as_items_one_by_one(batcher_factory,
@@ -88,15 +88,15 @@ def test_add_many_under_affinity_places_a_block_as_items_one_by_one(batcher_fact
     got = []
     b = batcher_factory(fns.with_pid_gated(str(gate), "hot"), routing="affinity", size=5,
                         workers=2, steal=False, on_result=lambda k, vs, rs: got.extend(rs))
-    assert b.add_many(("hot", i) for i in range(45)) == 45
+    assert b.add_many(("hot", i) for i in range(55)) == 55
     gate.touch()
     b.flush()
     pid_of = {v: pid for pid, v in got}
-    pids = [pid_of[i] for i in range(45)]
-    first, second = pids[0], pids[15]
+    pids = [pid_of[i] for i in range(55)]
+    first, second = pids[0], pids[20]
     assert first != second
-    assert pids == [first] * 15 + [second] * 23 + [first] * 7  # as test above, by submit()
-    assert b.stats().succeeded == 45
+    assert pids == [first] * 20 + [second] * 30 + [first] * 5  # as test above, by submit()
+    assert b.stats().succeeded == 55
 
 
 def test_many_keys_through_add_many_lose_nothing(batcher_factory):
@@ -201,10 +201,10 @@ def test_one_costly_batch_barely_moves_a_homes_bound(counters):
     assert affinity.costs.of(0) == pytest.approx((1e8 / 2 + 3e7) / (1000 / 2 + 100))
 
 
-def test_before_any_batch_ends_the_bound_is_three_batches_of_items(counters):
+def test_before_any_batch_ends_the_bound_is_four_batches_of_items(counters):
     affinity = make_affinity(counters, batch_items=50)
-    assert affinity.limits() == [150, 150]
-    counters.set(0, SENT, 150)  # worker 0 has its bound queued: "a" goes to worker 1
+    assert affinity.limits() == [200, 200]
+    counters.set(0, SENT, 200)  # worker 0 has its bound queued: "a" goes to worker 1
     affinity.homes["a"] = 0
     assert affinity.for_key("a") == 1 and affinity.moves == 1
 
@@ -237,32 +237,32 @@ def test_keys_leave_a_worker_whose_batch_overran_its_estimate_by_the_bound(count
     assert affinity.limits() == [50.0, 50.0]
 
 
-def test_no_worker_is_stuck_before_it_has_run_three_batches(counters):
+def test_no_worker_is_stuck_before_it_has_run_four_batches(counters):
     """A worker's first batches warm its keys up and share the CPUs with a caller filling
     every queue: on benchmarks/keyed.py one of 100 items took 93 ms against an estimate of
-    12, and its keys moved away and back. Its overrun counts once it has ended three
-    batches or run three batches' worth of items (the bound's floor too)."""
+    12, and its keys moved away and back. Its overrun counts once it has ended four
+    batches or run four batches' worth of items (the bound's floor too)."""
     affinity = make_affinity(counters, batch_items=10, spill_after=0.05)
     for i in (0, 1):
-        counters.set(i, DONE, 29)
-        counters.set(i, SENT, 29)
-        counters.set(i, WORK_NS, 29 * 1_000_000)  # 1 ms an item
+        counters.set(i, DONE, 39)
+        counters.set(i, SENT, 39)
+        counters.set(i, WORK_NS, 39 * 1_000_000)  # 1 ms an item
     affinity.homes["a"] = 0
-    counters.set(0, SENT, 39)  # a batch of 10 in do() on worker 0, 1 s in: 990 ms over
-    counters.set(0, B_START, 29)
-    counters.set(0, B_END, 39)
+    counters.set(0, SENT, 49)  # a batch of 10 in do() on worker 0, 1 s in: 990 ms over
+    counters.set(0, B_START, 39)
+    counters.set(0, B_END, 49)
     counters.set(0, BUSY_NS, time.monotonic_ns() - 1_000_000_000)
     assert affinity.limits() == [50.0, 50.0]
     assert affinity.for_key("a") == 0 and affinity.moves == 0
-    counters.set(0, BATCHES, 3)  # three batches ended (of 29 items in all): now it counts
+    counters.set(0, BATCHES, 4)  # four batches ended (of 39 items in all): now it counts
     assert affinity.limits() == [0.0, 50.0]
-    counters.set(0, BATCHES, 2)
+    counters.set(0, BATCHES, 3)
     assert affinity.limits() == [50.0, 50.0]
-    counters.set(0, DONE, 30)  # or one item more run, a batch of 1 between
-    counters.set(0, SENT, 40)
-    counters.set(0, B_START, 30)
-    counters.set(0, B_END, 40)
-    counters.set(0, WORK_NS, 30 * 1_000_000)
+    counters.set(0, DONE, 40)  # or one item more run, a batch of 1 between
+    counters.set(0, SENT, 50)
+    counters.set(0, B_START, 40)
+    counters.set(0, B_END, 50)
+    counters.set(0, WORK_NS, 40 * 1_000_000)
     assert affinity.limits() == [0.0, 50.0]
     assert affinity.for_key("a") == 1 and affinity.moves == 1
     counters.reset(0)  # a replacement starts over: not stuck in its first batch
@@ -341,20 +341,20 @@ def test_no_key_goes_to_a_stuck_worker_while_another_is_free(counters):
     assert affinity.owners(["a", "b", "a"]) == [0, 1, 0] and affinity.moves == 1
 
 
-def test_a_home_is_never_bounded_under_three_batches(counters):
-    """add_many's pacing keeps two batches queued on a worker: a home holding that is not
-    past its bound, however few items spill_after's seconds come to (a slow item, or a
-    machine that other work slows down)."""
+def test_a_home_is_never_bounded_under_four_batches(counters):
+    """add_many's pacing keeps three batches queued on a worker under affinity: a home
+    holding that is not past its bound, however few items spill_after's seconds come to (a
+    slow item, or a machine that other work slows down)."""
     for i in (0, 1):
         counters.set(i, DONE, 100)
         counters.set(i, SENT, 100)
         counters.set(i, WORK_NS, 100 * 10_000_000)  # 10 ms an item: 5 items in 50 ms
     affinity = make_affinity(counters, batch_items=20, spill_after=0.05)
-    assert affinity.limits() == [60, 60]
+    assert affinity.limits() == [80, 80]
     affinity.homes["a"] = 0
-    counters.set(0, SENT, 100 + 59)
+    counters.set(0, SENT, 100 + 79)
     assert affinity.for_key("a") == 0 and affinity.moves == 0
-    counters.set(0, SENT, 100 + 60)
+    counters.set(0, SENT, 100 + 80)
     assert affinity.for_key("a") == 1 and affinity.moves == 1
 
 

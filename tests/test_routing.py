@@ -11,7 +11,7 @@ import pytest
 import mpbatch
 from mpbatch.costs import Costs
 from mpbatch.counters import B_END, B_START, BUSY_NS, DONE, GIVEN, SENT, WORK_NS, LoadCounters
-from mpbatch.dispatch import Pacer, Router, key_hash
+from mpbatch.dispatch import SPREAD_PACED_BATCHES, Pacer, Router, key_hash
 from tests import fns
 
 
@@ -154,6 +154,25 @@ def test_pacer_learns_the_cost_per_item_from_the_workers_counters():
             pytest.fail(f"still held back after 16 cheap batches (cost {pacer.cost:.0f} ns)")
     finally:
         counters.unlink()
+
+
+def test_pacer_under_affinity_keeps_a_third_batch_queued(batcher_factory):
+    """A block reckoned for the least-loaded worker spreads over keys' homes under
+    "affinity": that worker gets part of it, so the floor holds one batch more there."""
+    counters = LoadCounters(2)
+    try:
+        pacer = Pacer(Costs(counters), size=8, first=64, batches=SPREAD_PACED_BATCHES)
+        counters.set(1, WORK_NS, 20 * 3_000_000)  # 3 ms an item: 20 ms is under a batch
+        counters.set(1, DONE, 20)
+        counters.set(1, SENT, 20)
+        assert pacer.allowance() == 3 * 8
+    finally:
+        counters.unlink()
+    for routing, batches in (("affinity", 3), ("least-loaded", 2)):
+        b = batcher_factory(fns.double, routing=routing, size=8, workers=2)
+        b.add("k", 1)
+        b.flush()  # started: the engine made its pacer
+        assert b._pacer.floor == batches * 8, routing
 
 
 @pytest.fixture
