@@ -504,6 +504,8 @@ def summarize(args, w, names, records):
             row["efficiency"] = ideal / row["wall_s"]
             row["wall_over_ideal"] = row["wall_s"] / ideal
     add_ratios(rows, SCORES[w.name] + [("peak_pss_mb", "peak PSS MB", False)])
+    add_paired(rows, records, SCORES[w.name][0], lambda metric, rec: run_score(
+        metric, rec, w, ideal))
     against_ratio(rows, SCORES[w.name][0][0], AGAINST.get(w.name))
     return {"serial_compute_s": serial, "serial_estimated": estimated, "ideal_s": ideal,
             "rows": rows}
@@ -519,6 +521,43 @@ def add_ratios(rows, metrics):
         for row in rows.values():
             if metric in row and best:
                 row[metric + "_ratio"] = row[metric] / best
+
+
+def run_score(metric, rec, w, ideal):
+    """One run's value of ``metric``, the per-run counterpart of a row's median; None for
+    a failed run."""
+    if not rec["ok"]:
+        return None
+    per_wall = {"items_per_s": w.n, "mb_per_s": w.n * w.value_bytes / MB, "efficiency": ideal}
+    if metric in per_wall:
+        return per_wall[metric] / rec["wall"]
+    if metric == "wall_over_ideal":
+        return rec["wall"] / ideal
+    if metric == "peak_pss_mb":
+        return None if rec["peak_pss"] is None else rec["peak_pss"] / MB
+    return rec.get("extra", {}).get(metric)
+
+
+def add_paired(rows, records, score, value):
+    """row[metric + '_paired'] = [median, min, max] over the repeats of the row's run
+    divided by the best peer's run of the same repeat (``value(metric, record)``).
+
+    The repeats are interleaved, so the two runs of a pair met the same phase of the
+    machine: this VM's speed drifts by 10 % and more within minutes, which the ratio of
+    two medians carries whole, and the range shows how far a single pair strays."""
+    metric, _, higher = score
+    peers = [name for name, r in rows.items() if r["kind"] == "peer" and metric in r]
+    if not peers:
+        return
+    pick = max if higher else min
+    best = pick(peers, key=lambda name: rows[name][metric])
+    runs = {(rec["contender"], rec["repeat"]): value(metric, rec) for rec in records}
+    repeats = sorted({rec["repeat"] for rec in records})
+    for name, row in rows.items():
+        ratios = [runs[name, rep] / runs[best, rep] for rep in repeats
+                  if runs.get((name, rep)) is not None and runs.get((best, rep))]
+        if ratios:
+            row[metric + "_paired"] = [statistics.median(ratios), min(ratios), max(ratios)]
 
 
 def against_ratio(rows, metric, name):
@@ -545,6 +584,8 @@ def workload_table(w, summary):
     head = ["contender", "chunk", "wall s"]
     for i, (_, label, higher) in enumerate(metrics):
         head += [label, f"÷ best peer ({'higher' if higher else 'lower'} is better)"]
+        if i == 0:
+            head.append("÷ best peer, per repeat: median (range)")
         if i == 0 and against:
             head.append(f"÷ {against}")
     if w.name in CALLER_RSS:
@@ -560,6 +601,10 @@ def workload_table(w, summary):
             cells.append(fmt_value(metric, row[metric]) if metric in row else "-")
             ratio = row.get(metric + "_ratio")
             cells.append(f"{ratio:.2f}" if ratio is not None else "-")
+            if i == 0:
+                paired = row.get(metric + "_paired")
+                cells.append(f"{paired[0]:.2f} ({paired[1]:.2f}-{paired[2]:.2f})"
+                             if paired else "-")
             if i == 0 and against:
                 ratio = row.get(f"{metric}_vs_{against}")
                 cells.append(f"{ratio:.2f}" if ratio is not None else "-")
