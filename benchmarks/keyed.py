@@ -426,30 +426,42 @@ def summarize(workload: str, runs: dict[str, list[dict]]) -> dict:
             row["wall_over_ideal"] = 1 / row["efficiency"]
         if "wall_s" in row and mine:
             row["over_affinity"] = row["wall_s"] / mine  # > 1: affinity add_many is faster
-    return {"rows": rows, "ratios": ratios(workload, rows)}
+    pairs = ratio_pairs(workload, rows)
+    return {"rows": rows,
+            "ratios": {label: rows[b]["wall_s"] / rows[a]["wall_s"]
+                       for label, (a, b) in pairs.items()},
+            "paired": {label: paired(rows[a]["walls"], rows[b]["walls"])
+                       for label, (a, b) in pairs.items()}}
 
 
-def ratios(workload: str, rows: dict) -> dict:
+def ratio_pairs(workload: str, rows: dict) -> dict[str, tuple[str, str]]:
+    """The ratios the targets are stated in: label -> (row a, row b), a's items/s over b's."""
     def rate(name: str) -> float:
         return rows.get(name, {}).get("items_per_s", 0.0)
 
     out = {}
     if workload == "keyed":
-        mine = rate(AFFINITY)
         other = max(("least-loaded", "key"), key=lambda r: rate(f"mpbatch add_many {r}"))
-        peers = {n: r["items_per_s"] for n, r in rows.items()
-                 if "items_per_s" in r and not n.startswith(("mpbatch", "serial"))}
-        if mine and rate(f"mpbatch add_many {other}"):
+        peers = [n for n, r in rows.items()
+                 if "items_per_s" in r and not n.startswith(("mpbatch", "serial"))]
+        if rate(AFFINITY) and rate(f"mpbatch add_many {other}"):
             out[f"affinity / the better of least-loaded and key ({other})"] = (
-                mine / rate(f"mpbatch add_many {other}"))
-        if mine and peers:
-            best = max(peers, key=peers.get)
-            out[f"affinity / the best peer ({best})"] = mine / peers[best]
+                AFFINITY, f"mpbatch add_many {other}")
+        if rate(AFFINITY) and peers:
+            best = max(peers, key=rate)
+            out[f"affinity / the best peer ({best})"] = (AFFINITY, best)
     for how in ("add_many", "add"):
         if rate(f"mpbatch {how} affinity") and rate(f"mpbatch {how} least-loaded"):
-            out[f"{how}: affinity / least-loaded"] = (rate(f"mpbatch {how} affinity")
-                                                      / rate(f"mpbatch {how} least-loaded"))
+            out[f"{how}: affinity / least-loaded"] = (f"mpbatch {how} affinity",
+                                                      f"mpbatch {how} least-loaded")
     return out
+
+
+def paired(walls_a: list[float], walls_b: list[float]) -> list[float]:
+    """a's items/s over b's, repeat by repeat (the two runs of a repeat are interleaved, so
+    they met the same phase of the machine): [median, min, max]."""
+    ratios = [b / a for a, b in zip(walls_a, walls_b, strict=True)]
+    return [statistics.median(ratios), min(ratios), max(ratios)]
 
 
 def table(workload: str, n: int, summary: dict) -> str:
@@ -470,8 +482,11 @@ def table(workload: str, n: int, summary: dict) -> str:
         cells += [f"{row['moves']:,.0f}" if "moves" in row else "",
                   f"{row['peak_pss_mb']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| ratio (items/s over items/s) | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in summary["ratios"].items()]
+    lines += ["", "| ratio (items/s over items/s) | of the medians | per repeat: median (range) |",
+              "|---|---|---|"]
+    for label, value in summary["ratios"].items():
+        med, low, high = summary["paired"][label]
+        lines.append(f"| {label} | {value:.2f} | {med:.2f} ({low:.2f}-{high:.2f}) |")
     return "\n".join(lines)
 
 
