@@ -35,6 +35,22 @@ if TYPE_CHECKING:
 CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to bulk.BLOCK_ITEMS
 CHUNK_BYTES = 1 << 20  # seal an add() chunk at about this many bytes of values
 PLAIN = frozenset({int, str, bytes, float, bool, type(None)})  # always pickle, always hash
+TEXT = frozenset({str, bytes})
+
+
+def plain_bytes(thing: Any) -> int | None:
+    """A PLAIN key or value, or a flat tuple of them (which also always pickles and
+    hashes): the length of its str and bytes, a hint for sealing a chunk by bytes. None for
+    anything else, which add() checks the slow way (check_item)."""
+    kind = type(thing)
+    if kind in PLAIN:
+        return len(thing) if kind in TEXT else 0
+    if kind is not tuple:
+        return None
+    types = set(map(type, thing))
+    if not types <= PLAIN:
+        return None
+    return sum(len(e) for e in thing if type(e) in TEXT) if types & TEXT else 0
 
 _first, _second = itemgetter(0), itemgetter(1)
 

@@ -36,6 +36,44 @@ def test_unhashable_key_is_a_type_error(batcher_factory):
     assert b.stats().accepted == 0
 
 
+def test_flat_tuples_of_plain_things_go_in_and_bad_tuples_are_refused(batcher_factory):
+    """add() takes a flat tuple of int, str, bytes, float, bool and None, as key or value,
+    without pickling it first (it always pickles); any other tuple is checked as before."""
+    got = {}
+    b = batcher_factory(fns.double,
+                        on_result=lambda k, vs, rs: got.update(zip(vs, rs, strict=True)))
+    good = [(("user", 7), (1, "a", b"b", 2.5, None, True)), ("k", ("x",)), ("k", ()),
+            ("k", (1, (2, 3)))]
+    for key, value in good:
+        b.add(key, value)
+    before = counters(b)
+    with pytest.raises(mpbatch.SerializationError, match="'k'"):
+        b.add("k", (1, threading.Lock()))
+    with pytest.raises(mpbatch.SerializationError, match="'k'"):
+        b.add("k", (1, (2, threading.Lock())))
+    with pytest.raises(TypeError, match=r"key must be hashable \(got tuple"):
+        b.add(("a", ["b"]), 1)
+    assert counters(b) == before
+    b.flush()
+    assert got == {value: value * 2 for _, value in good}
+    assert counters(b) == (4, 4, 0, 0)
+
+
+def test_an_add_chunk_of_tuples_is_sealed_by_the_bytes_they_hold(batcher_factory):
+    """A chunk of add()'s is written to a worker once its values hold ~1 MiB (CHUNK_BYTES):
+    the str and bytes inside a tuple count, as a str or bytes value does."""
+    b = batcher_factory(fns.double, size=4, interval=60)
+    b.add("k", 1)
+    b.flush()  # running: add() takes its inlined path from here
+    big = b"x" * (600 << 10)
+    b.add("k", (1, big))
+    assert len(b._open[0].entries) == 1
+    b.add("k", (2, big))  # 1.2 MiB: sealed and written, 2 items short of a batch
+    assert len(b._open[0].entries) == 0
+    b.flush()
+    assert counters(b) == (3, 3, 0, 0)
+
+
 def test_full_raises_and_block_waits(batcher_factory, tmp_path, backend):
     gate = tmp_path / "gate"
     b = batcher_factory(fns.wait_for_file(str(gate)), workers=1, buffer=3, size=1)
