@@ -41,7 +41,7 @@ TEXT = frozenset({str, bytes})
 def plain_bytes(thing: Any) -> int | None:
     """A PLAIN key or value, or a flat tuple of them (which also always pickles and
     hashes): the length of its str and bytes, a hint for sealing a chunk by bytes. None for
-    anything else, which add() checks the slow way (check_item)."""
+    anything else, which check_item() pickles to check."""
     kind = type(thing)
     if kind in PLAIN:
         return len(thing) if kind in TEXT else 0
@@ -52,20 +52,26 @@ def plain_bytes(thing: Any) -> int | None:
         return None
     return sum(len(e) for e in thing if type(e) in TEXT) if types & TEXT else 0
 
+
 _first, _second = itemgetter(0), itemgetter(1)
 
 
 def check_item(key: Hashable, value: Any, max_bytes: int | None) -> int | None:
     """Pickled size of ``value`` when it is needed; raise on a bad key or value."""
     kind = type(key)
-    if kind not in PLAIN:
+    plain_key = kind in PLAIN or plain_bytes(key) is not None
+    if not plain_key:
         try:
             hash(key)
         except TypeError:
             raise TypeError(f"key must be hashable (got {kind.__name__}: {key!r:.80}); "
                             f"use a str, int, bytes or tuple key") from None
-    if max_bytes is None and type(value) in PLAIN and kind in PLAIN:
-        return len(value) if type(value) in (str, bytes) else 16
+    if max_bytes is None and plain_key:  # no pickle needed to know these pickle
+        if type(value) in PLAIN:
+            return len(value) if type(value) in TEXT else 16
+        text = plain_bytes(value)
+        if text is not None:
+            return 16 + text
     try:
         blob = pickle.dumps(value, PROTOCOL)
         if kind not in PLAIN:
