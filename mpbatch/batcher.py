@@ -101,8 +101,8 @@ class Batcher:
         seconds of work queued, then moves to the least-loaded one: warm per-key state,
         no per-key order), or "round-robin".
     spill_after: seconds of queued work on a key's worker before the key moves, under
-        routing="affinity" only (default 0.05); never fewer than three batches of items
-        (add_many keeps two queued on a worker).
+        routing="affinity" only (default 0.05); never fewer than four batches of items
+        (add_many keeps three queued on a worker under affinity).
     steal: let a worker running dry take items another worker has queued but not started
         (handed back over its result pipe and sent again, no attempt spent; see steal.py).
         Default None: on for every routing but "key" (whose per-key order it would break)
@@ -270,37 +270,37 @@ class Batcher:
         # lock (see intake.OpenChunk). The room check reads counters without the lock:
         # threads adding at once may overshoot buffer by one item each. Anything else takes
         # _accept(), which checks (a pickle of the value: ~1 us an item), locks and waits.
-        kind = type(value)
-        if kind in PLAIN:
-            text = len(value) if kind is str or kind is bytes else 0
-        else:
-            text = plain_bytes(value)
-        if (self._fast and timeout is None and text is not None
-                and (type(key) in PLAIN or plain_bytes(key) is not None)):
-            chunk = self._open[0]
-            entries = chunk.entries
-            n = len(entries)
-            room = self._capacity - self._accounts.outstanding - n
-            if room > 0:
-                try:
-                    pair = (key, value)
-                    entries.append(pair)
-                    if not self._fast and self._closing.withdrawn(chunk, pair):
-                        raise Closed("add() after close(): this Batcher no longer takes "
-                                     "items; create a new one")
-                    due = n + 1 >= self._chunk_items
-                    if text:
-                        chunk.nbytes += text  # a hint for sealing: a lost update is harmless
-                        due = due or chunk.nbytes >= CHUNK_BYTES
-                    if not chunk.opened:
-                        self._intake.opened(chunk, wake=not due and room > 1)
-                    if due or room == 1:  # full: no item can join it until one finishes
-                        with self._lock:  # let go while the chunk is written (seal())
-                            self._intake.seal(chunk, full=room == 1, unlock=self._lock)
-                except BaseException:
-                    self._intake.unsealed()
-                    raise
-                return
+        if self._fast and timeout is None:
+            kind = type(value)
+            if kind in PLAIN:
+                size = len(value) if kind is str or kind is bytes else 0
+            else:
+                size = plain_bytes(value)
+            if size is not None and (type(key) in PLAIN or plain_bytes(key) is not None):
+                chunk = self._open[0]
+                entries = chunk.entries
+                n = len(entries)
+                room = self._capacity - self._accounts.outstanding - n
+                if room > 0:
+                    try:
+                        pair = (key, value)
+                        entries.append(pair)
+                        if not self._fast and self._closing.withdrawn(chunk, pair):
+                            raise Closed("add() after close(): this Batcher no longer takes "
+                                         "items; create a new one")
+                        due = n + 1 >= self._chunk_items
+                        if size:
+                            chunk.nbytes += size  # a hint for sealing: a lost update is harmless
+                            due = due or chunk.nbytes >= CHUNK_BYTES
+                        if not chunk.opened:
+                            self._intake.opened(chunk, wake=not due and room > 1)
+                        if due or room == 1:  # full: no item can join it until one finishes
+                            with self._lock:  # let go while the chunk is written (seal())
+                                self._intake.seal(chunk, full=room == 1, unlock=self._lock)
+                    except BaseException:
+                        self._intake.unsealed()
+                        raise
+                    return
         self._accept(key, value, None, block, timeout)
 
     def submit(self, key: Hashable, value: Any, *, block: bool = False,

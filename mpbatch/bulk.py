@@ -131,7 +131,8 @@ class Bulk:
                 b._wait_until(lambda: pacer.allowance() >= pacer.least,
                               time.monotonic() + PACE_WAIT)
                 allowed = pacer.allowance()
-        # After PACE_WAIT without a wake-up, two batches go anyway: not one item.
+        # After PACE_WAIT without a wake-up, the floor goes anyway (two batches, three
+        # under affinity): not one item.
         return min(room, allowed if allowed >= pacer.least else pacer.floor)
 
     def _send(self, keys: list, values: list, deadline_ns: int, tag: int | None = None) -> None:

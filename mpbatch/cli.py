@@ -131,7 +131,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--routing", choices=ROUTINGS)
     group.add_argument("--spill-after", type=float, metavar="SECONDS",
                        help="with --routing affinity: queued work before a key moves "
-                            "(default 0.05; never under three batches of items)")
+                            "(default 0.05; never under four batches of items)")
     group.add_argument("--max-attempts", type=int, help="tries per item (default 1)")
     group.add_argument("--retry-backoff", type=float, help="seconds before a retry (0.1)")
     group.add_argument("--timeout", type=float, help="seconds one batch may run")

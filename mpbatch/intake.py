@@ -35,13 +35,16 @@ if TYPE_CHECKING:
 CHUNK_ITEMS = 1024  # most items in one add() chunk; add_many blocks go up to bulk.BLOCK_ITEMS
 CHUNK_BYTES = 1 << 20  # seal an add() chunk at about this many bytes of values
 PLAIN = frozenset({int, str, bytes, float, bool, type(None)})  # always pickle, always hash
-TEXT = frozenset({str, bytes})
+TEXT = frozenset({str, bytes})  # the PLAIN types whose size is their length
+ELEMENT_BYTES = 9  # a float or an int below 2**63 in a pickled tuple, at most, framing aside
 
 
 def plain_bytes(thing: Any) -> int | None:
     """A PLAIN key or value, or a flat tuple of them (which also always pickles and
-    hashes): the length of its str and bytes, a hint for sealing a chunk by bytes. None for
-    anything else, which check_item() pickles to check."""
+    hashes): about the bytes it adds to a chunk (its length for a str or bytes, 0 for
+    another PLAIN value; a tuple: ELEMENT_BYTES an element, plus the length of its str and
+    bytes), a hint for sealing a chunk by bytes. None for anything else, which
+    check_item() pickles to check."""
     kind = type(thing)
     if kind in PLAIN:
         return len(thing) if kind in TEXT else 0
@@ -50,7 +53,8 @@ def plain_bytes(thing: Any) -> int | None:
     types = set(map(type, thing))
     if not types <= PLAIN:
         return None
-    return sum(len(e) for e in thing if type(e) in TEXT) if types & TEXT else 0
+    size = ELEMENT_BYTES * len(thing)
+    return size + sum(len(e) for e in thing if type(e) in TEXT) if types & TEXT else size
 
 
 _first, _second = itemgetter(0), itemgetter(1)
@@ -69,12 +73,12 @@ def check_item(key: Hashable, value: Any, max_bytes: int | None) -> int | None:
     if max_bytes is None and plain_key:  # no pickle needed to know these pickle
         if type(value) in PLAIN:
             return len(value) if type(value) in TEXT else 16
-        text = plain_bytes(value)
-        if text is not None:
-            return 16 + text
+        size = plain_bytes(value)
+        if size is not None:
+            return 16 + size
     try:
         blob = pickle.dumps(value, PROTOCOL)
-        if kind not in PLAIN:
+        if not plain_key:
             pickle.dumps(key, PROTOCOL)
     except Exception as exc:
         raise SerializationError(

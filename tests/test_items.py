@@ -36,16 +36,27 @@ def test_unhashable_key_is_a_type_error(batcher_factory):
     assert b.stats().accepted == 0
 
 
-def test_flat_tuples_of_plain_things_go_in_and_bad_tuples_are_refused(batcher_factory):
+def test_flat_tuples_of_plain_things_go_in_and_bad_tuples_are_refused(batcher_factory,
+                                                                      monkeypatch):
     """add() takes a flat tuple of int, str, bytes, float, bool and None, as key or value,
-    without pickling it first (it always pickles); any other tuple is checked as before."""
+    on its inlined path, unpickled (it always pickles); any other tuple is checked as
+    before."""
     got = {}
     b = batcher_factory(fns.double,
                         on_result=lambda k, vs, rs: got.update(zip(vs, rs, strict=True)))
-    good = [(("user", 7), (1, "a", b"b", 2.5, None, True)), ("k", ("x",)), ("k", ()),
-            ("k", (1, (2, 3)))]
-    for key, value in good:
-        b.add(key, value)
+    b.add("k", 1)
+    b.flush()  # running: add() may take its inlined path from here
+    good = [(("user", 7), (1, "a", b"b", 2.5, None, True)), ("k", ("x",)), ("k", ())]
+
+    def checked_path(*args):
+        raise AssertionError(f"add{args[:2]} took the checked path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(b, "_accept", checked_path)
+        for key, value in good:
+            b.add(key, value)
+    good.append(("k", (1, (2, 3))))  # nested: checked (pickled), and fine
+    b.add(*good[-1])
     before = counters(b)
     with pytest.raises(mpbatch.SerializationError, match="'k'"):
         b.add("k", (1, threading.Lock()))
@@ -55,23 +66,41 @@ def test_flat_tuples_of_plain_things_go_in_and_bad_tuples_are_refused(batcher_fa
         b.add(("a", ["b"]), 1)
     assert counters(b) == before
     b.flush()
-    assert got == {value: value * 2 for _, value in good}
-    assert counters(b) == (4, 4, 0, 0)
+    assert got == {1: 2} | {value: value * 2 for _, value in good}
+    assert counters(b) == (5, 5, 0, 0)
+
+
+def test_checking_a_flat_tuple_of_plain_things_pickles_nothing(monkeypatch):
+    """submit() and add()'s checked path size such an item without pickling it."""
+    from mpbatch import intake
+
+    class NoPickle:
+        @staticmethod
+        def dumps(*args):
+            raise AssertionError("pickled")
+
+    monkeypatch.setattr(intake, "pickle", NoPickle)
+    assert intake.check_item(("a", 1), (1, 2.5, "xy"), None) == 16 + 3 * 9 + 2
+    assert intake.check_item("a", "xyz", None) == 3
+    with pytest.raises(mpbatch.SerializationError):  # a list is pickled to be checked
+        intake.check_item("a", [1], None)
 
 
 def test_an_add_chunk_of_tuples_is_sealed_by_the_bytes_they_hold(batcher_factory):
     """A chunk of add()'s is written to a worker once its values hold ~1 MiB (CHUNK_BYTES):
-    the str and bytes inside a tuple count, as a str or bytes value does."""
-    b = batcher_factory(fns.double, size=4, interval=60)
+    a tuple counts its elements and the str and bytes inside, as a str or bytes value
+    counts its length."""
+    b = batcher_factory(fns.nothing, size=4, interval=60)
     b.add("k", 1)
     b.flush()  # running: add() takes its inlined path from here
-    big = b"x" * (600 << 10)
-    b.add("k", (1, big))
-    assert len(b._open[0].entries) == 1
-    b.add("k", (2, big))  # 1.2 MiB: sealed and written, 2 items short of a batch
-    assert len(b._open[0].entries) == 0
-    b.flush()
-    assert counters(b) == (3, 3, 0, 0)
+    text, numbers = b"x" * (600 << 10), tuple(float(i) for i in range(70_000))  # ~600 KiB
+    for first, second in (((1, text), (2, text)), (numbers, numbers)):
+        b.add("k", first)
+        assert len(b._open[0].entries) == 1
+        b.add("k", second)  # ~1.2 MiB: sealed and written, 2 items short of a batch
+        assert len(b._open[0].entries) == 0
+        b.flush()
+    assert counters(b) == (5, 5, 0, 0)
 
 
 def test_full_raises_and_block_waits(batcher_factory, tmp_path, backend):
