@@ -66,7 +66,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
-from . import options
+from . import interrupts, options
 from .bulk import Bulk, ColumnBulk, KeyedBulk, add_each
 from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
 from .collector import Collector
@@ -391,7 +391,7 @@ class Batcher:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                acc.changed.wait(left)
+                interrupts.wait(acc.changed, left)
             return True
         finally:
             acc.waiters -= 1

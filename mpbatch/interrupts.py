@@ -74,3 +74,20 @@ class held_interrupt:  # lower case: read as a function, ``with held_interrupt()
                 raise
         if self.got is not None:
             old(*self.got)  # the default handler raises KeyboardInterrupt here
+
+
+def wait(cond: threading.Condition, timeout: float | None = None) -> bool:
+    """``cond.wait(timeout)``, the lock held again if a Ctrl-C ends it (hold the lock once).
+
+    Condition.wait lets go of its lock before the ``try`` whose ``finally`` takes it back,
+    and takes it back with an acquire that a signal's handler may end: a KeyboardInterrupt
+    raised in either gap left the lock let go, and the caller's ``with lock:`` then failed
+    with "RuntimeError: cannot release un-acquired lock" in place of the KeyboardInterrupt
+    (seen once in CI, the second Ctrl-C of close()), which no longer reached close()'s
+    handling. Every wait here holds its lock once, so one acquire restores it."""
+    try:
+        return cond.wait(timeout)
+    except BaseException:
+        if not cond._is_owned():  # type: ignore[attr-defined]
+            cond.acquire()
+        raise

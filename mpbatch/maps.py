@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
+from . import interrupts
 from .errors import Closed
 
 # A call's tag: its map's ident above TAG_SHIFT bits, its index in the map below (an int:
@@ -94,7 +95,7 @@ class MapRun:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError()
-                self.cond.wait(left)
+                interrupts.wait(self.cond, left)
             out = []
             arrived = self.arrived
             while index in arrived:

@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from mpbatch import interrupts
 from mpbatch.interrupts import held_interrupt
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "caller_script.py")
@@ -298,3 +299,26 @@ def test_ctrl_c_ends_a_write_to_a_worker_that_reads_nothing():
     assert stats["pending"] == "0", closed
     assert int(stats["accepted"]) == int(stats["dead_lettered"]) >= 15, closed  # none ran
     assert_gone_within(workers, 1)
+
+
+class InterruptedInTheGap(threading.Condition):
+    """Condition.wait as a Ctrl-C leaves it when its handler runs right after the wait let
+    go of the lock, before the ``try`` that takes it back."""
+
+    def wait(self, timeout=None):
+        self._release_save()
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_that_ends_a_wait_leaves_its_lock_held():
+    """The caller's ``with lock:`` around a wait then lets go of the lock once, and the
+    KeyboardInterrupt goes on: close()'s handling of a second Ctrl-C depends on it. A bare
+    Condition.wait lost it to "RuntimeError: cannot release un-acquired lock"."""
+    lock = threading.RLock()
+    cond = InterruptedInTheGap(lock)
+    with pytest.raises(KeyboardInterrupt), lock:
+        interrupts.wait(cond, 1)
+    assert not lock._is_owned()
+    with pytest.raises(RuntimeError, match="un-acquired"), lock:
+        cond.wait(1)
+
