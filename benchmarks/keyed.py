@@ -26,8 +26,8 @@ warm-ups as sum(result & 1): exact, whatever the timing. mpbatch's do() gets {ke
 and warms a key at most once per batch (the key's first item carries the flag); the peers
 call the per-item function, which looks its key up on every item.
 
-Contenders, each a fresh process tree timed with start-up and shutdown, interleaved
-(A B C ... A B C ...):
+Contenders, each a fresh process tree timed with start-up and shutdown, interleaved and
+the order turned by one each repeat (A B C, B C A, C A B ...):
   serial                    the per-item function in a loop (one process, one LRU)
   pool imap c=C             multiprocessing.Pool.imap_unordered, chunksize C swept
   pool map                  Pool.map with its default chunksize (n / 8: static slices)
@@ -78,6 +78,7 @@ from run import (
     communicate_sampled,
     foreign_cpu,
     mpbatch_digest,
+    rotated,
     wait_until_idle,
 )
 
@@ -548,8 +549,8 @@ def main() -> None:
         print(f"== {workload}: {n:,} items, {len(rows)} contenders", flush=True)
         runs: dict[str, list[dict]] = {name: [] for name in rows}
         for repeat in range(args.repeats):  # interleaved: a slow phase hits every row
-            for name, spec in rows.items():
-                spec = spec | {"rounds": rounds, "warm_rounds": warm_rounds}
+            for name in rotated(list(rows), repeat):
+                spec = rows[name] | {"rounds": rounds, "warm_rounds": warm_rounds}
                 rec = measure_quietly(spec, args) | {"n": n, "repeat": repeat}
                 runs[name].append(rec)
                 print(f"  [{repeat + 1}/{args.repeats}] {workload} {name:42s} "

@@ -452,12 +452,20 @@ def fmt_run(rec, n, value_bytes=0):
     return text
 
 
+def rotated(names, rep):
+    """Repeat ``rep``'s order: ``names`` turned by ``rep`` places. With one fixed order a
+    contender always ran after the same ones, at the same point of minutes of full load:
+    whatever that costs on a shared VM went to the same contender every repeat."""
+    k = rep % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def run_workload(args, w, names, rounds, log, cache):
-    """Sweep, then the measured repeats, interleaved: A B C A B C ..."""
+    """Sweep, then the measured repeats, interleaved and turned: A B C, B C A, C A B ..."""
     chosen, trials = sweep(args, w, names, rounds, log, cache)
     records = []
     for rep in range(args.repeats):
-        for name in names:
+        for name in rotated(names, rep):
             rec = measure_quietly(args, make_spec(args, w, name, w.n, chosen[name], rounds))
             rec |= {"contender": name, "repeat": rep, "chunk": chosen[name]}
             records.append(rec)
