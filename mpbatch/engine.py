@@ -18,7 +18,7 @@ from .collector import Collector
 from .costs import Costs
 from .counters import LoadCounters
 from .deadletters import DeadLetterStore
-from .dispatch import SPREAD_PACED_BATCHES, Dispatcher, Pacer, Router
+from .dispatch import PACED_BATCHES, SPREAD_PACED_BATCHES, Dispatcher, Pacer, Router
 from .errors import Closed, SerializationError
 from .intake import Intake
 from .lifecycle import Pool, default_start_method, default_workers
@@ -93,10 +93,9 @@ class Engine:
         # add_many's blocks go to the least-loaded worker (or to keys' homes, which move
         # by queued work): pace them by work, not count.
         self.pacer = None
-        if opts.routing == "least-loaded":
-            self.pacer = Pacer(costs, batch, 2 * block_limit(batch))
-        elif opts.routing == "affinity":
-            self.pacer = Pacer(costs, batch, 2 * block_limit(batch), SPREAD_PACED_BATCHES)
+        if opts.routing in ("least-loaded", "affinity"):
+            batches = SPREAD_PACED_BATCHES if opts.routing == "affinity" else PACED_BATCHES
+            self.pacer = Pacer(costs, batch, 2 * block_limit(batch), batches)
         self.dispatcher = Dispatcher(pool, counters, self.router)
         intake.attach(pool.workers, self.router, self.dispatcher)
         for i in range(pool.workers):
