@@ -763,6 +763,11 @@ def test_an_executor_dropped_without_shutdown_stops_its_workers():
     del results
     gc.collect()
     worker.wait(timeout=30)
+    # the close runs in a thread of its own, and frees shared memory after the joins
+    for thread in threading.enumerate():
+        if thread.name == "mpbatch-executor-shutdown":
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "the dropped executor's close did not end"
 
 
 SCRIPT_ENDINGS = {  # test_interpreter_shutdown, test_hang_gh83386
