@@ -37,9 +37,10 @@
    (WorkerDied / BatchTimeout); items only queued are re-sent with no attempt spent
    timer -> seal overdue open chunks, send due retries, kill a do() past timeout=
    steal (steal.py): on a report, if a worker runs dry while another has >= 40 ms of
-   work queued, ask that one (its ask cell) for half its queue; it answers between
-   batches with RETURNED(start, n), those items unrun, and they are routed again from
-   the ledger with no attempt spent
+   work queued, ask that one (its ask cell; a byte on drain i wakes its reader) for half
+   its queue; it answers with RETURNED(start, n), those items unrun (whole chunks from
+   its reader at once, even while do() runs; else from its main thread between batches),
+   and they are routed again from the ledger with no attempt spent
  close() (closing.py): add() raises Closed; flush everything (a first Ctrl-C lets it
    finish, a second gives up); STOP workers, join them; stop the collector; unlink the
    shared memory (engine.py: what start() builds and close() takes down).

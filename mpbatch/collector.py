@@ -63,7 +63,8 @@ class Collector(threading.Thread):
         self.dead_letter = self.outcomes.dead_letter
         # Work stealing (steal.py), where the options allow it: None otherwise.
         self.costs = dispatcher.router.costs
-        self.stealer = Stealer(self.costs, pool.ready) if options.steal else None
+        self.stealer = Stealer(self.costs, pool.ready, pool.wake) if options.steal \
+            else None
         self.sleep_until_ns = 0  # when the collector wakes up next (under accounts.lock)
         self._exit = False
         self._wake_lock = threading.Lock()

@@ -12,6 +12,7 @@ import select
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -20,6 +21,7 @@ from .ring import RingReader
 
 POLL_MAX_MS = 0x7FFFFFFF  # poll() refuses a longer timeout (~24.8 days; interval may exceed it)
 TICK = object()  # next() waited its time out: the held batch's interval ran out
+_NONE = object()  # _pop(): no frame is queued
 
 
 class Inlet:
@@ -39,6 +41,11 @@ class Inlet:
     ``lock`` goes with the item pipe and the partial frame in ``wire`` (a FrameReader): one
     thread reads at a time, and frames keep their order. A chunk whose values are in this
     worker's ring (ring.py) has them copied out as its frame is read, in that order.
+
+    Frames leave ``frames`` at the front, under ``taking``: the main thread takes them one
+    by one, and either thread may hand whole chunks back to the caller unrun (steal.py;
+    the reader while do() runs, see ``on_drain``). ``front`` counts the items of every
+    chunk that left, so it is the stream position of the next chunk's first item.
     """
 
     def __init__(self, items: Connection, drain: Connection,
@@ -50,6 +57,12 @@ class Inlet:
         self.ring = ring
         self.frames: deque = deque()  # read, not yet taken; None marks EOF
         self.lock = threading.Lock()
+        self.taking = threading.Lock()
+        self.front = 0  # stream position of the first item of the next chunk to leave
+        self.at = 0  # stream position of the first item of the chunk next() returned last
+        # Called by the reader thread each time it has drained the pipe (a wake-up from the
+        # caller: a full pipe, or a hand-back request to answer while do() runs).
+        self.on_drain: Callable[[], None] | None = None
         self._poll = select.poll()  # the main thread's; not select(): it fails past fd 1024
         self._poll.register(self.fd, select.POLLIN)
 
@@ -62,14 +75,16 @@ class Inlet:
 
     def next(self, wait: float | None) -> Any:
         """The next frame, None at EOF, or TICK once ``wait`` seconds pass (main thread)."""
-        if self.frames:
-            return self.frames.popleft()
+        frame = self._pop()
+        if frame is not _NONE:
+            return frame
         deadline = None if wait is None else time.monotonic() + wait
         # Held by the reader for one read at a time, when it drains a full pipe.
         if not self.lock.acquire(timeout=-1 if wait is None else max(0.0, wait)):
             return TICK
         try:
-            while not self.frames:  # the reader may have left frames before letting go
+            # the reader may have left frames before letting go
+            while (frame := self._pop()) is _NONE:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return TICK
@@ -81,9 +96,61 @@ class Inlet:
                     self._take()
                 elif ms == 0:
                     time.sleep(left)
-            return self.frames.popleft()
+            return frame
         finally:
             self.lock.release()
+
+    def _pop(self) -> Any:
+        """The front frame, taken off (its chunk's position in ``at``), or _NONE."""
+        with self.taking:
+            if not self.frames:
+                return _NONE
+            frame = self.frames.popleft()
+            if frame is not None:
+                kind, _, n, _ = tp.read_to_worker(frame)
+                if kind == tp.CHUNK:
+                    self.at = self.front
+                    self.front += n
+            return frame
+
+    def hand_back(self, want: int) -> tuple[int, int]:
+        """Take whole chunks off the front, up to ``want`` items in all, for the caller to
+        re-send. Stops at the first frame that is no plain chunk: a FLUSH, STOP or DEFINE
+        keeps its place after what precedes it, and a retry (SOLO) runs as a batch of its
+        own. Returns (the stream position of their first item, their number of items)."""
+        frames, given, gone = self.frames, 0, []
+        with self.taking:
+            start = self.front
+            while frames and frames[0] is not None:
+                kind, flags, n, _ = tp.read_to_worker(frames[0])
+                if kind != tp.CHUNK or flags & tp.SOLO or given + n > want:
+                    break
+                gone.append(frames.popleft())
+                given += n
+            self.front += given
+        for frame in gone:  # not under ``taking``: next() takes ``lock`` first
+            self.recycle(frame)
+        return start, given
+
+    def next_chunk(self) -> Any:
+        """The front frame taken off if it is a plain chunk (see hand_back), else None; its
+        items start at ``at``. ``put_back`` undoes it (main thread)."""
+        with self.taking:
+            frames = self.frames
+            if not frames or frames[0] is None:
+                return None
+            kind, flags, n, _ = tp.read_to_worker(frames[0])
+            if kind != tp.CHUNK or flags & tp.SOLO:
+                return None
+            self.at = self.front
+            self.front += n
+            return frames.popleft()
+
+    def put_back(self, frame: Any) -> None:
+        """Undo next_chunk() (main thread)."""
+        with self.taking:
+            self.frames.appendleft(frame)
+            self.front = self.at
 
     def _take(self) -> bool:
         """Move what the pipe holds (up to 1 MiB) to ``frames`` (hold ``lock``); False when
@@ -113,13 +180,12 @@ class Inlet:
         self.wire.recycle(frame)  # a big frame's buffer (one of many keys) is free again
         return taken
 
-    def queued(self) -> deque:
-        """Every frame read and not yet taken, the pipe drained into them first (main
-        thread): the worker may hand some back unstarted (worker._Loop._queued_back)."""
+    def take_all(self) -> None:
+        """Drain the pipe into ``frames`` (main thread): the worker may hand some back
+        unstarted (worker._Loop._queued_back)."""
         with self.lock:
             while self._take():
                 pass
-        return self.frames
 
     def close_ring(self) -> None:
         """Release the ring (the worker exits): the reader thread, which may still drain
@@ -146,3 +212,5 @@ class Inlet:
                 with self.lock:  # per read: an idle main thread may take the pipe back
                     if not self._take():
                         break
+            if self.on_drain is not None:
+                self.on_drain()

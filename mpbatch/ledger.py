@@ -143,11 +143,15 @@ class WorkerLedger:
         self._entries: deque[tuple[int, Segment]] = deque()  # (stream start, segment)
         self.sent = 0  # stream position of the next item sent; writer: the sender
         self.reported = 0  # every item before this position has an outcome; writer: collector
+        # Ranges reported ahead of ``reported`` (items handed back while the batch before
+        # them ran: steal.py), as (start, end), ascending; and how many items they hold.
+        self._ahead: list[tuple[int, int]] = []
+        self._ahead_n = 0
 
     @property
     def held(self) -> int:
         """Items sent to this worker whose outcome is not known."""
-        return self.sent - self.reported
+        return self.sent - self.reported - self._ahead_n
 
     def append(self, segment: Segment) -> None:
         """Record a segment about to be written to the worker's pipe (under its send lock)."""
@@ -157,9 +161,12 @@ class WorkerLedger:
     def take(self, start: int, n: int) -> list[Segment]:
         """Remove and return the items of stream positions [start, start + n).
 
-        Reports arrive in stream order, since a worker runs its batches one after another.
+        Reports arrive in stream order, since a worker runs its batches one after another,
+        but for items it hands back while a batch before them runs (_take_ahead).
         """
         end = start + n
+        if start > self.reported and n:
+            return self._take_ahead(start, end)
         out: list[Segment] = []
         entries = self._entries
         pos = max(start, self.reported)
@@ -171,6 +178,36 @@ class WorkerLedger:
                 entries.popleft()
             pos = min(end, seg_end)
         self.reported = max(self.reported, end)
+        while self._ahead and self._ahead[0][0] <= self.reported:
+            first, last = self._ahead.pop(0)
+            self._ahead_n -= last - first
+            self.reported = max(self.reported, last)
+        return out
+
+    def _take_ahead(self, start: int, end: int) -> list[Segment]:
+        """take() of items after some that have no outcome yet. Only the left end of the
+        deque is touched (the sender appends at the right meanwhile): the entries up to
+        ``end`` are taken off, and what lies outside [start, end) is put back, in order."""
+        entries = self._entries
+        front: list[tuple[int, Segment]] = []
+        while entries and entries[0][0] < end:
+            front.append(entries.popleft())
+        out: list[Segment] = []
+        kept: list[tuple[int, Segment]] = []
+        for first, seg in front:
+            seg_end = first + len(seg)
+            if seg_end <= start:
+                kept.append((first, seg))
+                continue
+            if first < start:
+                kept.append((first, seg.part(0, start - first)))
+            out.append(seg.part(max(start, first) - first, min(end, seg_end) - first))
+            if seg_end > end:
+                kept.append((end, seg.part(end - first, len(seg))))
+        entries.extendleft(reversed(kept))
+        self._ahead.append((start, end))
+        self._ahead.sort()
+        self._ahead_n += end - start
         return out
 
     def take_all(self) -> list[tuple[int, Segment]]:
@@ -182,6 +219,7 @@ class WorkerLedger:
                 out.append((first + lo, seg.part(lo, len(seg))))
         self._entries.clear()
         self.reported = self.sent
+        self._ahead, self._ahead_n = [], 0
         return out
 
 

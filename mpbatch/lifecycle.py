@@ -235,6 +235,14 @@ class Pool:
             if conn is not None:
                 conn.close()
 
+    def wake(self, i: int) -> None:
+        """Wake worker i's reader thread: it answers a hand-back request while do() runs
+        (steal.py). Collector thread only: it alone replaces a worker's pipes while it runs."""
+        drain = self.drains[i]
+        if drain is not None:
+            with contextlib.suppress(OSError):  # BlockingIOError: wake-ups are waiting
+                os.write(drain.fileno(), b"?")
+
     def _launch(self, i: int, items_r: Connection, items_w: Connection, drain_r: Connection,
                 drain_w: Connection, results_r: Connection, results_w: Connection) -> Any:
         for conn in (items_w, results_r):

@@ -11,10 +11,14 @@ calls ``Stealer.consider()``, which looks for such a pair:
   costs at least ITEM_MIN_NS.
 
 It asks the victim for half of its queued items by writing the victim's ``ask`` cell
-(counters.py). The victim answers between two batches with a RETURNED report naming the
-next items of its stream, which it drops unrun (worker._Loop._hand_back); the collector
-takes them from the victim's ledger and routes them again, with no attempt spent
-(recovery.Recovery.handed_back): the least-loaded worker is now the thief.
+(counters.py), and wakes the victim's reader thread with a byte on its drain pipe. The
+victim answers with a RETURNED report naming items of its stream it has not started, which
+it drops unrun: its reader, while do() runs, gives whole chunks still queued in its inlet
+(worker._Loop._answer_while_busy); if none fits, its main thread answers between two
+batches with the next items in stream order, held ones first (worker._Loop._hand_back).
+The collector takes them from the victim's ledger (out of stream order when the reader
+answered: the running batch reports after them) and routes them again, with no attempt
+spent (recovery.Recovery.handed_back): the least-loaded worker is now the thief.
 
 The ledgers stay exact: items leave the victim's ledger only when its RETURNED report is
 read, and enter the thief's before they are written to its pipe. A victim killed before it
@@ -25,6 +29,7 @@ succeeded + dead_lettered + pending`` holds throughout: a hand-back changes none
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .counters import ASK, ASK_ITEMS, CELLS
@@ -43,8 +48,10 @@ SEQ_MASK = 0x7FFFFFFF  # ask numbers wrap here: ``seq << 32`` stays a positive i
 class Stealer:
     """When to ask which worker to hand work back; every method runs on the collector."""
 
-    def __init__(self, costs: Costs, ready: list[bool]) -> None:
+    def __init__(self, costs: Costs, ready: list[bool],
+                 wake: Callable[[int], None] = lambda i: None) -> None:
         self.costs = costs
+        self.wake = wake  # the pool's: wakes worker i's reader thread, to answer now
         self.counters = counters = costs.counters
         self.workers = counters.workers
         self.ready = ready  # the pool's: READY seen from worker i's incarnation
@@ -81,6 +88,7 @@ class Stealer:
         self.asks += 1
         # One store of both halves: the worker never reads a new count with an old number.
         self.counters.cells[CELLS * i + ASK] = seq << 32 | min(items, ASK_ITEMS)
+        self.wake(i)
 
     def answered(self, i: int) -> None:
         """Worker i's RETURNED report was read: it may be asked again."""

@@ -249,6 +249,11 @@ class _Loop:
         self.given_values: list | None = None  # held_values of the batch in do() (_flush)
         self.ask_at = self.base + ASK
         self.ask_seen = 0  # the last hand-back request answered (counters.ASK)
+        # Either thread answers a request: the main one between batches, the inlet's reader
+        # while a batch runs (_answer_while_busy); one at a time.
+        self.answering = _thread.allocate_lock()
+        self.sending = _thread.allocate_lock()  # a report is written whole, DONE counted once
+        inlet.on_drain = self._answer_while_busy
 
     def run(self) -> bool:
         """Serve until STOP or EOF (False), or until due for recycling (True)."""
@@ -298,6 +303,8 @@ class _Loop:
         return self.inlet.next(wait)
 
     def _take_chunk(self, frame: bytes, flags: int, n: int, deadline: int) -> None:
+        if self.inlet.at != self.pos and self._skip_to(self.inlet.at):
+            return  # worn out: the chunk is never reported, and the caller re-sends it
         cells, base = self.cells, self.base
         # Unpickling runs user code (__reduce__, __setstate__): should it kill us, these
         # items are charged an attempt like a crash in do(), instead of being re-sent
@@ -326,6 +333,14 @@ class _Loop:
             self._hold_chunk(keys, values, sizes, flags, deadline)
         except BaseException as exc:  # grouping hashes and compares keys: user code
             self._fail_held(exc, end)
+
+    def _skip_to(self, at: int) -> bool:
+        """The reader handed back the chunks before this one (starting at ``at``) while a
+        batch ran: what is held runs first, for a batch is one run of stream positions.
+        True if that batch wore the worker out."""
+        self._flush()
+        self.pos = self.held_start = at
+        return self._worn_out()
 
     def _hold_chunk(self, keys: list, values: list, sizes: list | None, flags: int,
                     deadline: int) -> None:
@@ -414,59 +429,82 @@ class _Loop:
         """Answer the caller's request for items this worker has not started (steal.py):
         hand back the next ones in stream order, up to the number asked, unrun: what is
         held, then ``rest`` items of the chunk being taken (the next in the stream), then
-        chunks still queued in the inlet. One RETURNED report names them all, so reports
-        stay in stream order and the caller's ledger takes them as it takes a batch; the
-        caller re-sends them from that ledger (no values travel back). Returns how many of
-        ``rest`` went back. Answered even when nothing goes: the caller waits for it
-        before it asks this worker again."""
-        ask = self.cells[self.ask_at]
-        self.ask_seen = ask
-        want = ask & ASK_ITEMS
-        start = self.pos - self.held_n
-        given = self.held_n
-        if given:
-            self._clear_held()
-        from_rest = min(rest, max(0, want - given))
-        self.pos += from_rest
-        given += from_rest
-        after = None
-        if given < want and from_rest == rest:
-            given, after = self._queued_back(want, given)
-        self.held_start = self.pos
-        self.cells[self.base + GIVEN] += given  # before DONE: estimators subtract it
-        self._send(tp.caller_frame(tp.RETURNED, start, given), given)
+        chunks still queued in the inlet. A RETURNED report names them, so the caller's
+        ledger takes them as it takes a batch, and re-sends them from there (no values
+        travel back). Returns how many of ``rest`` went back. Answered even when nothing
+        goes: the caller waits for it before it asks this worker again."""
+        with self.answering:
+            ask = self.cells[self.ask_at]
+            if ask == self.ask_seen:  # the reader answered it (_answer_while_busy)
+                return 0
+            self.ask_seen = ask
+            want = ask & ASK_ITEMS
+            start = self.pos - self.held_n
+            given = self.held_n
+            if given:
+                self._clear_held()
+            from_rest = min(rest, max(0, want - given))
+            self.pos += from_rest
+            given += from_rest
+            after = None
+            if given < want and from_rest == rest:
+                if self.inlet.front != self.pos:  # the reader gave the chunks in between
+                    if given:
+                        self._returned(start, given)
+                    start, want, given = self.inlet.front, want - given, 0
+                    self.pos = self.inlet.front
+                given, after = self._queued_back(want, given)
+            self.held_start = self.pos
+            self._returned(start, given)
         if after is not None:
             self._hold_rest(*after)
         return from_rest
+
+    def _answer_while_busy(self) -> None:
+        """Reader thread, woken by the caller: answer a hand-back request with whole chunks
+        still queued in the inlet, while the main thread runs a batch (which would answer
+        only once that batch ends: up to a whole batch later, while the thief waits dry).
+        What is held and the rest of the chunk being taken are the main thread's: if no
+        whole chunk fits the request, the main thread answers it between batches."""
+        if self.cells[self.ask_at] == self.ask_seen or not self.answering.acquire(False):
+            return
+        try:
+            ask = self.cells[self.ask_at]
+            if ask == self.ask_seen:
+                return
+            start, given = self.inlet.hand_back(ask & ASK_ITEMS)
+            if given:
+                self.ask_seen = ask
+                self._returned(start, given)
+        finally:
+            self.answering.release()
+
+    def _returned(self, start: int, given: int) -> None:
+        """Report items [start, start + given) handed back unrun (hold ``answering``)."""
+        self.cells[self.base + GIVEN] += given  # before DONE: estimators subtract it
+        self._send(tp.caller_frame(tp.RETURNED, start, given), given)
 
     def _queued_back(self, want: int, given: int) -> tuple[int, tuple | None]:
         """Hand back whole chunks from the front of the inlet's queue (the pipe drained into
         it first), and the front part of the next one where a whole one is more than asked.
         Returns (items given in all, the rest of a part-given chunk to hold or None)."""
         inlet = self.inlet
-        frames = inlet.queued()
-        while given < want and frames:
-            frame = frames[0]
-            if frame is None:
-                break
-            kind, flags, n, deadline = tp.read_to_worker(frame)
-            # A FLUSH, STOP or DEFINE keeps its place after what precedes it; a retry (SOLO)
-            # runs as a batch of its own, here.
-            if kind != tp.CHUNK or flags & tp.SOLO:
-                break
-            frames.popleft()
-            if given + n <= want:
-                given += n
-                self.pos += n
-                inlet.recycle(frame)
-                continue
-            part = self._tail_of(frame, flags, n, deadline + self.clock_offset_ns, want - given)
-            if part is None:  # it does not unpickle: taken as usual, it fails as usual
-                frames.appendleft(frame)
-                break
-            self.pos += want - given
-            return want, part
-        return given, None
+        inlet.take_all()
+        whole = inlet.hand_back(want - given)[1]
+        given += whole
+        self.pos += whole
+        if given >= want:
+            return given, None
+        frame = inlet.next_chunk()
+        if frame is None:
+            return given, None
+        _, flags, n, deadline = tp.read_to_worker(frame)
+        part = self._tail_of(frame, flags, n, deadline + self.clock_offset_ns, want - given)
+        if part is None:  # it does not unpickle: taken as usual, it fails as usual
+            inlet.put_back(frame)
+            return given, None
+        self.pos += want - given
+        return want, part
 
     def _tail_of(self, frame: Any, flags: int, n: int, deadline: int,
                  skip: int) -> tuple | None:
@@ -607,8 +645,9 @@ class _Loop:
         # Done before the report is sent: a caller that reacts to the result must already
         # see this worker's lower load. The caller's ledger, not this counter, keeps the
         # items safe should we die in between.
-        self.cells[self.base + DONE] += n
-        try:
-            tp.write_all(self.results.fileno(), frame)
-        except OSError:  # the caller is gone; the watchdog ends us
-            os._exit(EXIT_ORPHANED)
+        with self.sending:
+            self.cells[self.base + DONE] += n
+            try:
+                tp.write_all(self.results.fileno(), frame)
+            except OSError:  # the caller is gone; the watchdog ends us
+                os._exit(EXIT_ORPHANED)

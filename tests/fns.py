@@ -407,3 +407,26 @@ def change_values(batch):
     for vs in batch.values():
         vs[:] = [f"changed-{v}" for v in vs]
     return results
+
+
+def wait_or_mark(batch):
+    """Values are (index, action, path): "wait" for the file at path to exist (up to 20 s
+    a batch; the result says whether it came), "mark" creates it, after 5 ms of work;
+    anything else is 5 ms of work. Each result is (pid, index, what happened)."""
+    out = {}
+    deadline = time.monotonic() + 20
+    for key, values in batch.items():
+        out[key] = []
+        for index, action, path in values:
+            what = "worked"
+            if action == "wait":
+                while not os.path.exists(path) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                what = "released" if os.path.exists(path) else "timed out"
+            else:
+                time.sleep(0.005)
+                if action == "mark":
+                    with open(path, "a"):
+                        pass
+            out[key].append((os.getpid(), index, what))
+    return out

@@ -211,11 +211,13 @@ def test_an_inlet_whose_ring_is_closed_reads_on_without_it(rings):
         frame = tp.chunk_frame(["k"], [os.urandom(tp.OOB_MIN)], None, 0)
         wire = tp.ring_frame(frame, *made.place(0, frame.raws))
         os.write(items_w.fileno(), wire)
-        assert inlet.queued()[0].values == [bytes(frame.raws[0])]
+        inlet.take_all()
+        assert inlet.frames[0].values == [bytes(frame.raws[0])]
         inlet.close_ring()
         second = tp.ring_frame(frame, *made.place(0, frame.raws))
         os.write(items_w.fileno(), second)
-        after = inlet.queued()[1]
+        inlet.take_all()
+        after = inlet.frames[1]
         assert type(after) is bytes and after == second[4:]  # as read: its values stay put
     finally:
         for conn in (items_r, items_w, drain_r, drain_w):

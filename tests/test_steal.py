@@ -20,6 +20,7 @@ from mpbatch.counters import (
     WORK_NS,
     LoadCounters,
 )
+from mpbatch.ledger import Segment, WorkerLedger
 from mpbatch.steal import ITEM_MIN_NS, Stealer
 from tests import fns
 
@@ -67,13 +68,14 @@ def test_steal_false_leaves_queued_work_where_it_was_routed(batcher_factory):
 
 def _kill_at(b, hook):
     """SIGKILL a worker from inside the collector, once: at ``hook`` "ask" the victim, right
-    after it was asked (its batch still runs: it has not answered); at "handed_back" the
-    thief, right after the items handed back were written to it. Returns an Event set
-    when the kill was made."""
+    after it was asked (its batch still runs: it has not answered); at "answered" the
+    victim, right after its answer was read (its reader answers while do() runs: the batch
+    in there dies with it); at "handed_back" the thief, right after the items handed back
+    were written to it. Returns an Event set when the kill was made."""
     collector = b._collector
     killed = threading.Event()
-    if hook == "ask":
-        owner, name = collector.stealer, "_ask"
+    if hook in ("ask", "answered"):
+        owner, name = collector.stealer, "_" + hook if hook == "ask" else hook
     else:
         owner, name = collector.recovery, "handed_back"
     original = getattr(owner, name)
@@ -81,7 +83,8 @@ def _kill_at(b, hook):
     def wrapped(*args):
         # The thief is where send_routed() puts the items: the least-loaded worker, read
         # before the send (on this thread, as send_routed reads it).
-        target = args[0] if hook == "ask" else collector.dispatcher.router.least_loaded()
+        target = args[0] if hook != "handed_back" \
+            else collector.dispatcher.router.least_loaded()
         original(*args)
         if not killed.is_set():
             os.kill(b._pool.procs[target].pid, signal.SIGKILL)
@@ -92,7 +95,8 @@ def _kill_at(b, hook):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("hook", "who"), [("ask", "victim"), ("handed_back", "thief")])
+@pytest.mark.parametrize(("hook", "who"), [("ask", "victim"), ("answered", "victim"),
+                                           ("handed_back", "thief")])
 def test_sigkill_in_the_middle_of_a_steal_loses_nothing(batcher_factory, hook, who):
     b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=5, interval=1.0,
                         max_attempts=3)
@@ -121,6 +125,33 @@ def test_sigkill_in_the_middle_of_a_steal_loses_nothing(batcher_factory, hook, w
     assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (N, N, 0, 0)
     assert s.worker_restarts >= 1
     check_invariant(b)
+
+
+@pytest.mark.timeout(60)
+def test_a_steal_is_answered_while_the_victim_runs_a_batch(batcher_factory, start_method,
+                                                           tmp_path):
+    """Worker 0 runs a batch that ends only once an item queued behind it has run, so on
+    the other worker: its reader hands the queued chunks back while its do() runs.
+    Answered only between two batches, that batch would wait out its 20 s."""
+    marker = str(tmp_path / "marker")
+    b = batcher_factory(fns.wait_or_mark, routing="round-robin", size=5, interval=1.0,
+                        start_method=start_method)
+    items = []
+    for c in range(24):  # chunk c of 5 items goes to worker c % 2
+        # worker 1: 12 chunks of 25 ms; worker 0: one (its cost per item), the batch that
+        # waits, then ten chunks that mark, queued behind it
+        action = "work" if c % 2 or c == 0 else "wait" if c == 2 else "mark"
+        items += [(f"k{c}", (5 * c + j, action, marker)) for j in range(5)]
+    futures = [b.submit(key, value, block=True) for key, value in items]
+    b.flush()
+    results = [f.result(timeout=30) for f in futures]
+    assert sorted(i for _, i, _ in results) == list(range(120))  # each item once
+    waiter = {pid for pid, i, _ in results if 10 <= i < 15}
+    assert [what for _, i, what in results if 10 <= i < 15] == ["released"] * 5
+    assert {pid for pid, i, _ in results if i >= 20 and (i // 5) % 2 == 0} - waiter
+    s = b.stats()
+    assert s.stolen > 0
+    assert (s.succeeded, s.dead_lettered, s.pending, s.failed_attempts) == (120, 0, 0, 0)
 
 
 @pytest.mark.timeout(30)
@@ -329,3 +360,95 @@ def test_a_worker_that_has_run_nothing_is_not_asked_on_the_pooled_cost():
         assert counters.get(1, ASK) == 0
     finally:
         counters.unlink()
+
+
+def _heads(w):
+    return [tp.read_to_caller(f)[:3] for f in w.reports()]
+
+
+def _take_next(w):
+    frame = w.inlet.next(5)
+    w.loop._take_chunk(frame, *tp.read_to_worker(frame)[1:])
+
+
+def _four_chunks(w):
+    """Chunks of 3, 4, 6 and 2 items (stream positions 0-2, 3-6, 7-12, 13-14)."""
+    for key, lo, hi in (("a", 0, 3), ("b", 3, 7), ("c", 7, 13), ("d", 13, 15)):
+        w.chunk([key] * (hi - lo), list(range(lo, hi)))
+    _take_next(w)  # the first held: 3 < size
+    w.inlet.take_all()  # as the reader does when the caller wakes it
+
+
+@pytest.mark.timeout(30)
+def test_the_reader_hands_back_whole_chunks_while_a_batch_runs(in_process):
+    """The reader's answer (here from this thread): whole chunks queued behind what the
+    main thread has, up to the number asked. The main thread then runs what it held as a
+    batch of its own (a batch is one run of stream positions), and goes on after the gap."""
+    w = in_process(size=10)
+    _four_chunks(w)
+    w.counters.set(0, ASK, 1 << 32 | 9)
+    w.loop._answer_while_busy()  # chunk 1 (4 items) fits in 9; with chunk 2 (6) it would not
+    assert w.loop.ask_seen == 1 << 32 | 9
+    assert w.counters.get(0, DONE) == 4
+    w.loop._hand_back()  # answered already: the main thread gives nothing more
+    _take_next(w)  # chunk 2, after the gap: the held chunk 0 runs first
+    _take_next(w)
+    w.loop._flush()
+    reports = w.reports()
+    heads = [tp.read_to_caller(f)[:3] for f in reports]
+    assert heads == [(tp.RETURNED, 3, 4), (tp.FINISHED, 0, 3), (tp.FINISHED, 7, 8)]
+    assert tp.payload_of(reports[2], tp.TO_CALLER_SIZE)[0] == {"c": list(range(7, 13)),
+                                                               "d": [13, 14]}
+
+
+@pytest.mark.timeout(30)
+def test_the_reader_leaves_a_request_no_whole_chunk_fits_to_the_main_thread(in_process):
+    w = in_process(size=10)
+    _four_chunks(w)
+    w.counters.set(0, ASK, 1 << 32 | 2)
+    w.loop._answer_while_busy()  # chunk 1 has 4 items: more than asked
+    assert w.loop.ask_seen == 0
+    w.loop._hand_back()  # between batches: the items held, all of them
+    assert _heads(w) == [(tp.RETURNED, 0, 3)]
+
+
+@pytest.mark.timeout(30)
+def test_after_the_readers_answer_the_main_thread_reports_each_run_of_positions(in_process):
+    """Asked again, the main thread gives what it holds, then the chunks after the gap the
+    reader made: two RETURNED reports, one per run of stream positions."""
+    w = in_process(size=10)
+    _four_chunks(w)
+    w.counters.set(0, ASK, 1 << 32 | 4)
+    w.loop._answer_while_busy()
+    w.counters.set(0, ASK, 2 << 32 | 20)
+    w.loop._hand_back()
+    assert (w.loop.pos, w.loop.held_n, w.inlet.front) == (15, 0, 15)
+    assert _heads(w) == [(tp.RETURNED, 3, 4), (tp.RETURNED, 0, 3), (tp.RETURNED, 7, 8)]
+
+
+def _segment(lo, hi):
+    keys = list(range(lo, hi))
+    return Segment(keys, keys, None, None, 0, 0, 0)
+
+
+def test_the_ledger_takes_a_range_reported_ahead_of_a_running_batch():
+    ledger = WorkerLedger()
+    for lo in (0, 10, 20):
+        ledger.append(_segment(lo, lo + 10))
+    ahead = ledger.take(15, 10)  # handed back while items 0-14 were queued or in do()
+    assert [s.keys for s in ahead] == [list(range(15, 20)), list(range(20, 25))]
+    assert (ledger.reported, ledger.held) == (0, 20)
+    assert [s.keys for s in ledger.take(0, 15)] == [list(range(10)), list(range(10, 15))]
+    assert (ledger.reported, ledger.held) == (25, 5)  # the range ahead is behind it now
+    assert [(at, s.keys) for at, s in ledger.take_all()] == [(25, list(range(25, 30)))]
+
+
+def test_a_ledger_with_a_range_taken_ahead_gives_the_rest_after_a_death():
+    ledger = WorkerLedger()
+    for lo in (0, 10, 20):
+        ledger.append(_segment(lo, lo + 10))
+    ledger.take(0, 4)
+    ledger.take(12, 10)
+    left = [(at, s.keys) for at, s in ledger.take_all()]
+    assert left == [(4, list(range(4, 10))), (10, [10, 11]), (22, list(range(22, 30)))]
+    assert ledger.held == 0
