@@ -1,7 +1,7 @@
 """The worker's item pipe (worker process): frames in, read by whichever thread is free.
 
 The main thread reads it while it waits for items; a reader thread drains it while do()
-runs, when the caller finds it full (see Inlet).
+runs, when the caller finds it full or asks for work back (see Inlet).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Inlet:
         self.lock = threading.Lock()
         self.taking = threading.Lock()
         self.front = 0  # stream position of the first item of the next chunk to leave
-        self.at = 0  # stream position of the first item of the chunk next() returned last
+        self.at = 0  # stream position of the first item of the chunk taken last (main thread)
         # Called by the reader thread each time it has drained the pipe (a wake-up from the
         # caller: a full pipe, or a hand-back request to answer while do() runs).
         self.on_drain: Callable[[], None] | None = None
@@ -118,18 +118,18 @@ class Inlet:
         re-send. Stops at the first frame that is no plain chunk: a FLUSH, STOP or DEFINE
         keeps its place after what precedes it, and a retry (SOLO) runs as a batch of its
         own. Returns (the stream position of their first item, their number of items)."""
-        frames, given, gone = self.frames, 0, []
+        frames, given = self.frames, 0
         with self.taking:
             start = self.front
             while frames and frames[0] is not None:
                 kind, flags, n, _ = tp.read_to_worker(frames[0])
                 if kind != tp.CHUNK or flags & tp.SOLO or given + n > want:
                     break
-                gone.append(frames.popleft())
+                # Not recycled: that takes ``lock``, which an idle main thread holds while
+                # it waits for the pipe (a buffer less to reuse, on a rare path).
+                frames.popleft()
                 given += n
             self.front += given
-        for frame in gone:  # not under ``taking``: next() takes ``lock`` first
-            self.recycle(frame)
         return start, given
 
     def next_chunk(self) -> Any:

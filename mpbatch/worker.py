@@ -253,13 +253,16 @@ class _Loop:
         # while a batch runs (_answer_while_busy); one at a time.
         self.answering = _thread.allocate_lock()
         self.sending = _thread.allocate_lock()  # a report is written whole, DONE counted once
+        self.closed = False  # the result pipe is closed: the reader answers nothing more
+        self.room = select.poll()  # room on the result pipe, for the reader's answer
+        self.room.register(results.fileno(), select.POLLOUT)
         inlet.on_drain = self._answer_while_busy
 
     def run(self) -> bool:
         """Serve until STOP or EOF (False), or until due for recycling (True)."""
         while True:
             if self._worn_out():
-                self.results.close()
+                self._close_results()
                 return True
             if self.cells[self.ask_at] != self.ask_seen:
                 self._hand_back()
@@ -276,7 +279,7 @@ class _Loop:
             kind, flags, n, deadline = tp.read_to_worker(frame)
             if kind == tp.STOP:
                 self._flush()
-                self.results.close()
+                self._close_results()
                 return False
             if kind == tp.FLUSH:
                 self._flush()
@@ -285,6 +288,13 @@ class _Loop:
             else:
                 self._take_chunk(frame, flags, n, deadline + self.clock_offset_ns)
                 self.inlet.recycle(frame)  # its items are unpickled (and maybe run) by now
+
+    def _close_results(self) -> None:
+        """Close the result pipe; the reader answers no request after this (the counters'
+        memory goes next)."""
+        with self.answering:
+            self.closed = True
+        self.results.close()
 
     def _worn_out(self) -> bool:
         """Recycle between batches: nothing is held, every report is sent."""
@@ -447,15 +457,12 @@ class _Loop:
             self.pos += from_rest
             given += from_rest
             after = None
-            if given < want and from_rest == rest:
-                if self.inlet.front != self.pos:  # the reader gave the chunks in between
-                    if given:
-                        self._returned(start, given)
-                    start, want, given = self.inlet.front, want - given, 0
-                    self.pos = self.inlet.front
+            # Past a gap the reader made, queued chunks would need a second report: the
+            # caller takes one per request (steal.Stealer.answered).
+            if given < want and from_rest == rest and self.inlet.front == self.pos:
                 given, after = self._queued_back(want, given)
             self.held_start = self.pos
-            self._returned(start, given)
+            self._send(tp.caller_frame(tp.RETURNED, start, given), given, given)
         if after is not None:
             self._hold_rest(*after)
         return from_rest
@@ -465,24 +472,32 @@ class _Loop:
         still queued in the inlet, while the main thread runs a batch (which would answer
         only once that batch ends: up to a whole batch later, while the thief waits dry).
         What is held and the rest of the chunk being taken are the main thread's: if no
-        whole chunk fits the request, the main thread answers it between batches."""
-        if self.cells[self.ask_at] == self.ask_seen or not self.answering.acquire(False):
+        whole chunk fits the request, the main thread answers it between batches.
+
+        It never waits to write: while this thread waits it drains nothing, and a caller
+        waiting for room in our item pipe would not read the report we wait to write. So
+        it answers only if no report is being written and the result pipe has room (a
+        report this small then goes in whole at once); else a later wake-up, or the main
+        thread, answers."""
+        if not self.answering.acquire(False):
             return
         try:
-            ask = self.cells[self.ask_at]
-            if ask == self.ask_seen:
+            if self.closed or self.cells[self.ask_at] == self.ask_seen:
                 return
-            start, given = self.inlet.hand_back(ask & ASK_ITEMS)
-            if given:
-                self.ask_seen = ask
-                self._returned(start, given)
+            if not self.sending.acquire(False):
+                return
+            try:
+                if not self.room.poll(0):
+                    return
+                ask = self.cells[self.ask_at]
+                start, given = self.inlet.hand_back(ask & ASK_ITEMS)
+                if given:
+                    self.ask_seen = ask
+                    self._write(tp.caller_frame(tp.RETURNED, start, given), given, given)
+            finally:
+                self.sending.release()
         finally:
             self.answering.release()
-
-    def _returned(self, start: int, given: int) -> None:
-        """Report items [start, start + given) handed back unrun (hold ``answering``)."""
-        self.cells[self.base + GIVEN] += given  # before DONE: estimators subtract it
-        self._send(tp.caller_frame(tp.RETURNED, start, given), given)
 
     def _queued_back(self, want: int, given: int) -> tuple[int, tuple | None]:
         """Hand back whole chunks from the front of the inlet's queue (the pipe drained into
@@ -641,13 +656,21 @@ class _Loop:
         payload = (values, grouped, items, failed, layout)
         return tp.caller_frame(tp.FINISHED, start, n, payload, ns)
 
-    def _send(self, frame: bytes, n: int) -> None:
+    def _send(self, frame: bytes, n: int, given: int = 0) -> None:
+        """Report ``n`` items (``given`` of them handed back unrun)."""
+        with self.sending:
+            self._write(frame, n, given)
+
+    def _write(self, frame: bytes, n: int, given: int) -> None:
+        """_send() under ``sending``."""
         # Done before the report is sent: a caller that reacts to the result must already
         # see this worker's lower load. The caller's ledger, not this counter, keeps the
-        # items safe should we die in between.
-        with self.sending:
-            self.cells[self.base + DONE] += n
-            try:
-                tp.write_all(self.results.fileno(), frame)
-            except OSError:  # the caller is gone; the watchdog ends us
-                os._exit(EXIT_ORPHANED)
+        # items safe should we die in between. GIVEN first, together with DONE: cost
+        # estimators subtract it (costs.py).
+        if given:
+            self.cells[self.base + GIVEN] += given
+        self.cells[self.base + DONE] += n
+        try:
+            tp.write_all(self.results.fileno(), frame)
+        except OSError:  # the caller is gone; the watchdog ends us
+            os._exit(EXIT_ORPHANED)

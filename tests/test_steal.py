@@ -66,6 +66,18 @@ def test_steal_false_leaves_queued_work_where_it_was_routed(batcher_factory):
     assert b.stats().stolen == 0
 
 
+def waiting_items(marker):
+    """(key, (index, action, marker)) for fns.wait_or_mark, 120 items in chunks of 5 that
+    round-robin sends to worker c % 2: worker 1 gets 12 chunks of 25 ms; worker 0 one (its
+    cost per item), then a batch that waits for the marker, then ten chunks that make it,
+    queued behind that batch."""
+    items = []
+    for c in range(24):
+        action = "work" if c % 2 or c == 0 else "wait" if c == 2 else "mark"
+        items += [(f"k{c}", (5 * c + j, action, marker)) for j in range(5)]
+    return items
+
+
 def _kill_at(b, hook):
     """SIGKILL a worker from inside the collector, once: at ``hook`` "ask" the victim, right
     after it was asked (its batch still runs: it has not answered); at "answered" the
@@ -86,7 +98,9 @@ def _kill_at(b, hook):
         target = args[0] if hook != "handed_back" \
             else collector.dispatcher.router.least_loaded()
         original(*args)
-        if not killed.is_set():
+        # "answered": an answer of the reader's, the batch before those items still in do()
+        during = hook != "answered" or collector.dispatcher.ledgers[target]._ahead
+        if during and not killed.is_set():
             os.kill(b._pool.procs[target].pid, signal.SIGKILL)
             killed.set()
 
@@ -97,9 +111,14 @@ def _kill_at(b, hook):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("hook", "who"), [("ask", "victim"), ("answered", "victim"),
                                            ("handed_back", "thief")])
-def test_sigkill_in_the_middle_of_a_steal_loses_nothing(batcher_factory, hook, who):
-    b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=5, interval=1.0,
-                        max_attempts=3)
+def test_sigkill_in_the_middle_of_a_steal_loses_nothing(batcher_factory, hook, who,
+                                                        tmp_path):
+    if hook == "answered":  # the victim's batch waits in do() until the items it handed
+        # back have run elsewhere: the answer is its reader's, and the kill hits that batch
+        fn, items = fns.wait_or_mark, waiting_items(str(tmp_path / "marker"))
+    else:
+        fn, items = fns.sleep_then_pid, skewed()
+    b = batcher_factory(fn, routing="round-robin", size=5, interval=1.0, max_attempts=3)
     b.start()
     killed = _kill_at(b, hook)
     done = threading.Event()
@@ -114,15 +133,18 @@ def test_sigkill_in_the_middle_of_a_steal_loses_nothing(batcher_factory, hook, w
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        results = run_skewed(b)
+        futures = [b.submit(key, value, block=True) for key, value in items]
+        b.flush()
+        results = [f.result(timeout=30) for f in futures]
     finally:
         done.set()
         watcher.join()
     assert killed.is_set()
     assert seen and all(seen)
-    assert sorted(i for _, i in results) == list(range(N))
+    n = len(items)
+    assert sorted(r[1] for r in results) == list(range(n))
     s = b.stats()
-    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (N, N, 0, 0)
+    assert (s.accepted, s.succeeded, s.dead_lettered, s.pending) == (n, n, 0, 0)
     assert s.worker_restarts >= 1
     check_invariant(b)
 
@@ -133,16 +155,10 @@ def test_a_steal_is_answered_while_the_victim_runs_a_batch(batcher_factory, star
     """Worker 0 runs a batch that ends only once an item queued behind it has run, so on
     the other worker: its reader hands the queued chunks back while its do() runs.
     Answered only between two batches, that batch would wait out its 20 s."""
-    marker = str(tmp_path / "marker")
     b = batcher_factory(fns.wait_or_mark, routing="round-robin", size=5, interval=1.0,
                         start_method=start_method)
-    items = []
-    for c in range(24):  # chunk c of 5 items goes to worker c % 2
-        # worker 1: 12 chunks of 25 ms; worker 0: one (its cost per item), the batch that
-        # waits, then ten chunks that mark, queued behind it
-        action = "work" if c % 2 or c == 0 else "wait" if c == 2 else "mark"
-        items += [(f"k{c}", (5 * c + j, action, marker)) for j in range(5)]
-    futures = [b.submit(key, value, block=True) for key, value in items]
+    futures = [b.submit(key, value, block=True)
+               for key, value in waiting_items(str(tmp_path / "marker"))]
     b.flush()
     results = [f.result(timeout=30) for f in futures]
     assert sorted(i for _, i, _ in results) == list(range(120))  # each item once
@@ -413,17 +429,52 @@ def test_the_reader_leaves_a_request_no_whole_chunk_fits_to_the_main_thread(in_p
 
 
 @pytest.mark.timeout(30)
-def test_after_the_readers_answer_the_main_thread_reports_each_run_of_positions(in_process):
-    """Asked again, the main thread gives what it holds, then the chunks after the gap the
-    reader made: two RETURNED reports, one per run of stream positions."""
+def test_after_the_readers_answer_the_main_thread_gives_only_what_it_holds(in_process):
+    """Asked again, the main thread gives what it holds, and not the chunks after the gap
+    the reader made: they would take a second report, and the caller reads one per
+    request. It takes up the stream after the gap."""
     w = in_process(size=10)
     _four_chunks(w)
     w.counters.set(0, ASK, 1 << 32 | 4)
     w.loop._answer_while_busy()
     w.counters.set(0, ASK, 2 << 32 | 20)
     w.loop._hand_back()
-    assert (w.loop.pos, w.loop.held_n, w.inlet.front) == (15, 0, 15)
-    assert _heads(w) == [(tp.RETURNED, 3, 4), (tp.RETURNED, 0, 3), (tp.RETURNED, 7, 8)]
+    assert (w.loop.pos, w.loop.held_n, w.inlet.front) == (3, 0, 7)
+    _take_next(w)
+    w.loop._flush()
+    assert _heads(w) == [(tp.RETURNED, 3, 4), (tp.RETURNED, 0, 3), (tp.FINISHED, 7, 6)]
+
+
+@pytest.mark.timeout(30)
+def test_the_reader_never_waits_to_write_its_answer(in_process):
+    """While the reader waits it drains nothing, and a caller waiting for room in the item
+    pipe may not be reading reports: so it answers only when no report is being written
+    and the result pipe has room, and leaves the request (and the chunks) as they were."""
+    w = in_process(size=10)
+    _four_chunks(w)
+    ask = 1 << 32 | 9
+    w.counters.set(0, ASK, ask)
+    with w.loop.sending:  # the main thread writes a report
+        w.loop._answer_while_busy()
+    assert (w.loop.ask_seen, w.inlet.front) == (0, 3)
+    fd = w.results_w.fileno()
+    os.set_blocking(fd, False)
+    filled = 0
+    try:
+        while True:
+            filled += os.write(fd, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(fd, True)
+    answering = threading.Thread(target=w.loop._answer_while_busy)
+    answering.start()
+    answering.join(5)
+    assert not answering.is_alive(), "the reader waited on a full result pipe"
+    assert (w.loop.ask_seen, w.inlet.front) == (0, 3)
+    os.read(w.results_r.fileno(), filled)  # the caller reads: room again
+    w.loop._answer_while_busy()
+    assert (w.loop.ask_seen, w.inlet.front) == (ask, 7)
+    assert _heads(w) == [(tp.RETURNED, 3, 4)]
 
 
 def _segment(lo, hi):
