@@ -90,7 +90,6 @@ DEFAULT_WORKLOADS = ["W1", "W2", "W3", "W4", "MEM", "DK", *workloads.LARGE]
 # workload -> the contender its targets are stated against: its table also divides each
 # row's headline score by that contender's (next to the ratio to the best peer)
 AGAINST = {"DK": "pool"}
-SWEEP_ROUNDS = 2  # runs of each candidate chunk size in the sweep; the fastest counts
 # workloads whose table also shows how much the caller's own RSS grew during the run
 CALLER_RSS = ("DK",)
 
@@ -403,7 +402,7 @@ def candidates(args, w, name):
 def sweep(args, w, names, rounds, log, cache):
     """Quick pre-pass: each contender's best chunk size on a smaller stream of the same kind.
 
-    Every candidate runs SWEEP_ROUNDS times, the rounds interleaved (A B C A B C), and keeps
+    Every candidate runs w.sweep_rounds times, the rounds interleaved (A B C A B C), and keeps
     its fastest run: one run each picked W2's size from candidates that a slow second of this
     VM put within a few percent of each other, and the pick cost 10 % on the full stream.
     `cache` keeps the choices per (items, function): MEM streams W1's items through W1's
@@ -420,7 +419,7 @@ def sweep(args, w, names, rounds, log, cache):
             chosen[name] = known[name]
             continue
         walls = {chunk: [] for chunk in options}
-        for _ in range(SWEEP_ROUNDS):
+        for _ in range(w.sweep_rounds):
             for chunk in options:
                 rec = measure_quietly(args, make_spec(args, w, name, w.sweep_n, chunk, rounds))
                 walls[chunk].append(rec["wall"] if rec["ok"] else float("inf"))
