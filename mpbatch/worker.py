@@ -113,9 +113,11 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
         except BaseException as exc:
             _init_failed(results, failure(exc, "init()"))
     tp.write_all(results.fileno(), tp.caller_frame(tp.READY, os.getpid(), 0))
+    loop = _Loop(index, inlet, results, counters, config, state)
     try:
-        recycle = _Loop(index, inlet, results, counters, config, state).run()
+        recycle = loop.run()
     finally:
+        loop.stop_answering()  # the reader reads the counters while it answers
         counters.close()  # release our view before SharedMemory.__del__ tries to
         inlet.close_ring()
     if recycle:
@@ -253,7 +255,7 @@ class _Loop:
         # while a batch runs (_answer_while_busy); one at a time.
         self.answering = _thread.allocate_lock()
         self.sending = _thread.allocate_lock()  # a report is written whole, DONE counted once
-        self.closed = False  # the result pipe is closed: the reader answers nothing more
+        self.closed = False  # stop_answering() ran: the reader answers nothing more
         self.room = select.poll()  # room on the result pipe, for the reader's answer
         self.room.register(results.fileno(), select.POLLOUT)
         inlet.on_drain = self._answer_while_busy
@@ -290,11 +292,15 @@ class _Loop:
                 self.inlet.recycle(frame)  # its items are unpickled (and maybe run) by now
 
     def _close_results(self) -> None:
-        """Close the result pipe; the reader answers no request after this (the counters'
-        memory goes next)."""
+        """Close the result pipe, once the reader answers no more requests."""
+        self.stop_answering()
+        self.results.close()
+
+    def stop_answering(self) -> None:
+        """The reader answers no request after this: the result pipe and the counters'
+        memory are about to go."""
         with self.answering:
             self.closed = True
-        self.results.close()
 
     def _worn_out(self) -> bool:
         """Recycle between batches: nothing is held, every report is sent."""
