@@ -463,10 +463,14 @@ class _Loop:
             self.pos += from_rest
             given += from_rest
             after = None
-            # Past a gap the reader made, queued chunks would need a second report: the
-            # caller takes one per request (steal.Stealer.answered).
-            if given < want and from_rest == rest and self.inlet.front == self.pos:
-                given, after = self._queued_back(want, given)
+            if given < want and from_rest == rest:
+                # Past a gap the reader made, queued chunks would need a second report
+                # (the caller takes one per request: steal.Stealer.answered), unless
+                # nothing comes before the gap: then the report starts after it.
+                if not given and self.inlet.front != self.pos:
+                    start = self.pos = self.inlet.front
+                if self.inlet.front == self.pos:
+                    given, after = self._queued_back(want, given)
             self.held_start = self.pos
             self._send(tp.caller_frame(tp.RETURNED, start, given), given, given)
         if after is not None:

@@ -446,6 +446,25 @@ def test_after_the_readers_answer_the_main_thread_gives_only_what_it_holds(in_pr
 
 
 @pytest.mark.timeout(30)
+def test_with_nothing_held_before_the_readers_gap_the_main_thread_gives_what_follows(
+        in_process):
+    """Asked again once what it held has run, the main thread has nothing before the gap:
+    its one report starts after it."""
+    w = in_process(size=10)
+    _four_chunks(w)
+    w.counters.set(0, ASK, 1 << 32 | 4)
+    w.loop._answer_while_busy()  # chunk 1
+    w.loop._flush()  # chunk 0, held: positions 0-2
+    w.counters.set(0, ASK, 2 << 32 | 5)
+    w.loop._answer_while_busy()  # chunk 2 has 6 items: more than asked
+    w.loop._hand_back()  # between batches: 5 items of chunk 2, after the gap
+    assert (w.loop.pos, w.loop.held_n, w.inlet.front) == (13, 1, 13)
+    w.loop._flush()
+    assert _heads(w) == [(tp.RETURNED, 3, 4), (tp.FINISHED, 0, 3), (tp.RETURNED, 7, 5),
+                         (tp.FINISHED, 12, 1)]
+
+
+@pytest.mark.timeout(30)
 def test_the_reader_never_waits_to_write_its_answer(in_process):
     """While the reader waits it drains nothing, and a caller waiting for room in the item
     pipe may not be reading reports: so it answers only when no report is being written
@@ -469,9 +488,11 @@ def test_the_reader_never_waits_to_write_its_answer(in_process):
     answering = threading.Thread(target=w.loop._answer_while_busy)
     answering.start()
     answering.join(5)
-    assert not answering.is_alive(), "the reader waited on a full result pipe"
-    assert (w.loop.ask_seen, w.inlet.front) == (0, 3)
+    waited = answering.is_alive()
     os.read(w.results_r.fileno(), filled)  # the caller reads: room again
+    answering.join(5)  # (a reader that waited ends now, before the pipe is closed)
+    assert not waited, "the reader waited on a full result pipe"
+    assert (w.loop.ask_seen, w.inlet.front) == (0, 3)
     w.loop._answer_while_busy()
     assert (w.loop.ask_seen, w.inlet.front) == (ask, 7)
     assert _heads(w) == [(tp.RETURNED, 3, 4)]
