@@ -115,15 +115,14 @@ class Inlet:
 
     def hand_back(self, want: int) -> tuple[int, int]:
         """Take whole chunks off the front, up to ``want`` items in all, for the caller to
-        re-send. Stops at the first frame that is no plain chunk: a FLUSH, STOP or DEFINE
-        keeps its place after what precedes it, and a retry (SOLO) runs as a batch of its
-        own. Returns (the stream position of their first item, their number of items)."""
+        re-send, stopping at the first frame that is no plain chunk (_plain_chunk).
+        Returns (the stream position of their first item, their number of items)."""
         frames, given = self.frames, 0
         with self.taking:
             start = self.front
-            while frames and frames[0] is not None:
-                kind, flags, n, _ = tp.read_to_worker(frames[0])
-                if kind != tp.CHUNK or flags & tp.SOLO or given + n > want:
+            while frames:
+                n = _plain_chunk(frames[0])
+                if n is None or given + n > want:
                     break
                 # Not recycled: that takes ``lock``, which an idle main thread holds while
                 # it waits for the pipe (a buffer less to reuse, on a rare path).
@@ -137,10 +136,8 @@ class Inlet:
         items start at ``at``. ``put_back`` undoes it (main thread)."""
         with self.taking:
             frames = self.frames
-            if not frames or frames[0] is None:
-                return None
-            kind, flags, n, _ = tp.read_to_worker(frames[0])
-            if kind != tp.CHUNK or flags & tp.SOLO:
+            n = _plain_chunk(frames[0]) if frames else None
+            if n is None:
                 return None
             self.at = self.front
             self.front += n
@@ -214,3 +211,13 @@ class Inlet:
                         break
             if self.on_drain is not None:
                 self.on_drain()
+
+
+def _plain_chunk(frame: Any) -> int | None:
+    """The items of ``frame`` if it is a chunk that may be handed back, else None: a FLUSH,
+    STOP or DEFINE keeps its place after what precedes it, a retry (SOLO) runs as a batch
+    of its own, and None marks EOF."""
+    if frame is None:
+        return None
+    kind, flags, n, _ = tp.read_to_worker(frame)
+    return n if kind == tp.CHUNK and not flags & tp.SOLO else None

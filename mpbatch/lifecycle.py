@@ -89,6 +89,12 @@ def default_workers() -> int:
     return max(1, n)
 
 
+def wake_reader(drain: int) -> None:
+    """A byte on a worker's drain pipe: its reader thread wakes (inlet.Inlet._drain)."""
+    with contextlib.suppress(OSError):  # BlockingIOError: enough wake-ups are waiting
+        os.write(drain, b"!")
+
+
 def _write(fd: int, frame: bytes | list, hold: held_interrupt, drain: int,
            stalled: Callable[[], bool]) -> bool:
     """Write a whole frame to a non-blocking pipe; False if a Ctrl-C is pending and the
@@ -116,8 +122,7 @@ def _write(fd: int, frame: bytes | list, hold: held_interrupt, drain: int,
             continue
         except BlockingIOError:
             pass
-        with contextlib.suppress(OSError):  # BlockingIOError: enough wake-ups are waiting
-            os.write(drain, b"!")
+        wake_reader(drain)
         if hold.pending():
             if stuck >= STUCK_WRITE:
                 return False
@@ -240,8 +245,7 @@ class Pool:
         (steal.py). Collector thread only: it alone replaces a worker's pipes while it runs."""
         drain = self.drains[i]
         if drain is not None:
-            with contextlib.suppress(OSError):  # BlockingIOError: wake-ups are waiting
-                os.write(drain.fileno(), b"?")
+            wake_reader(drain.fileno())
 
     def _launch(self, i: int, items_r: Connection, items_w: Connection, drain_r: Connection,
                 drain_w: Connection, results_r: Connection, results_w: Connection) -> Any:
