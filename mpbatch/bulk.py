@@ -18,6 +18,7 @@ from .errors import Full, SerializationError
 from .intake import CHUNK_BYTES, PLAIN, check_item
 from .interrupts import held_interrupt
 from .ledger import Segment
+from .steal import ITEM_MIN_NS
 from .transport import chunk_frame, frame_size
 
 if TYPE_CHECKING:
@@ -29,6 +30,13 @@ PACE_WAIT = 1.0  # s add_many waits for the pacer at most (liveness, should a wa
 
 class Bulk:
     """One add_many() call on the block path: pull, check, pickle and send blocks."""
+
+    # Items worth stealing (steal.ITEM_MIN_NS): a block of one batch at most, so a chunk
+    # per batch. A worker's reader thread hands back only whole chunks queued behind the
+    # batch in do(); the rest of the chunk in do() is the main thread's, given only when
+    # that batch ends. With blocks of two batches a thief on W3 sat idle 40-80 ms at the
+    # stream's end, waiting for a hot batch to end.
+    batch_blocks = True
 
     def __init__(self, batcher: Batcher, items: Any, deadline: float | None) -> None:
         self.b = batcher
@@ -133,7 +141,10 @@ class Bulk:
                 allowed = pacer.allowance()
         # After PACE_WAIT without a wake-up, the floor goes anyway (two batches, three
         # under affinity): not one item.
-        return min(room, allowed if allowed >= pacer.least else pacer.floor)
+        allowed = min(room, allowed if allowed >= pacer.least else pacer.floor)
+        if self.batch_blocks and b._options.steal and pacer.cost >= ITEM_MIN_NS:
+            return min(allowed, b._options.batch_items)
+        return allowed
 
     def _send(self, keys: list, values: list, deadline_ns: int, tag: int | None = None) -> None:
         try:
@@ -231,6 +242,8 @@ class KeyedBulk(Bulk):
     A block is pulled only as large as the fullest worker has room for, so every part fits
     at once: what went in is always a prefix of the stream, even when timeout= runs out.
     """
+
+    batch_blocks = False  # a block is split by owner: its parts are smaller than a batch
 
     def _room(self) -> int:
         b = self.b

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -85,21 +86,48 @@ class Isolation:
 
 def halves(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
     """Split segments into two runs of (nearly) equal item counts, order kept."""
-    mid = sum(len(s) for s in segments) // 2
-    left: list[Segment] = []
-    right: list[Segment] = []
+    left, right = cut(segments, [sum(len(s) for s in segments) // 2])
+    return left, right
+
+
+def cut(segments: list[Segment], at: Iterable[int]) -> list[list[Segment]]:
+    """``segments`` cut at item positions ``at`` (ascending, each within them), order kept:
+    len(at) + 1 runs of segments."""
+    pieces: list[list[Segment]] = [[]]
+    marks = iter(at)
+    mark = next(marks, None)
     pos = 0
     for seg in segments:
-        n = len(seg)
-        if pos + n <= mid:
-            left.append(seg)
-        elif pos >= mid:
-            right.append(seg)
-        else:
-            left.append(seg.part(0, mid - pos))
-            right.append(seg.part(mid - pos, n))
+        lo, n = 0, len(seg)
+        while mark is not None and mark < pos + n:
+            if mark - pos > lo:
+                pieces[-1].append(seg.part(lo, mark - pos))
+            lo = mark - pos
+            pieces.append([])
+            mark = next(marks, None)
+        if n > lo:
+            pieces[-1].append(seg.part(lo, n))
         pos += n
-    return left, right
+    return pieces
+
+
+def batch_cuts(segments: list[Segment], size: int, max_bytes: int | None) -> list[int]:
+    """Where a worker holding only ``segments`` would run a batch, by count and by bytes as
+    worker._Loop._hold_by_count and _hold_by_bytes do: cut there, each run is one batch."""
+    total = sum(len(s) for s in segments)
+    if max_bytes is None or any(s.sizes is None for s in segments):
+        return list(range(size, total, size))
+    cuts, held_n, held_bytes = [], 0, 0
+    for j, nbytes in enumerate(n for s in segments for n in s.sizes):  # type: ignore[union-attr]
+        if held_n and held_bytes + nbytes > max_bytes:
+            cuts.append(j)
+            held_n = held_bytes = 0
+        held_n += 1
+        held_bytes += nbytes
+        if held_n >= size or held_bytes >= max_bytes:
+            cuts.append(j + 1)
+            held_n = held_bytes = 0
+    return [c for c in cuts if c < total]
 
 
 def items_of(segments: list[Segment]) -> tuple[list, list]:

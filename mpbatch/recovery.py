@@ -128,10 +128,12 @@ class Recovery:
             return
         # FULL: they go to a worker running dry, which runs them at once; held for more
         # items, a part batch would wait out what is left of its interval there.
-        self._resend(segments, solo=False, stat="stolen", full=True)
+        # One chunk per batch: that worker's reader can give them back in turn.
+        self._resend(segments, solo=False, stat="stolen", full=True,
+                     batch=(self.options.batch_items, self.options.max_bytes))
 
     def _resend(self, segments: list[Segment], solo: bool, stat: str | None = None,
-                full: bool = False) -> None:
+                full: bool = False, batch: tuple[int, int | None] | None = None) -> None:
         if self.cancelling:
             self.outcomes.cancelled(segments)
             return
@@ -140,7 +142,7 @@ class Recovery:
             return
         n = sum(len(s) for s in segments)
         self.accounts.bump(**{stat or ("retries" if solo else "redelivered"): n})
-        workers = self.dispatcher.send_routed(segments, solo, full)
+        workers = self.dispatcher.send_routed(segments, solo, full, batch)
         if not solo and min(s.epoch for s in segments) <= self.accounts.flushing_through:
             # A flush() waits for these: the FLUSH it sent went to the dead worker.
             for i in workers:

@@ -20,7 +20,7 @@ from mpbatch.counters import (
     WORK_NS,
     LoadCounters,
 )
-from mpbatch.ledger import Segment, WorkerLedger
+from mpbatch.ledger import Segment, WorkerLedger, batch_cuts, cut, halves
 from mpbatch.steal import ITEM_MIN_NS, Stealer
 from tests import fns
 
@@ -168,6 +168,73 @@ def test_a_steal_is_answered_while_the_victim_runs_a_batch(batcher_factory, star
     s = b.stats()
     assert s.stolen > 0
     assert (s.succeeded, s.dead_lettered, s.pending, s.failed_attempts) == (120, 0, 0, 0)
+
+
+def restolen_items(first, second):
+    """(key, (index, action, marker)) for fns.wait_or_mark: 18 chunks of 5 that round-robin
+    sends to worker c % 2. Worker 1 gets nine chunks of work. Worker 0 gets one of work
+    (its cost per item), then a batch that waits for ``first``, then queued behind it: W (a
+    batch that makes ``first``, then waits for ``second``), M1 (makes ``second``), M2 and
+    four more chunks of work. Worker 1, dry, takes W, M1 and M2 from worker 0 while it
+    waits; W starts there and lets worker 0 go, which runs its four chunks and runs dry in
+    turn while W waits: only taking M1 from behind W lets W go."""
+    chunks = {2: [("wait", first)] * 5,
+              4: [("mark", first), ("wait", second)] + [("work", "")] * 3,
+              6: [("mark", second)] + [("work", "")] * 4}
+    items = []
+    for c in range(18):
+        actions = chunks.get(c, [("work", "")] * 5)
+        items += [(f"k{c}", (5 * c + j, action, path))
+                  for j, (action, path) in enumerate(actions)]
+    return items
+
+
+@pytest.mark.timeout(60)
+def test_items_taken_by_a_thief_can_be_taken_from_it_while_it_runs_a_batch(
+        batcher_factory, start_method, tmp_path):
+    """Items a thief took arrive one chunk per batch, so its reader can hand back those
+    queued behind the batch it runs. Sent as one chunk, the rest of it after the first
+    batch (W) was the thief's main thread's to give, once W ended: W waits out its 20 s."""
+    b = batcher_factory(fns.wait_or_mark, routing="round-robin", size=5, interval=1.0,
+                        start_method=start_method)
+    items = restolen_items(str(tmp_path / "first"), str(tmp_path / "second"))
+    futures = [b.submit(key, value, block=True) for key, value in items]
+    b.flush()
+    results = [f.result(timeout=30) for f in futures]
+    assert sorted(i for _, i, _ in results) == list(range(len(items)))  # each item once
+    waits = [what for (_, (_, action, _)), (_, _, what) in zip(items, results, strict=True)
+             if action == "wait"]
+    assert waits == ["released"] * 6
+    by_index = {i: pid for pid, i, _ in results}
+    assert by_index[21] != by_index[10] and by_index[30] != by_index[21]  # W, M1 moved
+    s = b.stats()
+    assert s.stolen >= 15 + 5
+    assert (s.succeeded, s.dead_lettered, s.pending, s.failed_attempts) == (90, 0, 0, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("steal", [True, False])
+def test_add_many_sends_costly_items_one_batch_a_chunk_when_stealing(batcher_factory, steal):
+    """With stealing on and items worth moving, a block of add_many is one batch: the rest
+    of a larger chunk would be the main thread's to give, only when its batch ends."""
+    b = batcher_factory(fns.sleep_then_pid, size=5, interval=1.0, steal=steal)
+    b.add("k", (-1, 0.001))
+    b.flush()  # its batch reported: the cost per item (~1 ms) is known
+    chunks = []
+    send = b._dispatcher.send
+
+    def recorded(i, segments, *args, **kwargs):
+        chunks.append(sum(len(seg) for seg in segments))
+        return send(i, segments, *args, **kwargs)
+
+    b._dispatcher.send = recorded
+    assert b.add_many((f"k{i % 3}", (i, 0.001)) for i in range(200)) == 200
+    b.flush()
+    assert sum(chunks) >= 200 and chunks
+    if steal:
+        assert max(chunks) == 5
+    else:
+        assert max(chunks) > 5  # the pacer's two batches, at least
 
 
 @pytest.mark.timeout(30)
@@ -524,3 +591,25 @@ def test_a_ledger_with_a_range_taken_ahead_gives_the_rest_after_a_death():
     left = [(at, s.keys) for at, s in ledger.take_all()]
     assert left == [(4, list(range(4, 10))), (10, [10, 11]), (22, list(range(22, 30)))]
     assert ledger.held == 0
+
+
+def _sized(lo, hi, sizes):
+    keys = list(range(lo, hi))
+    return Segment(keys, keys, sizes, None, 0, 0, 0)
+
+
+def test_segments_cut_where_a_worker_runs_each_batch():
+    segments = [_segment(0, 7), _segment(7, 9), _segment(9, 20)]
+    assert batch_cuts(segments, 5, None) == [5, 10, 15]
+    pieces = cut(segments, [5, 10, 15])
+    assert [[s.keys for s in piece] for piece in pieces] == [
+        [list(range(5))], [[5, 6], [7, 8], [9]], [list(range(10, 15))],
+        [list(range(15, 20))]]
+    assert [[s.keys for s in side] for side in halves(segments)] == [
+        [list(range(7)), [7, 8], [9]], [list(range(10, 20))]]
+    assert cut(segments, [7]) == [segments[:1], segments[1:]]  # whole segments kept
+    # By bytes as the worker holds them: a batch ends before an item that would pass
+    # max_bytes, and once it reaches max_bytes or size.
+    sized = [_sized(0, 3, [40, 40, 30]), _sized(3, 7, [100, 10, 10, 10])]
+    assert batch_cuts(sized, 5, 100) == [2, 3, 4]
+    assert batch_cuts(sized, 3, 1000) == [3, 6]
