@@ -3,7 +3,8 @@
 Without max_bytes a block of pairs is pulled from the iterator as key and value columns
 and pickled whole: under "least-loaded" as one chunk for the least-loaded worker, paced by
 the work the workers report (dispatch.Pacer); under "round-robin" for the next worker;
-under "key" and "affinity" (KeyedBulk) split by key owner, a chunk for each. max_bytes
+either way of about one batch when items are worth stealing (Bulk.batch_blocks); under
+"key" and "affinity" (KeyedBulk) split by key owner, a chunk for each. max_bytes
 takes add_each(): the checked add() path, one item at a time, still chunked.
 """
 
@@ -18,7 +19,7 @@ from .errors import Full, SerializationError
 from .intake import CHUNK_BYTES, PLAIN, check_item
 from .interrupts import held_interrupt
 from .ledger import Segment
-from .steal import ITEM_MIN_NS
+from .steal import ITEM_MIN_NS, batches_per_chunk
 from .transport import chunk_frame, frame_size
 
 if TYPE_CHECKING:
@@ -31,11 +32,12 @@ PACE_WAIT = 1.0  # s add_many waits for the pacer at most (liveness, should a wa
 class Bulk:
     """One add_many() call on the block path: pull, check, pickle and send blocks."""
 
-    # Items worth stealing (steal.ITEM_MIN_NS): a block of one batch at most, so a chunk
-    # per batch. A worker's reader thread hands back only whole chunks queued behind the
-    # batch in do(); the rest of the chunk in do() is the main thread's, given only when
-    # that batch ends. With blocks of two batches a thief on W3 sat idle 40-80 ms at the
-    # stream's end, waiting for a hot batch to end.
+    # Items worth stealing (steal.ITEM_MIN_NS): a block of one batch at most, or a few
+    # short ones (steal.batches_per_chunk), since a block is one chunk. A worker's reader
+    # thread hands back only whole chunks queued behind the batch in do(); the rest of the
+    # chunk in do() is the main thread's, given only when that batch ends. With blocks of
+    # two batches a thief on W3 sat idle 40-100 ms at the stream's end, waiting for a hot
+    # batch to end.
     batch_blocks = True
 
     def __init__(self, batcher: Batcher, items: Any, deadline: float | None) -> None:
@@ -58,7 +60,7 @@ class Bulk:
         budget = b._options.interval / 4
         limit = block_limit(b._options.batch_items)
         while True:
-            room = self._paced(self._room())
+            room = min(self._paced(self._room()), self._steal_cap())
             started = time.monotonic()
             keys, values, bad = self._pull(min(room, self.block))
             if keys:
@@ -141,10 +143,19 @@ class Bulk:
                 allowed = pacer.allowance()
         # After PACE_WAIT without a wake-up, the floor goes anyway (two batches, three
         # under affinity): not one item.
-        allowed = min(room, allowed if allowed >= pacer.least else pacer.floor)
-        if self.batch_blocks and b._options.steal and pacer.cost >= ITEM_MIN_NS:
-            return min(allowed, b._options.batch_items)
-        return allowed
+        return min(room, allowed if allowed >= pacer.least else pacer.floor)
+
+    def _steal_cap(self) -> int:
+        """Most items in the next block: a chunk of items worth stealing is about one batch
+        (see batch_blocks); BLOCK_ITEMS otherwise."""
+        b = self.b
+        if not (self.batch_blocks and b._options.steal and b._workers > 1):
+            return BLOCK_ITEMS
+        cost = b._router.costs.pooled  # a float written by one thread: a hint
+        if cost < ITEM_MIN_NS:
+            return BLOCK_ITEMS
+        size = b._options.batch_items
+        return size * batches_per_chunk(cost, size)
 
     def _send(self, keys: list, values: list, deadline_ns: int, tag: int | None = None) -> None:
         try:
@@ -243,7 +254,10 @@ class KeyedBulk(Bulk):
     at once: what went in is always a prefix of the stream, even when timeout= runs out.
     """
 
-    batch_blocks = False  # a block is split by owner: its parts are smaller than a batch
+    # A block is split by owner, so its parts do not line up with batches whatever its
+    # size; a cap would only make more, smaller blocks, each split again (the keyed
+    # workload's figures for "affinity" are with blocks of up to three batches).
+    batch_blocks = False
 
     def _room(self) -> int:
         b = self.b

@@ -226,7 +226,7 @@ class Collector(threading.Thread):
             if self.stealer is not None:  # (only a stealer asks)
                 self.stealer.answered(i)
             if segments:
-                self.recovery.handed_back(segments)
+                self.recovery.handed_back(segments, self.costs.per_worker[i])
         elif kind == tp.FAILED:
             self.accounts.batch_log.add(n, ns)
             segments = self.dispatcher.ledgers[i].take(start, n)

@@ -86,13 +86,14 @@ class Isolation:
 
 def halves(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
     """Split segments into two runs of (nearly) equal item counts, order kept."""
-    left, right = cut(segments, [sum(len(s) for s in segments) // 2])
-    return left, right
+    left, *right = cut(segments, [sum(len(s) for s in segments) // 2])
+    return left, right[0] if right else []
 
 
 def cut(segments: list[Segment], at: Iterable[int]) -> list[list[Segment]]:
-    """``segments`` cut at item positions ``at`` (ascending, each within them), order kept:
-    len(at) + 1 runs of segments."""
+    """``segments`` cut at item positions ``at``, order kept: a run of segments before the
+    first position, between each two, and after the last. Positions strictly ascending,
+    inside (0, total): else a run may be empty (and a position past the end is ignored)."""
     pieces: list[list[Segment]] = [[]]
     marks = iter(at)
     mark = next(marks, None)
@@ -105,7 +106,7 @@ def cut(segments: list[Segment], at: Iterable[int]) -> list[list[Segment]]:
             lo = mark - pos
             pieces.append([])
             mark = next(marks, None)
-        if n > lo:
+        if n > lo or not n:  # (an empty segment is kept, as halves() always did)
             pieces[-1].append(seg.part(lo, n))
         pos += n
     return pieces

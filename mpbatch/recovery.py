@@ -29,6 +29,7 @@ from .ledger import Isolation, Segment, WorkerLedger, halves, split_at
 from .lifecycle import Pool
 from .outcomes import Outcomes
 from .stats import Accounts
+from .steal import batches_per_chunk
 from .worker import EXIT_RECYCLED
 
 if TYPE_CHECKING:
@@ -120,20 +121,25 @@ class Recovery:
         for half in halves(segments):
             self.dispatcher.send_routed(half, solo=True)
 
-    def handed_back(self, segments: list[Segment]) -> None:
-        """Items a worker handed back unstarted (steal.py): routed again, no attempt spent."""
+    def handed_back(self, segments: list[Segment], cost_ns: float) -> None:
+        """Items a worker handed back unstarted (steal.py), each costing about ``cost_ns``
+        there: routed again, no attempt spent."""
         if self.stopping:  # close() gave up on what is held (timeout, a second Ctrl-C)
             self.outcomes.dead_letter(segments, self.stop_error or Closed("the Batcher closed"),
                                       None)
             return
         # FULL: they go to a worker running dry, which runs them at once; held for more
-        # items, a part batch would wait out what is left of its interval there.
-        # One chunk per batch: that worker's reader can give them back in turn.
+        # items, a part batch would wait out what is left of its interval there. Each piece
+        # is FULL: one that waited for the next would wait out that interval if the thief's
+        # reader gave the next back (and a worker that held items of its own runs them as
+        # a batch of their own, once).
+        # A chunk per batch (a few short ones): that worker's reader can give them back.
+        size = self.options.batch_items
         self._resend(segments, solo=False, stat="stolen", full=True,
-                     batch=(self.options.batch_items, self.options.max_bytes))
+                     batch=(size, self.options.max_bytes, batches_per_chunk(cost_ns, size)))
 
     def _resend(self, segments: list[Segment], solo: bool, stat: str | None = None,
-                full: bool = False, batch: tuple[int, int | None] | None = None) -> None:
+                full: bool = False, batch: tuple[int, int | None, int] | None = None) -> None:
         if self.cancelling:
             self.outcomes.cancelled(segments)
             return

@@ -18,7 +18,10 @@ it drops unrun: its reader, while do() runs, gives whole chunks still queued in 
 batches with the next items in stream order, held ones first (worker._Loop._hand_back).
 The collector takes them from the victim's ledger (out of stream order when the reader
 answered: the running batch reports after them) and routes them again, with no attempt
-spent (recovery.Recovery.handed_back): the least-loaded worker is now the thief.
+spent (recovery.Recovery.handed_back): the least-loaded worker is now the thief. They go
+in chunks of one batch (batches_per_chunk), as add_many's blocks of such items do
+(bulk.Bulk.batch_blocks), so that the thief's reader has whole chunks to give in turn: the
+rest of a larger chunk would be its main thread's, given only when the batch in do() ends.
 
 The ledgers stay exact: items leave the victim's ledger only when its RETURNED report is
 read, and enter the thief's before they are written to its pipe. A victim killed before it
@@ -29,6 +32,7 @@ succeeded + dead_lettered + pending`` holds throughout: a hand-back changes none
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -42,6 +46,7 @@ STEAL_MIN_NS = 40_000_000  # queued work a victim keeps without being asked (2x 
 # so only a misjudged run of costly items, or batches of 40 ms or more, make a victim: a
 # dry worker then does better taking them than waiting)
 ITEM_MIN_NS = 20_000  # cheaper items are never moved: re-sending one costs the caller ~1 us
+CHUNK_NS = 5_000_000  # items worth moving travel in chunks of about this much work or less
 SEQ_MASK = 0x7FFFFFFF  # ask numbers wrap here: ``seq << 32`` stays a positive int64
 
 
@@ -97,3 +102,12 @@ class Stealer:
     def forget(self, i: int) -> None:
         """Worker i died: its ask dies with it (its line is zeroed for the replacement)."""
         self.asking[i] = False
+
+
+def batches_per_chunk(cost_ns: float, size: int) -> int:
+    """Batches of ``size`` items costing ``cost_ns`` each to put in one chunk of items that
+    may be stolen: one where a batch is CHUNK_NS of work or more, else as many as make
+    CHUNK_NS. A chunk costs the caller ~20-30 us to route, pickle and write, and a reader
+    hands back only whole chunks: one per batch of 20 us items would make the caller the
+    bottleneck, while a thief waits at most a batch for a chunk of short ones anyway."""
+    return max(1, math.ceil(CHUNK_NS / (size * max(cost_ns, 1.0))))
