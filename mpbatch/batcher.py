@@ -40,7 +40,8 @@
    work queued, ask that one (its ask cell; a byte on drain i wakes its reader) for half
    its queue; it answers with RETURNED(start, n), those items unrun (whole chunks from
    its reader at once, even while do() runs; else from its main thread between batches),
-   and they are routed again from the ledger with no attempt spent, a chunk per batch
+   and they are routed again from the ledger with no attempt spent, in chunks of a
+   batch (or of a few short ones)
  close() (closing.py): add() raises Closed; flush everything (a first Ctrl-C lets it
    finish, a second gives up); STOP workers, join them; stop the collector; unlink the
    shared memory (engine.py: what start() builds and close() takes down).

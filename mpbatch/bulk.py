@@ -36,7 +36,7 @@ class Bulk:
     # short ones (steal.batches_per_chunk), since a block is one chunk. A worker's reader
     # thread hands back only whole chunks queued behind the batch in do(); the rest of the
     # chunk in do() is the main thread's, given only when that batch ends. With blocks of
-    # two batches a thief on W3 sat idle 40-100 ms at the stream's end, waiting for a hot
+    # two batches a thief on W3 sat idle 20-100 ms at the stream's end, waiting for a hot
     # batch to end.
     batch_blocks = True
 
@@ -147,11 +147,12 @@ class Bulk:
 
     def _steal_cap(self) -> int:
         """Most items in the next block: a chunk of items worth stealing is about one batch
-        (see batch_blocks); BLOCK_ITEMS otherwise."""
+        (see batch_blocks); BLOCK_ITEMS otherwise, and until a batch has reported a cost
+        (blocks then grow from one item, see _resize)."""
         b = self.b
         if not (self.batch_blocks and b._options.steal and b._workers > 1):
             return BLOCK_ITEMS
-        cost = b._router.costs.pooled  # a float written by one thread: a hint
+        cost = b._router.costs.pooled  # a float written by one thread: a hint; 0: unknown
         if cost < ITEM_MIN_NS:
             return BLOCK_ITEMS
         size = b._options.batch_items

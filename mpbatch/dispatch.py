@@ -289,7 +289,7 @@ class Dispatcher:
         A worker's reader thread hands back only whole chunks queued behind the batch in
         do() (steal.py); the rest of the chunk being run is the main thread's, given only
         between batches. Stolen items sent as one chunk (2,000 items on W3) left the next
-        request to that worker waiting for its batch to end: 40-100 ms of a hot batch, with
+        request to that worker waiting for its batch to end: 20-100 ms of a hot batch, with
         the thief idle.
         """
         if batch is None:

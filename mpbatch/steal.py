@@ -19,9 +19,10 @@ batches with the next items in stream order, held ones first (worker._Loop._hand
 The collector takes them from the victim's ledger (out of stream order when the reader
 answered: the running batch reports after them) and routes them again, with no attempt
 spent (recovery.Recovery.handed_back): the least-loaded worker is now the thief. They go
-in chunks of one batch (batches_per_chunk), as add_many's blocks of such items do
-(bulk.Bulk.batch_blocks), so that the thief's reader has whole chunks to give in turn: the
-rest of a larger chunk would be its main thread's, given only when the batch in do() ends.
+in chunks of one batch, or of a few short ones (batches_per_chunk), as add_many's blocks of
+such items do (bulk.Bulk.batch_blocks), so that the thief's reader has whole chunks to give
+in turn: the rest of a larger chunk would be its main thread's, given only when the batch
+in do() ends.
 
 The ledgers stay exact: items leave the victim's ledger only when its RETURNED report is
 read, and enter the thief's before they are written to its pipe. A victim killed before it
@@ -109,5 +110,6 @@ def batches_per_chunk(cost_ns: float, size: int) -> int:
     may be stolen: one where a batch is CHUNK_NS of work or more, else as many as make
     CHUNK_NS. A chunk costs the caller ~20-30 us to route, pickle and write, and a reader
     hands back only whole chunks: one per batch of 20 us items would make the caller the
-    bottleneck, while a thief waits at most a batch for a chunk of short ones anyway."""
-    return max(1, math.ceil(CHUNK_NS / (size * max(cost_ns, 1.0))))
+    bottleneck, while a thief waits at most a batch for a chunk of short ones anyway. A
+    cost below ITEM_MIN_NS (0: not known) counts as ITEM_MIN_NS."""
+    return max(1, math.ceil(CHUNK_NS / (size * max(cost_ns, ITEM_MIN_NS))))

@@ -225,11 +225,14 @@ def test_add_many_sends_costly_items_one_batch_a_chunk_when_stealing(
                         routing=routing)
     b.add("k", (-1, seconds))
     b.flush()  # its batch reported: the cost per item is known
+    b._router.costs.update()  # (the collector may not have read it yet)
     chunks = []
     send = b._dispatcher.send
+    adder = threading.get_ident()
 
     def recorded(i, segments, *args, **kwargs):
-        chunks.append(sum(len(seg) for seg in segments))
+        if threading.get_ident() == adder:  # add_many's blocks, not items a steal re-sends
+            chunks.append(sum(len(seg) for seg in segments))
         return send(i, segments, *args, **kwargs)
 
     b._dispatcher.send = recorded
@@ -247,7 +250,34 @@ def test_a_chunk_of_items_worth_stealing_is_a_batch_or_a_few_short_ones():
     assert batches_per_chunk(100_000, 50) == 1  # 5 ms a batch
     assert batches_per_chunk(100_000, 10) == 5  # 1 ms a batch: five make 5 ms
     assert batches_per_chunk(20_000, 1) == 250
-    assert batches_per_chunk(0, 1) >= 1
+    assert batches_per_chunk(0, 1) == batches_per_chunk(ITEM_MIN_NS, 1) == 250  # not known
+
+
+@pytest.mark.timeout(60)
+def test_items_a_steal_moves_go_a_few_short_batches_a_chunk(batcher_factory):
+    """Stolen items whose batches are short (one 2 ms item here) go in chunks of ~5 ms of
+    work, three batches: one chunk per batch would cost the caller more than it moves."""
+    b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=1, interval=1.0)
+    b.add("k", (-1, 0.0))  # (starts it)
+    b.flush()
+    chunks = []
+    send = b._dispatcher.send
+    adder = threading.get_ident()
+
+    def recorded(i, segments, *args, **kwargs):
+        if threading.get_ident() != adder:  # the collector's: items a steal re-sends
+            chunks.append(sum(len(seg) for seg in segments))
+        return send(i, segments, *args, **kwargs)
+
+    b._dispatcher.send = recorded
+    # Round-robin, one item a chunk: worker 0 gets the even items, 2 ms each; worker 1
+    # the odd ones, which cost nothing, and runs dry at once.
+    futures = [b.submit(f"k{i % 7}", (i, 0.002 if i % 2 == 0 else 0.0), block=True)
+               for i in range(200)]
+    b.flush()
+    assert sorted(f.result(timeout=30)[1] for f in futures) == list(range(200))
+    assert b.stats().stolen > 0
+    assert 1 < max(chunks) <= 3 and all(n <= 3 for n in chunks)  # ceil(5 / 2.x ms)
 
 
 @pytest.mark.timeout(30)
@@ -620,6 +650,7 @@ def test_segments_cut_where_a_worker_runs_each_batch():
         [list(range(15, 20))]]
     assert [[s.keys for s in side] for side in halves(segments)] == [
         [list(range(7)), [7, 8], [9]], [list(range(10, 20))]]
+    assert halves([]) == ([], []) and halves([_segment(0, 1)]) == ([], [_segment(0, 1)])
     assert cut(segments, [7]) == [segments[:1], segments[1:]]  # whole segments kept
     # By bytes as the worker holds them: a batch ends before an item that would pass
     # max_bytes, and once it reaches max_bytes or size.
