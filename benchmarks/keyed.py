@@ -566,8 +566,8 @@ def main() -> None:
 
 def write(args: argparse.Namespace, results: dict, rounds: int, warm_rounds: int,
           took: float, digest: str) -> None:
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True,
+    def git(*argv: str, at: Path = ROOT) -> str:
+        return subprocess.run(["git", "-C", str(at), *argv], capture_output=True,
                               text=True, check=False).stdout.strip()
 
     versions = {}
@@ -578,9 +578,10 @@ def write(args: argparse.Namespace, results: dict, rounds: int, warm_rounds: int
             versions[module] = "not installed"
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "commit": git("rev-parse", "--short", "HEAD"),
-           # whether the checkout's mpbatch differs from the commit (it is measured only
-           # without --mpbatch)
-           "mpbatch_dirty": bool(git("status", "--porcelain", "--", "mpbatch")),
+           # the checkout measured (--mpbatch): its commit, and whether its mpbatch differs
+           "mpbatch_commit": git("rev-parse", "--short", "HEAD", at=args.mpbatch),
+           "mpbatch_dirty": bool(git("status", "--porcelain", "--", "mpbatch",
+                                     at=args.mpbatch)),
            "mpbatch_from": str(args.mpbatch), "mpbatch_digest": digest,
            "python": platform.python_version(), "platform": platform.platform(),
            "cpus": psutil.cpu_count(), "workers": WORKERS, "versions": versions,

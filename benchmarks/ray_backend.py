@@ -988,8 +988,8 @@ def mpbatch_commit(digest, depth=30):
 
 
 def environment(args, rounds, ready, digest):
-    def git(*argv):
-        return subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True,
+    def git(*argv, at=ROOT):
+        return subprocess.run(["git", "-C", str(at), *argv], capture_output=True,
                               text=True, check=False).stdout.strip()
 
     versions = {}
@@ -1001,7 +1001,8 @@ def environment(args, rounds, ready, digest):
     ray_msg = (ready.get("ray") or [{}])[0]
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "commit": git("rev-parse", "--short", "HEAD"),
-            "mpbatch_dirty": bool(git("status", "--porcelain", "--", "mpbatch")),
+            # of the checkout measured (--mpbatch)
+            "mpbatch_dirty": bool(git("status", "--porcelain", "--", "mpbatch", at=args.mpbatch)),
             "mpbatch_from": str(args.mpbatch), "mpbatch_digest": digest,
             "mpbatch_commit": mpbatch_commit(digest),
             "mpbatch_file_caller": ray_msg.get("mpbatch_file"),

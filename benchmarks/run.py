@@ -654,7 +654,10 @@ def environment(args, rounds):
             versions[module] = "checkout" if module == "mpbatch" else "not installed"
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "commit": _git("rev-parse", "--short", "HEAD"),
-            "mpbatch_dirty": bool(_git("status", "--porcelain", "--", "mpbatch")),
+            # the checkout measured (--mpbatch), which need not be this one
+            "mpbatch_commit": _git("rev-parse", "--short", "HEAD", cwd=args.mpbatch),
+            "mpbatch_dirty": bool(_git("status", "--porcelain", "--", "mpbatch",
+                                       cwd=args.mpbatch)),
             "mpbatch_from": str(args.mpbatch), "mpbatch_digest": mpbatch_digest(args),
             "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
             "versions": versions, "rounds_per_unit": rounds,
@@ -670,10 +673,10 @@ def mpbatch_digest(args):
     return digest.hexdigest()[:12]
 
 
-def _git(*argv):
+def _git(*argv, cwd=ROOT):
     """Read-only git facts for the record (the commit measured); '' outside a checkout."""
     try:
-        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True,
+        done = subprocess.run(["git", *argv], cwd=cwd, capture_output=True, text=True,
                               timeout=10, check=False)
     except OSError:
         return ""
