@@ -270,7 +270,7 @@ def test_items_a_steal_moves_go_a_few_short_batches_a_chunk(batcher_factory):
         return send(i, segments, *args, **kwargs)
 
     b._dispatcher.send = recorded
-    # Round-robin, one item a chunk: worker 0 gets the even items, 2 ms each; worker 1
+    # Round-robin, one item a chunk: one worker gets the even items, 2 ms each; the other
     # the odd ones, which cost nothing, and runs dry at once.
     futures = [b.submit(f"k{i % 7}", (i, 0.002 if i % 2 == 0 else 0.0), block=True)
                for i in range(200)]
