@@ -50,7 +50,8 @@ PACED_SAMPLE_PERIOD = float(os.environ.get("MPBATCH_BENCH_PACED_PERIOD", "0.25")
 # ~5 ms every 20 ms, and at 3-9 ms for mpbatch's 5-process tree still every 0.5 s.
 # W2 and W3 score CPU time: their PSS stays flat (20,000 small items), and reading it costs
 # per process (~250 us each), so a 20 ms period took ~6 % of a vCPU from a 3-process pool and
-# ~11 % from mpbatch's 5 (caller, zygote, resource tracker, 2 workers): sampled every 100 ms.
+# ~11 % from mpbatch's 5 (caller, zygote, 2 workers, and a resource tracker before the
+# segments left it): sampled every 100 ms.
 CPU_SAMPLE_PERIOD = 0.1
 # The kernel lists each task's children in /proc (CONFIG_PROC_CHILDREN): TreeSampler.tree
 # reads those; without them it falls back to psutil, which reads every process on the machine.

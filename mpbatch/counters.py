@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from multiprocessing import shared_memory
+
+from .shm import Segment
 
 # Shared-memory layout: worker i owns 128 bytes (16 int64 cells, 6 unused), two cache
 # lines, so that two workers never write the same cache line.
@@ -38,7 +39,7 @@ ASK_ITEMS = 0xFFFFFFFF  # the low half of ``ask``: items asked for
 
 
 class LoadCounters:
-    """Per-worker counters in one ``multiprocessing.shared_memory`` segment.
+    """Per-worker counters in one shared-memory segment (shm.py).
 
     Named ``mpbatch_<caller pid>_<random>``, so a segment left behind names its owner.
     The caller creates and unlinks it; workers attach by name (``attach``). A worker's
@@ -50,10 +51,8 @@ class LoadCounters:
         create = name is None
         if create:
             sweep_orphaned_segments()
-        self.shm = shared_memory.SharedMemory(
-            name=name or f"mpbatch_{os.getpid()}_{secrets.token_hex(4)}", create=create,
-            size=8 * CELLS * workers
-        )
+        self.shm = Segment(name or f"mpbatch_{os.getpid()}_{secrets.token_hex(4)}",
+                           size=8 * CELLS * workers, create=create)
         self.cells = self.shm.buf.cast("q")
         if create:
             for j in range(CELLS * workers):
@@ -112,9 +111,9 @@ SHM_DIR = "/dev/shm"
 def sweep_orphaned_segments() -> list[str]:
     """Remove counters left by callers that no longer exist; returns the names removed.
 
-    close() unlinks its segment, and if the caller dies, multiprocessing's resource tracker
-    does. Only a SIGKILL of the whole process group (a harness timeout, an OOM kill of the
-    group) takes the tracker along, and then nobody is left to do it. The pid in the name
+    close() unlinks its segment, and if the caller dies, its zygote and workers do (shm.py).
+    Only a SIGKILL of the whole process group (a harness timeout, an OOM kill of the group)
+    takes them along, and then nobody is left to do it. The pid in the name
     says whose a segment is; a segment whose creator is gone is garbage.
     """
     removed = []

@@ -189,7 +189,7 @@ class Pool:
             try:
                 self.zygote = zygote.Zygote(worker.main, (
                     counters_name, ring_name, workers, config_blob, self.caller_pid,
-                    worker.PACKAGE_DIR))
+                    worker.PACKAGE_DIR), segments=(counters_name, ring_name))
             except BaseException:
                 if self.rings is not None:
                     self.rings.unlink()

@@ -37,8 +37,8 @@ import contextlib
 import mmap
 import os
 import threading
-from multiprocessing import shared_memory
 
+from .shm import Segment
 from .transport import IOV_MAX, drop_written
 
 REGION = 4 << 20  # bytes of ring per worker, header included
@@ -62,8 +62,8 @@ class Rings:
     """The caller's side: every worker's ring, and how far it has filled each."""
 
     def __init__(self, name: str, workers: int, region: int) -> None:
-        self.shm = shared_memory.SharedMemory(name=name, create=True, size=region * workers)
-        self.fd = getattr(self.shm, "_fd", -1)  # POSIX shm_open's descriptor
+        self.shm = Segment(name, size=region * workers, create=True)
+        self.fd = self.shm.fd
         self.region = region
         self.capacity = region - HEADER
         self.head = [0] * workers
@@ -73,8 +73,6 @@ class Rings:
         self.lock = threading.Lock()
         self.closed = False
         try:
-            if self.fd < 0:
-                raise OSError("no descriptor to write the rings with (not POSIX shm)")
             # Each header page is written, not touched through the mapping: on a full
             # /dev/shm the write fails here instead of a process taking SIGBUS later.
             for i in range(workers):
@@ -140,15 +138,14 @@ class Rings:
             if hasattr(self, "cells"):
                 self.cells.release()
             self.shm.close()
-        with contextlib.suppress(FileNotFoundError):  # swept by another caller meanwhile
-            self.shm.unlink()
+        self.shm.unlink()  # unless swept by another caller meanwhile
 
 
 class RingReader:
     """Worker i's side: copies a chunk's values out of its ring and gives the space back."""
 
     def __init__(self, name: str, index: int, workers: int) -> None:
-        self.shm = shared_memory.SharedMemory(name=name)
+        self.shm = Segment(name)
         region = self.shm.size // workers
         self.view = self.shm.buf[index * region:(index + 1) * region]
         self.tail = self.view[:8].cast("q")

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import cloudpickle
 
+from . import shm
 from . import transport as tp
 from .calls import DEFINITIONS
 from .counters import (
@@ -85,7 +86,7 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
     # Ctrl-C goes to the whole foreground process group; it is the caller's to handle, and
     # the caller's close() still needs this worker to finish what it holds.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_caller(caller_pid)
+    _exit_with_caller(caller_pid, (counters_name, ring_name))
     _keep_freed_memory()
     if caller_package != PACKAGE_DIR:
         # Python 3.11's fork server imports from its own working directory: a checkout of
@@ -118,7 +119,7 @@ def main(index: int, items: Connection, drain: Connection, results: Connection,
         recycle = loop.run()
     finally:
         loop.stop_answering()  # the reader reads the counters while it answers
-        counters.close()  # release our view before SharedMemory.__del__ tries to
+        counters.close()
         inlet.close_ring()
     if recycle:
         # Items still queued here are in the caller's ledger: it re-sends them, with no
@@ -167,17 +168,25 @@ def _init_failed(results: Connection, error: BatchFailed) -> NoReturn:
     os._exit(EXIT_INIT_FAILED)
 
 
-def _exit_with_caller(caller_pid: int) -> None:
-    """Exit at once when the caller process dies, however it dies (no orphans).
+def _exit_with_caller(caller_pid: int, segments: tuple[str, ...]) -> None:
+    """Exit at once when the caller process dies, however it dies (no orphans), and remove
+    the caller's shared-memory ``segments`` first: nobody else is left to (shm.py).
 
     A pidfd turns the caller's exit into an event on Linux >= 5.3, for every start method
     (under forkserver and the zygote our parent is not the caller, so neither the parent
     pid nor PR_SET_PDEATHSIG names the right process). Elsewhere, poll the caller's pid.
     """
+    def orphaned() -> NoReturn:
+        try:
+            for name in filter(None, segments):  # ring_name is "" when there is no ring
+                shm.unlink(name)
+        finally:  # whatever the unlink raised
+            os._exit(EXIT_ORPHANED)
+
     try:
         fd = os.pidfd_open(caller_pid)
     except ProcessLookupError:
-        os._exit(EXIT_ORPHANED)
+        orphaned()
     except (AttributeError, OSError):
         fd = None
 
@@ -190,13 +199,13 @@ def _exit_with_caller(caller_pid: int) -> None:
             caller.register(fd, select.POLLIN)
             while not caller.poll():
                 pass
-            os._exit(EXIT_ORPHANED)
+            orphaned()
         while True:
             time.sleep(0.1)  # no event to wait on without pidfd
             try:
                 os.kill(caller_pid, 0)
             except ProcessLookupError:
-                os._exit(EXIT_ORPHANED)
+                orphaned()
             except PermissionError:
                 pass
 

@@ -16,7 +16,8 @@ A pidfd names one process for good: kill() through it never hits a reused pid. T
 exits when the caller asks it to (close()), closes its socket, or dies (a pidfd of the
 caller, watched with the socket). Not on end of file alone: any process forked from the
 caller later (another Batcher's zygote or fork workers, the user's own fork children)
-holds a copy of the caller's end of the socket, and the zygote would wait for those.
+holds a copy of the caller's end of the socket, and the zygote would wait for those. A
+caller that dies leaves its shared-memory segments to the zygote to remove (shm.py).
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import shm
+
 _LAUNCH = struct.Struct("i")  # a worker's index, or EXIT
 EXIT = -1
 _REPLY = struct.Struct("cii")  # b"P", pid, 0 (a pidfd attached) | b"X", pid, exit code
+# Seconds the zygote waits for the caller's exit to show after its socket ended with no
+# EXIT (a dying process closes its descriptors before its pidfd turns readable)
+CALLER_EXIT_WAIT = 5.0
 
 
 def available() -> bool:
@@ -61,7 +67,9 @@ def single_threaded() -> bool:
 class Zygote:
     """The caller's handle on its zygote process."""
 
-    def __init__(self, target: Callable[..., None], args: tuple) -> None:
+    def __init__(self, target: Callable[..., None], args: tuple,
+                 segments: tuple[str, ...] = ()) -> None:
+        """Fork the zygote; ``segments``: shared memory it removes if the caller dies."""
         for stream in (sys.stdout, sys.stderr):  # or the child prints what we buffered
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -72,7 +80,7 @@ class Zygote:
         try:
             pid = os.fork()
             if pid == 0:
-                _serve_forever(theirs, ours, caller, target, args)
+                _serve_forever(theirs, ours, caller, target, args, segments)
         except BaseException:
             ours.close()
             theirs.close()
@@ -159,9 +167,7 @@ class ZygoteProcess:
             self.sentinel = -1
 
     def _exited(self, timeout: float | None) -> bool:
-        poller = select.poll()
-        poller.register(self.sentinel, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+        return _ended(self.sentinel, timeout)
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: no pidfd came
@@ -171,7 +177,7 @@ class ZygoteProcess:
 # -- the zygote process -------------------------------------------------------------------
 
 def _serve_forever(sock: socket.socket, caller_end: socket.socket, caller: int,
-                   target: Callable[..., None], args: tuple) -> None:
+                   target: Callable[..., None], args: tuple, segments: tuple[str, ...]) -> None:
     """The zygote's whole life: never returns, never runs the caller's atexit hooks."""
     code = 0
     try:
@@ -183,7 +189,9 @@ def _serve_forever(sock: socket.socket, caller_end: socket.socket, caller: int,
             caller_fd = os.pidfd_open(caller)
         except ProcessLookupError:
             return  # the caller is gone already
-        _serve(sock, caller_fd, target, args)
+        if not _serve(sock, caller_fd, target, args) and _ended(caller_fd, CALLER_EXIT_WAIT):
+            for name in filter(None, segments):
+                shm.unlink(name)
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -209,7 +217,9 @@ def _reset_signals() -> None:
 
 
 def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
-           args: tuple) -> None:
+           args: tuple) -> bool:
+    """Fork workers until the caller asks for the end (True), or closes its socket or dies
+    (False)."""
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -217,7 +227,7 @@ def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
     while True:
         for fd, _ in poller.poll():
             if fd == caller:
-                return
+                return False
             if fd != sock.fileno():
                 _reap(sock, poller, children, fd)
                 continue
@@ -225,8 +235,10 @@ def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
                 msg, fds, _, _ = socket.recv_fds(sock, _LAUNCH.size, 3)
             except OSError:
                 msg, fds = b"", []
-            if not msg or _LAUNCH.unpack(msg)[0] == EXIT:
-                return  # the caller asked, closed its end, or died
+            if not msg:
+                return False  # the caller closed its end, or died
+            if _LAUNCH.unpack(msg)[0] == EXIT:
+                return True
             pid = os.fork()
             if pid == 0:
                 _run_worker(sock, children, caller, _LAUNCH.unpack(msg)[0], fds, target, args)
@@ -236,6 +248,13 @@ def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
             socket.send_fds(sock, [_REPLY.pack(b"P", pid, 0)], [pidfd])
+
+
+def _ended(pidfd: int, timeout: float | None) -> bool:
+    """Whether the process of ``pidfd`` exits within ``timeout`` s (None: wait for it)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def _reap(sock: socket.socket, poller: Any, children: dict[int, int], pidfd: int) -> None:

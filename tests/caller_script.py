@@ -2,6 +2,8 @@
 
 It prints lines the test waits on (no sleeps needed on the test's side):
   pids <worker pids>      the workers are up
+  method <m> <zygote pid> the start method it resolved to, and its zygote's pid (or 0)
+  segments <names>        its shared-memory segments: the counters, and the rings if any
   added                   every item is accepted
   batch <pid>             a worker entered do() (printed by the worker; with BACKEND=ray,
                           "batch 0" by the caller once its counters show a batch in do())
@@ -93,6 +95,7 @@ def main():
         threading.Thread(target=say_when_busy, args=(b,), daemon=True).start()
     zygote = b._pool.zygote
     print("method", b._pool.start_method, zygote.pid if zygote else 0, flush=True)
+    print("segments", b._counters.name, getattr(b._pool, "ring_name", "") or "", flush=True)
     if mode == "noclose":
         REPORT.append((done, b))  # printed after mpbatch's atexit hook flushed and joined
         b.add_many(("k", i) for i in range(items))

@@ -115,6 +115,36 @@ def test_segments_of_dead_callers_are_swept_at_start(batcher_factory):
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["zygote", "fork"])
+def test_a_batcher_starts_no_resource_tracker(start_method):
+    """Its segments are not registered with multiprocessing's resource tracker (shm.py):
+    a program that starts a Batcher runs no tracker interpreter next to its workers, only
+    forks of itself (spawn and forkserver start one for themselves). In a fresh process:
+    this one has one from other tests."""
+    import subprocess
+    import sys
+
+    code = (
+        "import psutil, mpbatch\n"
+        "from multiprocessing import resource_tracker\n"
+        "def do(batch):\n"
+        "    return {k: [v * 2 for v in vs] for k, vs in batch.items()}\n"
+        "if __name__ == '__main__':\n"
+        f"    with mpbatch.Batcher(do, workers=2, start_method={start_method!r}) as b:\n"
+        "        b.add_many(('k', i) for i in range(100))\n"
+        "        b.flush()\n"
+        "        me = psutil.Process()\n"
+        "        lines = [p.cmdline() for p in me.children(recursive=True)]\n"
+        "    assert b.stats().succeeded == 100\n"
+        "    assert lines == [me.cmdline()] * (3 if b._pool.zygote else 2), lines\n"
+        "    assert resource_tracker._resource_tracker._pid is None\n")
+    root = os.path.dirname(os.path.dirname(__file__))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=root), timeout=50, check=False)
+    assert child.returncode == 0, child.stderr
+
+
 def test_an_add_waiting_for_room_when_close_begins_is_refused(batcher_factory, tmp_path):
     """It used to get in once room freed, after close() had flushed, and then be
     dead-lettered by a clean close(): accepted, yet never run."""

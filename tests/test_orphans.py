@@ -1,5 +1,7 @@
-"""No orphans: when the caller dies however it dies, its workers follow within a second."""
+"""No orphans: when the caller dies however it dies, its workers follow within a second,
+and take its shared memory along."""
 
+import os
 import signal
 
 import pytest
@@ -15,18 +17,33 @@ def _ours(caller, start_method):
     return [*workers, int(zygote)] if method == "zygote" else workers
 
 
+def _segments(caller):
+    names = read_until(caller, "segments")[1:]
+    assert names and all(os.path.exists(f"/dev/shm/{name}") for name in names)
+    return names
+
+
+def assert_removed(segments):
+    """No resource tracker follows them (mpbatch/shm.py): the workers and the zygote remove
+    them before they exit."""
+    left = [name for name in segments if os.path.exists(f"/dev/shm/{name}")]
+    assert not left, f"the dead caller's shared memory is still there: {left}"
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("busy", [True, False], ids=["busy-workers", "idle-workers"])
 def test_caller_sigkill_takes_the_workers_along(busy, start_method):
     caller = start_caller("wait", ITEMS=200 if busy else 0, BATCH_SECONDS=30,
                           START_METHOD=start_method)
     ours = _ours(caller, start_method)
+    segments = _segments(caller)
     read_until(caller, "added")
     if busy:
         read_until(caller, "batch")  # a worker is 30 s into a do() call
     caller.send_signal(signal.SIGKILL)
     assert caller.wait(10) == -signal.SIGKILL
     assert_gone_within(ours, 1)
+    assert_removed(segments)
 
 
 @pytest.mark.timeout(60)
@@ -48,8 +65,10 @@ def test_a_caller_holding_many_descriptors_still_takes_busy_workers_along(start_
 def test_caller_os_exit_takes_the_workers_along(start_method):
     caller = start_caller("exit", ITEMS=200, BATCH_SECONDS=30, START_METHOD=start_method)
     ours = _ours(caller, start_method)
+    segments = _segments(caller)
     assert caller.wait(10) == 0
     assert_gone_within(ours, 1)
+    assert_removed(segments)
 
 
 @pytest.mark.timeout(60)
