@@ -44,6 +44,20 @@ def test_scaling_harness_smoke_run():
     assert "LEFTOVER" not in run.stdout, out[-3000:]  # a process outlived its run
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ab_harness_smoke_run():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/ab.py", "--smoke", "--workload", "W2", "--repeats", "2",
+         "--run", "pool:10", "--run", "mpbatch-add_many", "--run", f"mpbatch-add:20@{ROOT}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "| pool:10 | " in run.stdout and "| 1.000 (1.000-1.000) |" in run.stdout, out
+    assert f"| mpbatch-add:20@{ROOT} | " in run.stdout, out[-3000:]
+    assert run.stdout.count("[1] ") == 3, out[-3000:]  # every run, each repeat
+
+
 def _runs_all_ok(stdout: str) -> list[str]:
     """The per-run lines ('  [1/1] name  rate ... ok') that did not end in ok."""
     runs = [line for line in stdout.splitlines() if line.lstrip().startswith("[")]

@@ -1,0 +1,126 @@
+"""A/B of mpbatch checkouts: one workload, contenders from different checkouts, interleaved.
+
+    python benchmarks/ab.py --workload W2 --chunk 50 --repeats 8 \\
+        --run ppe:200 --run mpbatch-add_many@/tmp/before --run mpbatch-add_many@/tmp/after
+
+Each ``--run`` is ``contender[:chunk][@DIR]``: a contender of run.py, its chunk size
+(default ``--chunk``) and the checkout to import mpbatch from (default this one). Every run
+is run.py's own measured child (a fresh process, its tree's PSS sampled), so figures compare
+with run.py's. The order rotates each repeat, so no contender always runs first or after
+the same one. Reported: medians of wall time and peak PSS, and each run's wall divided by
+the first ``--run``'s in the same repeat (median and range): the ratio this VM's drifting
+speed leaves the least noisy. The JSON goes to results/<date>-ab-<workload>.json.
+"""
+
+import argparse
+import compileall
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import run
+import workloads
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", default="W2", help="a workload of run.py (default W2)")
+    p.add_argument("--run", action="append", required=True, metavar="NAME[:CHUNK][@DIR]",
+                   help="a contender, its chunk size and its checkout; the first is the base")
+    p.add_argument("--chunk", type=int, default=50, help="chunk size where a --run has none")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, help="sha256 rounds per unit (default: calibrate)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=600, help="s per run")
+    p.add_argument("--smoke", action="store_true", help="run.py's tiny workloads (CI)")
+    return p.parse_args(argv)
+
+
+def contender(text, chunk):
+    """'mpbatch-add_many:50@/tmp/x' -> (name, chunk, checkout)."""
+    text, _, where = text.partition("@")
+    name, _, size = text.partition(":")
+    if name not in run.contenders.CONTENDERS:
+        sys.exit(f"unknown contender {name!r}; known: {list(run.contenders.CONTENDERS)}")
+    checkout = Path(where).resolve() if where else run.ROOT
+    return name, int(size) if size else chunk, checkout
+
+
+def spec(args, w, name, chunk, checkout, rounds):
+    settings = argparse.Namespace(workers=args.workers, start_method=None, smoke=args.smoke,
+                                  big=False, mpbatch=checkout, max_bytes=None)
+    return run.make_spec(settings, w, name, w.n, chunk, rounds)
+
+
+def checkout_facts(checkout):
+    """What run.py records of the mpbatch it measured, for one checkout."""
+    settings = argparse.Namespace(mpbatch=checkout)
+    # bytecode, as run.py makes it (see run.mpbatch_importable)
+    compileall.compile_dir(str(checkout / "mpbatch"), quiet=1)
+    return {"commit": run._git("rev-parse", "--short", "HEAD", cwd=checkout),
+            "dirty": bool(run._git("status", "--porcelain", "--", "mpbatch", cwd=checkout)),
+            "digest": run.mpbatch_digest(settings)}
+
+
+def main(argv=None):
+    args = parse(argv)
+    w = workloads.workloads(args.smoke, False)[args.workload]
+    rounds = args.rounds or workloads.calibrate()
+    runs = [contender(text, args.chunk) for text in args.run]
+    labels = args.run
+    facts = {str(c): checkout_facts(c) for c in {c for _, _, c in runs}}
+    walls = {label: [] for label in labels}
+    records = []
+    order = list(zip(labels, runs, strict=True))
+    for r in range(args.repeats):
+        k = r % len(order)
+        for label, (name, chunk, checkout) in order[k:] + order[:k]:
+            rec = run.measure(spec(args, w, name, chunk, checkout, rounds), args.timeout)
+            rec |= {"label": label, "repeat": r}
+            records.append(rec)
+            if not rec.get("ok"):
+                sys.exit(f"{label} FAILED: {rec.get('error') or rec.get('stderr_tail')}")
+            if rec.get("leftovers"):
+                sys.exit(f"{label}: LEFTOVER processes after its run: {rec['leftovers']}")
+            walls[label].append(rec["wall"])
+            print(f"[{r}] {label}: {rec['wall']:.3f} s, peak PSS "
+                  f"{rec.get('peak_pss', 0) / 2**20:.1f} MB", flush=True)
+    summary = summarise(labels, walls, records)
+    print(table(summary))
+    env = {"python": sys.version.split()[0], "rounds_per_unit": rounds, "checkouts": facts,
+           "argv": sys.argv[1:], "commit": run._git("rev-parse", "--short", "HEAD")}
+    path = HERE / "results" / f"{run.stem(args)}-ab-{w.name}.json"
+    path.write_text(json.dumps({"workload": w.name, "environment": env, "summary": summary,
+                                "table_md": table(summary), "runs": records},
+                               indent=1, default=repr))
+    print(f"wrote {path}")
+
+
+def summarise(labels, walls, records):
+    base = walls[labels[0]]
+    out = []
+    for label in labels:
+        ratios = [x / y for x, y in zip(walls[label], base, strict=True)]
+        pss = [rec["peak_pss"] / 2**20 for rec in records
+               if rec["label"] == label and rec.get("peak_pss")]
+        out.append({"label": label, "wall": statistics.median(walls[label]),
+                    "ratio": statistics.median(ratios), "low": min(ratios),
+                    "high": max(ratios), "pss_mb": statistics.median(pss) if pss else None})
+    return out
+
+
+def table(summary):
+    lines = ["| run | wall s (median) | wall ÷ first, run by run: median (range) | peak PSS MB |",
+             "|---|---|---|---|"]
+    for row in summary:
+        pss = "-" if row["pss_mb"] is None else f"{row['pss_mb']:.1f}"
+        lines.append(f"| {row['label']} | {row['wall']:.3f} | {row['ratio']:.3f} "
+                     f"({row['low']:.3f}-{row['high']:.3f}) | {pss} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
