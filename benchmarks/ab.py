@@ -6,10 +6,12 @@
 Each ``--run`` is ``contender[:chunk][@DIR]``: a contender of run.py, its chunk size
 (default ``--chunk``) and the checkout to import mpbatch from (default this one). Every run
 is run.py's own measured child (a fresh process, its tree's PSS sampled), so figures compare
-with run.py's. The order rotates each repeat, so no contender always runs first or after
-the same one. Reported: medians of wall time and peak PSS, and each run's wall divided by
-the first ``--run``'s in the same repeat (median and range): the ratio this VM's drifting
-speed leaves the least noisy. The JSON goes to results/<date>-ab-<workload>.json.
+with run.py's. The order rotates each repeat, and every other round of rotations runs it
+backwards: no contender always runs first, nor always right after the same one. Reported:
+medians of wall time and peak PSS, and each run's wall divided by the first ``--run``'s in
+the same repeat (median and range): the ratio this VM's drifting speed leaves the least
+noisy. The JSON (every run, in its order) goes to results/<date>-ab-<workload>.json
+(``--smoke``: <date>-smoke-ab-<workload>.json), also when a run fails.
 """
 
 import argparse
@@ -40,13 +42,24 @@ def parse(argv=None):
 
 
 def contender(text, chunk):
-    """'mpbatch-add_many:50@/tmp/x' -> (name, chunk, checkout)."""
+    """'mpbatch-add_many:50@/tmp/x' -> (name, chunk, checkout); a chunk may be a word that
+    the contender takes (joblib's 'auto')."""
     text, _, where = text.partition("@")
     name, _, size = text.partition(":")
     if name not in run.contenders.CONTENDERS:
         sys.exit(f"unknown contender {name!r}; known: {list(run.contenders.CONTENDERS)}")
     checkout = Path(where).resolve() if where else run.ROOT
-    return name, int(size) if size else chunk, checkout
+    if not (checkout / "mpbatch").is_dir():
+        sys.exit(f"--run {text}@{where}: no mpbatch/ in {checkout}")
+    return name, (int(size) if size.isdigit() else size) if size else chunk, checkout
+
+
+def rounds_of(labels, repeats):
+    """The order of each repeat: rotated by one each time, backwards every other round."""
+    n = len(labels)
+    for r in range(repeats):
+        turned = labels[r % n:] + labels[:r % n]
+        yield r, turned[::-1] if (r // n) % 2 else turned
 
 
 def spec(args, w, name, chunk, checkout, rounds):
@@ -66,36 +79,44 @@ def checkout_facts(checkout):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    w = workloads.workloads(args.smoke, False)[args.workload]
-    rounds = args.rounds or workloads.calibrate()
-    runs = [contender(text, args.chunk) for text in args.run]
     labels = args.run
-    facts = {str(c): checkout_facts(c) for c in {c for _, _, c in runs}}
+    if len(set(labels)) < len(labels):
+        sys.exit("each --run once: a repeated one would be measured twice under one name")
+    w = workloads.workloads(args.smoke, False)[args.workload]
+    runs = dict(zip(labels, (contender(text, args.chunk) for text in labels), strict=True))
+    rounds = args.rounds or workloads.calibrate()
+    facts = {str(c): checkout_facts(c) for c in {c for _, _, c in runs.values()}}
+    env = {"python": sys.version.split()[0], "rounds_per_unit": rounds, "checkouts": facts,
+           "argv": argv, "commit": run._git("rev-parse", "--short", "HEAD")}
     walls = {label: [] for label in labels}
     records = []
-    order = list(zip(labels, runs, strict=True))
-    for r in range(args.repeats):
-        k = r % len(order)
-        for label, (name, chunk, checkout) in order[k:] + order[:k]:
+    failure = None
+    for r, order in rounds_of(labels, args.repeats):
+        for label in order:
+            name, chunk, checkout = runs[label]
             rec = run.measure(spec(args, w, name, chunk, checkout, rounds), args.timeout)
-            rec |= {"label": label, "repeat": r}
-            records.append(rec)
+            records.append(rec | {"label": label, "repeat": r})
             if not rec.get("ok"):
-                sys.exit(f"{label} FAILED: {rec.get('error') or rec.get('stderr_tail')}")
-            if rec.get("leftovers"):
-                sys.exit(f"{label}: LEFTOVER processes after its run: {rec['leftovers']}")
+                failure = f"{label} FAILED: {rec.get('error') or rec.get('stderr_tail')}"
+            elif rec.get("leftovers"):
+                failure = f"{label}: LEFTOVER processes after its run: {rec['leftovers']}"
+            if failure:
+                break
             walls[label].append(rec["wall"])
             print(f"[{r}] {label}: {rec['wall']:.3f} s, peak PSS "
                   f"{rec.get('peak_pss', 0) / 2**20:.1f} MB", flush=True)
-    summary = summarise(labels, walls, records)
-    print(table(summary))
-    env = {"python": sys.version.split()[0], "rounds_per_unit": rounds, "checkouts": facts,
-           "argv": sys.argv[1:], "commit": run._git("rev-parse", "--short", "HEAD")}
+        if failure:
+            break
+    summary = None if failure else summarise(labels, walls, records)
     path = HERE / "results" / f"{run.stem(args)}-ab-{w.name}.json"
     path.write_text(json.dumps({"workload": w.name, "environment": env, "summary": summary,
-                                "table_md": table(summary), "runs": records},
-                               indent=1, default=repr))
+                                "table_md": summary and table(summary), "failure": failure,
+                                "runs": records}, indent=1, default=repr))
+    if failure:
+        sys.exit(f"{failure}\n(the runs so far are in {path})")
+    print(table(summary))
     print(f"wrote {path}")
 
 

@@ -44,15 +44,22 @@ class LoadCounters:
     Named ``mpbatch_<caller pid>_<random>``, so a segment left behind names its owner.
     The caller creates and unlinks it; workers attach by name (``attach``). A worker's
     death leaves the segment intact (the caller zeroes that worker's line on respawn).
+    Not ``shared``: the caller's memory alone, nameless (the Ray backend: its actors keep
+    their own counters, which the caller copies in), so nothing is left if it dies.
     """
 
-    def __init__(self, workers: int, name: str | None = None) -> None:
+    def __init__(self, workers: int, name: str | None = None, shared: bool = True) -> None:
         self.workers = workers
+        size = 8 * CELLS * workers
+        self.shm: Segment | None = None
+        if not shared:
+            self.cells = memoryview(bytearray(size)).cast("q")
+            return
         create = name is None
         if create:
             sweep_orphaned_segments()
         self.shm = Segment(name or f"mpbatch_{os.getpid()}_{secrets.token_hex(4)}",
-                           size=8 * CELLS * workers, create=create)
+                           size=size, create=create)
         self.cells = self.shm.buf.cast("q")
         if create:
             for j in range(CELLS * workers):
@@ -65,7 +72,8 @@ class LoadCounters:
 
     @property
     def name(self) -> str:
-        return self.shm.name
+        """The segment's name ("" when not shared)."""
+        return "" if self.shm is None else self.shm.name
 
     def get(self, i: int, cell: int) -> int:
         return self.cells[CELLS * i + cell]
@@ -97,12 +105,14 @@ class LoadCounters:
 
     def close(self) -> None:
         self.cells.release()
-        self.shm.close()
+        if self.shm is not None:
+            self.shm.close()
 
     def unlink(self) -> None:
         """Close and remove the segment from /dev/shm; the caller's job, once."""
         self.close()
-        self.shm.unlink()
+        if self.shm is not None:
+            self.shm.unlink()
 
 
 SHM_DIR = "/dev/shm"

@@ -52,7 +52,7 @@ class Engine:
         """Start everything; on a failure, stop what did start and raise."""
         self.workers = opts.workers or default_workers()
         blob = worker_config(do, opts)
-        self.counters = LoadCounters(self.workers)
+        self.counters = LoadCounters(self.workers, shared=opts.backend != "ray")
         pool = None
         try:
             pool = self._pool(opts, blob)

@@ -178,9 +178,8 @@ def _exit_with_caller(caller_pid: int, segments: tuple[str, ...]) -> None:
     """
     def orphaned() -> NoReturn:
         try:
-            for name in filter(None, segments):  # ring_name is "" when there is no ring
-                shm.unlink(name)
-        finally:  # whatever the unlink raised
+            shm.unlink_all(segments)
+        finally:
             os._exit(EXIT_ORPHANED)
 
     try:

@@ -16,8 +16,8 @@ A pidfd names one process for good: kill() through it never hits a reused pid. T
 exits when the caller asks it to (close()), closes its socket, or dies (a pidfd of the
 caller, watched with the socket). Not on end of file alone: any process forked from the
 caller later (another Batcher's zygote or fork workers, the user's own fork children)
-holds a copy of the caller's end of the socket, and the zygote would wait for those. A
-caller that dies leaves its shared-memory segments to the zygote to remove (shm.py).
+holds a copy of the caller's end of the socket, and the zygote would wait for those. Ended
+any way but by EXIT, it removes the caller's shared-memory segments (shm.py).
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ from . import shm
 _LAUNCH = struct.Struct("i")  # a worker's index, or EXIT
 EXIT = -1
 _REPLY = struct.Struct("cii")  # b"P", pid, 0 (a pidfd attached) | b"X", pid, exit code
-# Seconds the zygote waits for the caller's exit to show after its socket ended with no
-# EXIT (a dying process closes its descriptors before its pidfd turns readable)
-CALLER_EXIT_WAIT = 5.0
 
 
 def available() -> bool:
@@ -167,7 +164,9 @@ class ZygoteProcess:
             self.sentinel = -1
 
     def _exited(self, timeout: float | None) -> bool:
-        return _ended(self.sentinel, timeout)
+        poller = select.poll()
+        poller.register(self.sentinel, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: no pidfd came
@@ -187,11 +186,15 @@ def _serve_forever(sock: socket.socket, caller_end: socket.socket, caller: int,
         gc.freeze()  # the caller's objects copied here are never collected (nor their fds)
         try:
             caller_fd = os.pidfd_open(caller)
-        except ProcessLookupError:
-            return  # the caller is gone already
-        if not _serve(sock, caller_fd, target, args) and _ended(caller_fd, CALLER_EXIT_WAIT):
-            for name in filter(None, segments):
-                shm.unlink(name)
+        except ProcessLookupError:  # the caller is gone already
+            shm.unlink_all(segments)
+            return
+        try:
+            asked = _serve(sock, caller_fd, target, args)
+        except (BrokenPipeError, ConnectionResetError):  # a reply to a caller that died
+            asked = False
+        if not asked:  # the caller died, or closed its end (an exec): no one else will
+            shm.unlink_all(segments)
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -248,13 +251,6 @@ def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
             socket.send_fds(sock, [_REPLY.pack(b"P", pid, 0)], [pidfd])
-
-
-def _ended(pidfd: int, timeout: float | None) -> bool:
-    """Whether the process of ``pidfd`` exits within ``timeout`` s (None: wait for it)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def _reap(sock: socket.socket, poller: Any, children: dict[int, int], pidfd: int) -> None:

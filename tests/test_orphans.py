@@ -47,6 +47,26 @@ def test_caller_sigkill_takes_the_workers_along(busy, start_method):
 
 
 @pytest.mark.timeout(60)
+def test_the_zygote_alone_removes_a_dead_callers_shared_memory():
+    """The workers are stopped (SIGSTOP): only the zygote can remove the segments."""
+    caller = start_caller("wait", ITEMS=0, START_METHOD="zygote")
+    ours = _ours(caller, "zygote")
+    workers, zygote = ours[:-1], ours[-1]
+    segments = _segments(caller)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        caller.send_signal(signal.SIGKILL)
+        assert caller.wait(10) == -signal.SIGKILL
+        assert_gone_within([zygote], 5)
+        assert_removed(segments)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+    assert_gone_within(workers, 5)
+
+
+@pytest.mark.timeout(60)
 def test_a_caller_holding_many_descriptors_still_takes_busy_workers_along(start_method):
     """A fork or zygote worker inherits the caller's descriptors: with ~1,100 of them its
     pidfd of the caller is past select()'s limit of 1,024, and the watchdog must still see

@@ -5,6 +5,7 @@ import secrets
 
 import pytest
 
+from mpbatch import shm
 from mpbatch.shm import Segment, unlink
 
 
@@ -32,8 +33,30 @@ def test_a_segment_is_shared_by_name_and_removed_once():
         Segment(name)
 
 
-def test_a_segment_needs_a_size():
+def test_a_segment_is_the_users_alone():
+    made = Segment(_name(), size=4096, create=True)
+    try:
+        assert os.stat(f"/dev/shm/{made.name}").st_mode & 0o777 == 0o600
+    finally:
+        made.close()
+        made.unlink()
+
+
+def test_a_segment_that_cannot_be_mapped_is_removed(monkeypatch):
+    """A failure after shm_open (no address space for the mapping) leaves no name behind
+    and no descriptor open."""
+    def no_room(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
     name = _name()
-    with pytest.raises(ValueError, match="size > 0, not 0"):
-        Segment(name, create=True)
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(shm.mmap, "mmap", no_room)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        Segment(name, size=4096, create=True)
     assert not os.path.exists(f"/dev/shm/{name}")
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_segment_needs_a_size():
+    with pytest.raises(ValueError, match="a segment needs a size > 0, not 0"):
+        Segment(_name(), create=True)

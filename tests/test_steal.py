@@ -3,6 +3,7 @@
 import os
 import signal
 import threading
+from multiprocessing.connection import wait
 
 import pytest
 
@@ -278,6 +279,50 @@ def test_items_a_steal_moves_go_a_few_short_batches_a_chunk(batcher_factory):
     assert sorted(f.result(timeout=30)[1] for f in futures) == list(range(200))
     assert b.stats().stolen > 0
     assert 1 < max(chunks) <= 3 and all(n <= 3 for n in chunks)  # ceil(5 / 2.x ms)
+
+
+@pytest.mark.timeout(60)
+def test_a_thief_killed_between_two_pieces_of_a_resend_loses_nothing(batcher_factory,
+                                                                     start_method):
+    """Stolen items go to the thief a few batches a chunk: a thief that dies after the first
+    piece reached it, before the second is written, has both in its ledger (each piece is
+    taken into it before its write), and both run again elsewhere (guarantee 1)."""
+    b = batcher_factory(fns.sleep_then_pid, routing="round-robin", size=1, interval=1.0,
+                        max_attempts=3, start_method=start_method)
+    b.add("k", (-1, 0.0))  # (starts it)
+    b.flush()
+    recovery, send = b._collector.recovery, b._dispatcher.send
+    handed_back = recovery.handed_back
+    during, pieces, killed = [], [], []  # during: a re-send of stolen items runs
+
+    def resend(segments, cost_ns):
+        during.append(True)
+        pieces.clear()
+        try:
+            return handed_back(segments, cost_ns)
+        finally:
+            during.clear()
+
+    def kill_before_the_second_piece(i, segments, *args, **kwargs):
+        if during and not killed:  # (the collector's thread)
+            pieces.append(segments)
+            if len(pieces) == 2:  # the first piece is in the thief's pipe: kill it first
+                proc = b._pool.procs[i]
+                os.kill(proc.pid, signal.SIGKILL)
+                # dead before the write (its sentinel: nothing reaped behind the pool's back)
+                killed.append(bool(wait([proc.sentinel], 10)))
+        return send(i, segments, *args, **kwargs)
+
+    recovery.handed_back = resend
+    b._dispatcher.send = kill_before_the_second_piece
+    futures = [b.submit(f"k{i % 7}", (i, 0.002 if i % 2 == 0 else 0.0), block=True)
+               for i in range(200)]
+    b.flush()
+    assert killed == [True], "no re-send came in two pieces or more: nothing was tested"
+    assert sorted(f.result(timeout=30)[1] for f in futures) == list(range(200))
+    s = b.stats()
+    assert s.worker_restarts >= 1 and s.dead_lettered == 0 and s.stolen > 0
+    check_invariant(b)
 
 
 @pytest.mark.timeout(30)
