@@ -13,9 +13,10 @@ outlives whom without it, so its segments are removed
   also does when the caller's end of its socket closes with no EXIT sent first (an
   ``exec`` that keeps the caller's pid: the caller cannot use them any more);
 - otherwise, by the next Batcher on the machine (``counters.sweep_orphaned_segments``),
-  once their creator's pid is gone: a caller killed with every process of its group, or
-  one that dies while none of its fork, spawn or forkserver workers is alive (between a
-  death and its replacement).
+  once their creator's pid is gone: a caller killed with every process of its group, one
+  that dies while none of its fork, spawn or forkserver workers is alive (between a death
+  and its replacement), or one that calls ``exec`` with such workers (they see their pipes
+  end and exit: the segments stay until that pid has exited too).
 
 The Ray backend's counters have no name at all (``LoadCounters(shared=False)``): only the
 caller reads them. A Segment is SharedMemory's POSIX path (``shm_open``, ``ftruncate``,

@@ -29,6 +29,14 @@ def batch_shape(batch):
     return {k: [(len(batch), n)] * len(vs) for k, vs in batch.items()}
 
 
+def batch_start_and_size(batch):
+    """Values are (index, payload); each item's result: (the smallest index in its batch,
+    the batch's number of items): where the worker cut its batches."""
+    indexes = [v[0] for vs in batch.values() for v in vs]
+    shape = (min(indexes), len(indexes))
+    return {k: [shape] * len(vs) for k, vs in batch.items()}
+
+
 def raise_value_error(batch):
     raise ValueError(f"bad batch of {sum(map(len, batch.values()))}")
 

@@ -1,6 +1,7 @@
 """Work stealing: a worker running dry takes items another has queued but not started."""
 
 import os
+import random
 import signal
 import threading
 from multiprocessing.connection import wait
@@ -684,6 +685,34 @@ def test_a_ledger_with_a_range_taken_ahead_gives_the_rest_after_a_death():
 def _sized(lo, hi, sizes):
     keys = list(range(lo, hi))
     return Segment(keys, keys, sizes, None, 0, 0, 0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("max_bytes", [None, 2500], ids=["by-count", "by-bytes"])
+def test_a_worker_cuts_its_batches_where_batch_cuts_says(batcher_factory, max_bytes):
+    """ledger.batch_cuts repeats the worker's rules (_Loop._hold_by_count, _hold_by_bytes)
+    so that stolen items travel a batch a chunk: a change to either alone fails here."""
+    got = {}
+    b = batcher_factory(fns.batch_start_and_size, workers=1, size=7, interval=60,
+                        steal=False, max_bytes=max_bytes,
+                        on_result=lambda k, vs, rs: got.update(
+                            (v[0], r) for v, r in zip(vs, rs, strict=True)))
+    sent = []
+    send_held = b.start()._dispatcher.send_held
+
+    def recorded(i, segments, frame):
+        sent.extend(segments)
+        return send_held(i, segments, frame)
+
+    b._dispatcher.send_held = recorded
+    rng = random.Random(7)
+    b.add_many((f"k{i % 3}", (i, bytes(rng.randrange(10, 1200)))) for i in range(300))
+    b.flush()
+    cuts = batch_cuts(sent, 7, max_bytes)
+    expected = [hi - lo for lo, hi in zip([0, *cuts], [*cuts, 300], strict=True)]
+    assert [n for _, n in sorted(set(got.values()))] == expected
+    if max_bytes is not None:
+        assert min(expected[:-1]) < 7  # some batches were cut by bytes, not count
 
 
 def test_segments_cut_where_a_worker_runs_each_batch():
