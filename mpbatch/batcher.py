@@ -474,6 +474,10 @@ class Batcher:
 
 # Close what is still open at interpreter exit: flush, then join (guarantee 1 and 4).
 _LIVE: weakref.WeakSet[Batcher] = weakref.WeakSet()
+# Not in a child the program forks (os.fork): it shares each Batcher's pipes, zygote and
+# shared memory, not its threads, and at its exit it would stop the parent's workers and
+# zygote and remove the parent's segments. They are the parent's to close.
+os.register_at_fork(after_in_child=_LIVE.clear)
 
 
 @atexit.register

@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import os
+import signal
 import threading
 
 import pytest
@@ -116,6 +117,41 @@ def test_segments_of_dead_callers_are_swept_at_start(batcher_factory):
     assert os.path.exists(f"/dev/shm/{name}")  # nobody was left to unlink it
     batcher_factory(fns.double, workers=1).start()
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_that_exits_leaves_the_parents_batcher_alone(batcher_factory,
+                                                                    start_method):
+    """A child the program forks (os.fork, as a pre-fork server does) inherits the Batcher
+    but none of its threads: mpbatch's exit hook in that child must not close it. It would
+    stop the parent's workers and zygote and remove the parent's shared memory."""
+    from mpbatch import batcher as batcher_module
+
+    b = batcher_factory(fns.double, workers=2, start_method=start_method)
+    assert b.submit("k", 1).result(timeout=30) == 2
+    pid = os.fork()
+    if pid == 0:  # the child: what its interpreter's exit would run, then out
+        code = 0
+        try:
+            batcher_module._close_all()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    pidfd = os.pidfd_open(pid)
+    try:
+        from multiprocessing.connection import wait
+
+        assert wait([pidfd], 20), "the forked child's exit hook hung"
+    finally:
+        if not wait([pidfd], 0):
+            os.kill(pid, signal.SIGKILL)
+        os.close(pidfd)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert [f.result(timeout=30) for f in [b.submit("k", i) for i in range(50)]] == [
+        2 * i for i in range(50)]
+    s = b.stats()
+    assert s.worker_restarts == 0 and s.dead_lettered == 0
+    assert os.path.exists(f"/dev/shm/{b._counters.name}")
 
 
 @pytest.mark.timeout(60)
