@@ -11,7 +11,8 @@ backwards: no contender always runs first, nor always right after the same one. 
 medians of wall time and peak PSS, and each run's wall divided by the first ``--run``'s in
 the same repeat (median and range): the ratio this VM's drifting speed leaves the least
 noisy. The JSON (every run, in its order) goes to results/<date>-ab-<workload>.json
-(``--smoke``: <date>-smoke-ab-<workload>.json), also when a run fails.
+(``--smoke``: <date>-smoke-ab-<workload>.json); when a run fails or the run is
+interrupted, what was measured goes to <...>-ab-<workload>-failed.json instead.
 """
 
 import argparse
@@ -33,12 +34,20 @@ def parse(argv=None):
     p.add_argument("--run", action="append", required=True, metavar="NAME[:CHUNK][@DIR]",
                    help="a contender, its chunk size and its checkout; the first is the base")
     p.add_argument("--chunk", type=int, default=50, help="chunk size where a --run has none")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=at_least_one, default=5, metavar="N",
+                   help="interleaved rounds (default 5)")
     p.add_argument("--rounds", type=int, help="sha256 rounds per unit (default: calibrate)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="s per run")
     p.add_argument("--smoke", action="store_true", help="run.py's tiny workloads (CI)")
     return p.parse_args(argv)
+
+
+def at_least_one(text):
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
 
 
 def contender(text, chunk):
@@ -92,32 +101,38 @@ def main(argv=None):
            "argv": argv, "commit": run._git("rev-parse", "--short", "HEAD")}
     walls = {label: [] for label in labels}
     records = []
-    failure = None
-    for r, order in rounds_of(labels, args.repeats):
+    failure = "interrupted"  # until every round has run
+    try:
+        failure = measure_all(args, w, runs, rounds, walls, records)
+    finally:
+        summary = None if failure else summarise(labels, walls, records)
+        path = HERE / "results" / (f"{run.stem(args)}-ab-{w.name}"
+                                   f"{'-failed' if failure else ''}.json")
+        path.write_text(json.dumps({"workload": w.name, "environment": env,
+                                    "summary": summary, "table_md": summary and table(summary),
+                                    "failure": failure, "runs": records},
+                                   indent=1, default=repr))
+    if failure:
+        sys.exit(f"{failure}\n(the runs so far are in {path})")
+    print(table(summary))
+    print(f"wrote {path}")
+
+
+def measure_all(args, w, runs, rounds, walls, records):
+    """Every round, in rounds_of's orders; the first failure's description, or None."""
+    for r, order in rounds_of(list(runs), args.repeats):
         for label in order:
             name, chunk, checkout = runs[label]
             rec = run.measure(spec(args, w, name, chunk, checkout, rounds), args.timeout)
             records.append(rec | {"label": label, "repeat": r})
             if not rec.get("ok"):
-                failure = f"{label} FAILED: {rec.get('error') or rec.get('stderr_tail')}"
-            elif rec.get("leftovers"):
-                failure = f"{label}: LEFTOVER processes after its run: {rec['leftovers']}"
-            if failure:
-                break
+                return f"{label} FAILED: {rec.get('error') or rec.get('stderr_tail')}"
+            if rec.get("leftovers"):
+                return f"{label}: LEFTOVER processes after its run: {rec['leftovers']}"
             walls[label].append(rec["wall"])
             print(f"[{r}] {label}: {rec['wall']:.3f} s, peak PSS "
                   f"{rec.get('peak_pss', 0) / 2**20:.1f} MB", flush=True)
-        if failure:
-            break
-    summary = None if failure else summarise(labels, walls, records)
-    path = HERE / "results" / f"{run.stem(args)}-ab-{w.name}.json"
-    path.write_text(json.dumps({"workload": w.name, "environment": env, "summary": summary,
-                                "table_md": summary and table(summary), "failure": failure,
-                                "runs": records}, indent=1, default=repr))
-    if failure:
-        sys.exit(f"{failure}\n(the runs so far are in {path})")
-    print(table(summary))
-    print(f"wrote {path}")
+    return None
 
 
 def summarise(labels, walls, records):

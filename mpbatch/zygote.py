@@ -17,7 +17,8 @@ exits when the caller asks it to (close()), closes its socket, or dies (a pidfd 
 caller, watched with the socket). Not on end of file alone: any process forked from the
 caller later (another Batcher's zygote or fork workers, the user's own fork children)
 holds a copy of the caller's end of the socket, and the zygote would wait for those. Ended
-any way but by EXIT, it removes the caller's shared-memory segments (shm.py).
+by the caller's death or by the end of its socket with no EXIT (an exec), it removes the
+caller's shared-memory segments (shm.py): the caller can use them no more.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class Zygote:
 
     def __init__(self, target: Callable[..., None], args: tuple,
                  segments: tuple[str, ...] = ()) -> None:
-        """Fork the zygote; ``segments``: shared memory it removes if the caller dies."""
+        """Fork the zygote; ``segments``: shared memory it removes if the caller dies or
+        its end of the socket closes with no EXIT."""
         for stream in (sys.stdout, sys.stderr):  # or the child prints what we buffered
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -221,8 +223,8 @@ def _reset_signals() -> None:
 
 def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
            args: tuple) -> bool:
-    """Fork workers until the caller asks for the end (True), or closes its socket or dies
-    (False)."""
+    """Fork workers until the caller dies or its end of the socket closes (False), or it
+    asks for the end, or the socket fails while it lives (True: its segments are its own)."""
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -236,8 +238,8 @@ def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
                 continue
             try:
                 msg, fds, _, _ = socket.recv_fds(sock, _LAUNCH.size, 3)
-            except OSError:
-                msg, fds = b"", []
+            except OSError:  # ENOBUFS, say: not an end of file
+                return not _exits(caller, 1.0)
             if not msg:
                 return False  # the caller closed its end, or died
             if _LAUNCH.unpack(msg)[0] == EXIT:
@@ -251,6 +253,13 @@ def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
             socket.send_fds(sock, [_REPLY.pack(b"P", pid, 0)], [pidfd])
+
+
+def _exits(pidfd: int, timeout: float) -> bool:
+    """Whether the process of ``pidfd`` has exited, or does within ``timeout`` s."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
 
 
 def _reap(sock: socket.socket, poller: Any, children: dict[int, int], pidfd: int) -> None:

@@ -2,6 +2,7 @@
 
 import os
 import secrets
+import types
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_a_segment_that_cannot_be_mapped_is_removed(monkeypatch):
 
     name = _name()
     fds = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(shm.mmap, "mmap", no_room)
+    monkeypatch.setattr(shm, "mmap", types.SimpleNamespace(mmap=no_room))
     with pytest.raises(OSError, match="Cannot allocate memory"):
         Segment(name, size=4096, create=True)
     assert not os.path.exists(f"/dev/shm/{name}")
