@@ -146,8 +146,8 @@ def test_a_zygote_ends_when_its_caller_dies_though_a_fork_holds_its_socket():
     """
     script = "import mpbatch\nif __name__ == '__main__':\n" + textwrap.indent(
         textwrap.dedent(code), "    ")
-    # Not run(): it would wait for the end of stdout, which multiprocessing's resource
-    # tracker holds until the fork child (which holds the tracker's pipe) exits.
+    # Not run(): it would wait for the end of stdout, which every process forked from the
+    # caller holds (the zygote, its workers) until it exits: the pids are read first.
     caller = subprocess.Popen([sys.executable, "-c", script], pass_fds=(r,), text=True,
                               env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE)
     try:
