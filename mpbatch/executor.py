@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import os
 import pickle
 import threading
 import time
@@ -127,7 +128,7 @@ class Executor(futures.Executor):
         # Garbage collected without shutdown(): the workers finish what was submitted and
         # exit, as ProcessPoolExecutor's do. (The Batcher holds this executor only weakly:
         # the Batcher itself stays alive until closed, for its atexit flush.)
-        weakref.finalize(self, _close_in_background, self._batcher).atexit = False
+        weakref.finalize(self, _close_in_background, self._batcher, os.getpid()).atexit = False
 
     # -- submit ---------------------------------------------------------------------------
 
@@ -335,9 +336,13 @@ def _weakly(method: Callable[..., None]) -> Callable[..., None]:
     return call
 
 
-def _close_in_background(batcher: Batcher) -> None:
+def _close_in_background(batcher: Batcher, creator: int) -> None:
     """Close a dropped executor's Batcher without waiting (a finalizer runs in whatever
-    thread let go of the executor: it must not wait there)."""
+    thread let go of the executor: it must not wait there). Not in a child forked from
+    its ``creator``: that copy shares the parent's workers, which are the parent's to stop
+    (see batcher._LIVE)."""
+    if os.getpid() != creator:
+        return
     # RuntimeError: the interpreter is shutting down, and the atexit hook closes it.
     with contextlib.suppress(RuntimeError):
         threading.Thread(target=batcher.close, name="mpbatch-executor-shutdown",

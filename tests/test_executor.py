@@ -770,6 +770,34 @@ def test_an_executor_dropped_without_shutdown_stops_its_workers():
             assert not thread.is_alive(), "the dropped executor's close did not end"
 
 
+@pytest.mark.timeout(60)
+def test_a_forked_child_dropping_its_copy_leaves_the_parents_executor_alone():
+    """A child made by os.fork() that lets go of its copy of an executor (garbage
+    collected there) must not close it: it would stop the parent's workers."""
+    ex = Executor(2)
+    try:
+        workers = {ex.submit(fx.pid).result(timeout=30) for _ in range(4)}
+        pid = os.fork()
+        if pid == 0:  # the child: drop it, and wait for any close that starts
+            code = 0
+            try:
+                del ex
+                gc.collect()
+                for thread in threading.enumerate():
+                    if thread.name == "mpbatch-executor-shutdown":
+                        code = 1
+                        thread.join(timeout=20)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child closed the executor"
+        assert list(ex.map(abs, range(-5, 5))) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+        assert all(psutil.pid_exists(w) for w in workers)
+        assert ex._batcher.stats().worker_restarts == 0
+    finally:
+        ex.shutdown()
+
+
 SCRIPT_ENDINGS = {  # test_interpreter_shutdown, test_hang_gh83386
     "no-shutdown": "",
     "shutdown-without-wait": "t.shutdown(wait=False)",
