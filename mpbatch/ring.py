@@ -138,7 +138,7 @@ class Rings:
             if hasattr(self, "cells"):
                 self.cells.release()
             self.shm.close()
-        self.shm.unlink()  # unless swept by another caller meanwhile
+        self.shm.unlink()  # no error if another caller swept it meanwhile
 
 
 class RingReader:
