@@ -8,7 +8,7 @@ Imports run one way, from the scripts layer down to the worker, with no cycle:
       -> dispatch, ledger, lifecycle, zygote, counters, transport -> worker -> inlet, results
     engine -> raypool (backend="ray" only; it alone imports Ray) -> rayworker -> worker
 
-with errors, stats, deadletters and interrupts beside them (imported by many, importing
+with errors, stats, deadletters, interrupts and shm beside them (imported by many, importing
 none of the above). bulk and closing name the Batcher in type hints only. See batcher.py
 for the data flow, and run.py for a job's.
 
@@ -84,8 +84,8 @@ _MODULES = frozenset({"affinity", "batcher", "bulk", "calls", "cli", "closing", 
                       "executor", "futures", "inlet", "inputs", "intake", "interrupts", "job",
                       "journal", "ledger", "lifecycle", "maps", "options", "outcomes",
                       "peritem", "progress", "raypool", "rayworker", "recovery", "replay",
-                      "report", "results", "ring", "stats", "steal", "transport", "worker",
-                      "zygote"})
+                      "report", "results", "ring", "shm", "stats", "steal", "transport",
+                      "worker", "zygote"})
 
 
 def __getattr__(name: str) -> Any:
