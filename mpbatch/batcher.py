@@ -66,11 +66,11 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from . import interrupts, options
 from .bulk import Bulk, ColumnBulk, KeyedBulk, add_each
-from .closing import CLOSED, CLOSING, NEW, RUNNING, Closing
+from .closing import CLOSED, CLOSING, INHERITED, NEW, RUNNING, Closing
 from .collector import Collector
 from .deadletters import DeadLetter, open_store
 from .dispatch import PER_WORKER
@@ -199,6 +199,8 @@ class Batcher:
 
     def start(self) -> Batcher:
         """Start the workers now (the first add/submit does it otherwise); returns self."""
+        if self._state is INHERITED:
+            self._refuse_inherited()
         with self._start_lock:
             if self._state is NEW:
                 self._start()
@@ -217,6 +219,7 @@ class Batcher:
         self._capacity = self._intake.capacity
         self._state = RUNNING
         self._fast = self._options.routing not in PER_WORKER and self._options.max_bytes is None
+        self._owner = os.getpid()
         _LIVE.add(self)
 
     def _stop_fast_path(self) -> None:
@@ -337,6 +340,8 @@ class Batcher:
     def _ensure_running(self) -> None:
         if self._state is NEW:
             self.start()
+        if self._state is INHERITED:
+            self._refuse_inherited()
         if self._state is not RUNNING:
             raise Closed("add() after close(): this Batcher no longer takes items; "
                          "create a new one")
@@ -353,6 +358,12 @@ class Batcher:
             return
         self._ensure_running()  # raises Closed if close() or a failure stopped the wait
         raise self._intake.no_room(chunk, self._workers, timeout if block else None)
+
+    def _refuse_inherited(self) -> NoReturn:
+        raise Closed(f"this Batcher was started by process {self._owner}, and this process "
+                     f"({os.getpid()}) is a fork of it: its workers and threads are that "
+                     f"process's, so this copy takes no items (close() leaves it to that "
+                     f"process); create a Batcher here")
 
     def _refuse_in_a_callback(self, what: str, advice: str) -> None:
         """Callbacks run in the collector thread, the one that records outcomes and frees
@@ -438,6 +449,8 @@ class Batcher:
         if self._state is CLOSING:  # every item gets its outcome when close() ends
             self._closing.await_close(None)
             return
+        if self._state is INHERITED:
+            self._refuse_inherited()
         if self._state is not RUNNING:
             raise Closed("flush() after close(); close() already flushed everything")
         self._flush(None)
@@ -474,10 +487,21 @@ class Batcher:
 
 # Close what is still open at interpreter exit: flush, then join (guarantee 1 and 4).
 _LIVE: weakref.WeakSet[Batcher] = weakref.WeakSet()
-# Not in a child the program forks (os.fork): it shares each Batcher's pipes, zygote and
-# shared memory, not its threads, and at its exit it would stop the parent's workers and
-# zygote and remove the parent's segments. They are the parent's to close.
-os.register_at_fork(after_in_child=_LIVE.clear)
+
+
+def _disown_after_fork() -> None:
+    """In a child the program forks (os.fork), every started Batcher is the parent's copy:
+    it shares the pipes, zygote and shared memory, not the threads. Closed from here (by
+    the exit hook, a with block or close()) it would stop the parent's workers and zygote
+    and remove its segments; used, it would hang on threads that are not here. So it is
+    marked INHERITED, without a lock (one may have been held at the fork)."""
+    for batcher in list(_LIVE):
+        batcher._fast = False
+        batcher._state = INHERITED
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 @atexit.register

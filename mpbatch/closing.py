@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .intake import OpenChunk
 
 NEW, RUNNING, CLOSING, CLOSED = "new", "running", "closing", "closed"  # Batcher._state
+# ... and a started Batcher's copy in a child forked from the process that started it: its
+# workers, pipes and shared memory are that process's, its threads are not in the child
+INHERITED = "inherited"
 
 
 class Closing:
@@ -38,6 +41,8 @@ class Closing:
         """Batcher.close()."""
         b = self.b
         check_number("timeout", timeout, positive=False, optional=True)
+        if b._state is INHERITED:  # the parent's to close (before any lock: see INHERITED)
+            return
         if b._state is RUNNING:  # refused before anything changes: the Batcher goes on
             b._refuse_in_a_callback("close() cannot run", "it would wait for its own "
                                     "callback; call it from the thread that adds items")

@@ -123,19 +123,26 @@ def test_segments_of_dead_callers_are_swept_at_start(batcher_factory):
 def test_a_forked_child_that_exits_leaves_the_parents_batcher_alone(batcher_factory,
                                                                     start_method):
     """A child the program forks (os.fork, as a pre-fork server does) inherits the Batcher
-    but none of its threads: mpbatch's exit hook in that child must not close it. It would
-    stop the parent's workers and zygote and remove the parent's shared memory."""
+    but none of its threads: neither mpbatch's exit hook nor a close() (a with block the
+    fork happened in) may close it there, and adding to it says why it cannot. Closing it
+    would stop the parent's workers and zygote and remove the parent's shared memory."""
     from mpbatch import batcher as batcher_module
 
     b = batcher_factory(fns.double, workers=2, start_method=start_method)
     assert b.submit("k", 1).result(timeout=30) == 2
     pid = os.fork()
-    if pid == 0:  # the child: what its interpreter's exit would run, then out
-        code = 0
+    if pid == 0:  # the child: close(), add(), then what its interpreter's exit would run
+        code = 1
         try:
+            b.close()
+            try:
+                b.add("k", 2)
+            except mpbatch.Closed as exc:
+                if f"started by process {os.getppid()}" in str(exc) and "a fork" in str(exc):
+                    code = 0
             batcher_module._close_all()
         except BaseException:
-            code = 1
+            code = 2
         os._exit(code)
     pidfd = os.pidfd_open(pid)
     try:
