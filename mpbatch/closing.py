@@ -41,7 +41,9 @@ class Closing:
         """Batcher.close()."""
         b = self.b
         check_number("timeout", timeout, positive=False, optional=True)
-        if b._state is INHERITED:  # the parent's to close (before any lock: see INHERITED)
+        # A fork's copy is the parent's to close. Before any lock: one may have been held
+        # at the fork.
+        if b._state is INHERITED:
             return
         if b._state is RUNNING:  # refused before anything changes: the Batcher goes on
             b._refuse_in_a_callback("close() cannot run", "it would wait for its own "
