@@ -166,9 +166,7 @@ class ZygoteProcess:
             self.sentinel = -1
 
     def _exited(self, timeout: float | None) -> bool:
-        poller = select.poll()
-        poller.register(self.sentinel, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+        return _exits(self.sentinel, timeout)
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: no pidfd came
@@ -255,11 +253,12 @@ def _serve(sock: socket.socket, caller: int, target: Callable[..., None],
             socket.send_fds(sock, [_REPLY.pack(b"P", pid, 0)], [pidfd])
 
 
-def _exits(pidfd: int, timeout: float) -> bool:
-    """Whether the process of ``pidfd`` has exited, or does within ``timeout`` s."""
+def _exits(pidfd: int, timeout: float | None) -> bool:
+    """Whether the process of ``pidfd`` has exited, or does within ``timeout`` s (None:
+    wait for it)."""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 def _reap(sock: socket.socket, poller: Any, children: dict[int, int], pidfd: int) -> None:
