@@ -38,6 +38,7 @@ import os
 import pickle
 import select
 import struct
+import threading
 import zlib
 from array import array
 from collections import deque
@@ -163,9 +164,12 @@ class PipePool:
                 break
             answer = pickle.loads(memoryview(box)[pos + 4:pos + 4 + n])
             pos += 4 + n
-            self.inflight[w] -= 1
+            self._answered(w)
             self.on_results(w, answer)
         del box[:pos]
+
+    def _answered(self, w):
+        self.inflight[w] -= 1
 
     def finish(self):
         """Wait for every chunk's results, then stop and join the workers."""
@@ -187,6 +191,81 @@ class PipePool:
             conn.close()
         for proc in self.procs:
             proc.join()
+
+
+class ReaderThreadPool(PipePool):
+    """PipePool with a second caller thread that reads every result, as the result-handler
+    and collector threads of Pool, ProcessPoolExecutor and mpbatch do: the caller's two
+    threads share one GIL. The calling thread only pulls, pickles and writes (blocking:
+    the reader keeps the results flowing)."""
+
+    def __init__(self, job, serve, function, on_results):
+        super().__init__(job, serve, function, on_results)
+        for fd in self.item_fds:
+            os.set_blocking(fd, True)
+        self.room = threading.Condition()
+        self.done = False
+        self.error = None
+        self.wake_r, self.wake_w = os.pipe()
+        self.reader = threading.Thread(target=self._read_all, name="bare-reader", daemon=True)
+        self.reader.start()
+
+    def _answered(self, w):
+        with self.room:
+            self.inflight[w] -= 1
+            self.room.notify()
+
+    def _read_all(self):
+        try:
+            while not self.done:
+                readable, _, _ = select.select([*self.result_fds, self.wake_r], [], [])
+                for fd in readable:
+                    if fd != self.wake_r:
+                        self._read(self.result_fds.index(fd))
+        except BaseException as exc:  # a worker died: the calling thread raises it
+            with self.room:
+                self.error = exc
+                self.room.notify_all()
+
+    def take(self):
+        """The least busy worker once it has fewer than DEPTH chunks in flight (counted)."""
+        with self.room:
+            while (w := self.least_busy(DEPTH)) is None and self.error is None:
+                self.room.wait()
+            self._raise()
+            self.inflight[w] += 1
+            return w
+
+    def write(self, w, chunk):
+        payload = pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL)
+        data = memoryview(_LENGTH.pack(len(payload)) + payload)
+        while data:
+            data = data[os.write(self.item_fds[w], data):]
+
+    def _raise(self):
+        if self.error is not None:
+            raise RuntimeError("the reader thread failed") from self.error
+
+    def finish(self):
+        with self.room:
+            while any(self.inflight) and self.error is None:
+                self.room.wait()
+            self._raise()
+        self._stop_reader()
+        for w in range(len(self.procs)):
+            os.write(self.item_fds[w], _LENGTH.pack(0))  # stop
+        self.close()
+
+    def abort(self):
+        self._stop_reader()
+        super().abort()
+
+    def _stop_reader(self):
+        self.done = True
+        os.write(self.wake_w, b"!")
+        self.reader.join()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
 
 
 def _columns(pairs, n):
@@ -272,6 +351,28 @@ def bare_keyed_stream(job, route=False):
     else:
         parts = ((None, c) for c in iter(lambda: _columns(pairs, job.chunk), None))
     _stream(job, serve, job.workload.do, parts, on_results, sent)
+    return tally.outcome()
+
+
+def bare_keyed_2t_stream(job):
+    """bare-keyed with its results read by a second caller thread (ReaderThreadPool):
+    what a caller split into a sending and a reading thread costs, with the same work."""
+    tally = Tally()
+
+    def on_results(_, answer):
+        batch, grouped = answer
+        for (key, values), results in zip(batch.items(), grouped, strict=True):
+            tally.on_result(key, values, results)
+
+    pairs = job.pairs()
+    pool = ReaderThreadPool(job, _serve_keyed, job.workload.do, on_results)
+    try:
+        while (chunk := _columns(pairs, job.chunk)) is not None:
+            pool.write(pool.take(), chunk)
+        pool.finish()
+    except BaseException:
+        pool.abort()
+        raise
     return tally.outcome()
 
 

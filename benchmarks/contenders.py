@@ -421,6 +421,12 @@ def bare_keyed_stream(job):
     return bare.bare_keyed_stream(job)
 
 
+def bare_keyed_2t_stream(job):
+    import bare
+
+    return bare.bare_keyed_2t_stream(job)
+
+
 def bare_keyed_key_stream(job):
     import bare
 
@@ -455,6 +461,9 @@ CONTENDERS = {
     # Streamed only, with each key pinned to one worker (routing="key"'s floor); run.py
     # runs it on DK alone unless --only names it.
     "bare-keyed-key": ("reference", bare_keyed_key_stream, None),
+    # Streamed only: bare-keyed with a second caller thread reading the results, as in
+    # Pool, ProcessPoolExecutor and mpbatch; run.py runs it on W1 alone unless --only names it.
+    "bare-keyed-2t": ("reference", bare_keyed_2t_stream, None),
     # Raw bytes only, streamed only: the large-value workloads (L16K-L1M).
     "pipe-floor": ("reference", pipe_floor_stream, None),
     "mpbatch-add": ("mpbatch", mpbatch_add_stream, mpbatch_add_paced),
@@ -475,6 +484,7 @@ LIBRARIES = {
     "bare": ("bare", "multiprocessing.connection"),
     "bare-keyed": ("bare", "multiprocessing.connection"),
     "bare-keyed-key": ("bare", "multiprocessing.connection"),
+    "bare-keyed-2t": ("bare", "multiprocessing.connection"),
     "pipe-floor": ("bare", "multiprocessing.connection"),
     # `import mpbatch` alone imports nothing (PEP 562 lazy names): the Batcher's modules are
     # imported on first use, which put ~60-90 ms of imports inside mpbatch's timed run.

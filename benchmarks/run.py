@@ -72,9 +72,12 @@ MEM10M_CONTENDERS = ("serial", "pool", "joblib", "mpire", "bare", "bare-keyed",
 # through on_batch, and routing="key" is measured here only.
 DK_CONTENDERS = ("serial", "pool", "ppe", "mpire", "bare", "bare-keyed", "bare-keyed-key",
                  "mpbatch-add", "mpbatch-add_many", "mpbatch-add_many-key")
-# Everywhere else: every contender but those meant for DK alone (--only still runs them).
+# Everywhere else: every contender but those meant for DK or W1 alone (--only still runs them).
 OTHER_CONTENDERS = tuple(n for n in contenders.CONTENDERS
-                         if n not in ("bare-keyed-key", "mpbatch-add_many-key"))
+                         if n not in ("bare-keyed-key", "mpbatch-add_many-key", "bare-keyed-2t"))
+# W1 adds the keyed floor with a second caller thread: on the cheapest items, what a caller
+# of two threads (one GIL) costs apart from any library.
+W1_CONTENDERS = (*OTHER_CONTENDERS, "bare-keyed-2t")
 
 # workload -> [(metric, label, higher is better)]; the first one is the headline score.
 SCORES = {
@@ -799,7 +802,8 @@ def plan(args, table, log):
     strangers = [n for n in args.only or () if n not in contenders.CONTENDERS]
     if strangers:
         sys.exit(f"unknown contender(s) {strangers}; known: {list(contenders.CONTENDERS)}")
-    defaults = {"MEM": MEM_CONTENDERS, "MEM10M": MEM10M_CONTENDERS, "DK": DK_CONTENDERS}
+    defaults = {"MEM": MEM_CONTENDERS, "MEM10M": MEM10M_CONTENDERS, "DK": DK_CONTENDERS,
+                "W1": W1_CONTENDERS}
     broken = mpbatch_importable(args)
     if broken and not args.only:
         log(f"mpbatch is not importable ({broken}); running without it")
