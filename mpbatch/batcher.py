@@ -29,7 +29,10 @@
    else they follow the pickle on the item pipe               read; tail[i] += their span
  collector thread <== FINISHED/FAILED(start, n, payload) ===  result pipe i; done[i] += n,
    (collector.py)                                             work_ns[i] += time in do()
-   one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe:
+   one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe;
+   the result pipes leave it while an add_many() whose iterator is quick (< 20 us an
+   item) reads them itself between blocks (Collector.help, under the collector's role
+   lock; back in it when add_many waits or ends, or has not read them for 5 ms):
    FINISHED -> on_result, futures, succeeded (outcomes.py)
    FAILED -> retry after backoff (solo chunk) or DeadLetter, on_dead_letter (recovery.py)
    sentinel -> a replacement starts; the items that were inside do() are split in halves
@@ -114,7 +117,8 @@ class Batcher:
         (default 0.1).
     timeout: seconds one do() call may run before its worker is killed (default None).
     on_result(key, values, results) / on_dead_letter(dead_letter): run in the caller, on
-        the collector thread; keep them quick. Exceptions are logged, not raised.
+        the collector thread, or inside add_many() while it reads results itself;
+        keep them quick. Exceptions are logged, not raised.
     on_batch(batch, results): once per finished batch, with the dicts do() received and
         returned (results None when do() returned None): the bulk alternative to on_result,
         one call per batch instead of one per key (a million distinct keys: a million
@@ -366,9 +370,11 @@ class Batcher:
                      f"process); create a Batcher here")
 
     def _refuse_in_a_callback(self, what: str, advice: str) -> None:
-        """Callbacks run in the collector thread, the one that records outcomes and frees
-        room: a wait there for either would never end."""
-        if threading.current_thread() is self._collector:
+        """Callbacks run where outcomes are recorded and room is freed: the collector thread,
+        or an add_many() reading results itself. A wait there for either would never end."""
+        collector = self._collector
+        if collector is not None and (threading.current_thread() is collector
+                                      or collector.helping()):
             raise RuntimeError(f"{what} inside on_result, on_batch or on_dead_letter: "
                                f"{advice}")
 

@@ -24,9 +24,14 @@ from .transport import chunk_frame, frame_size
 
 if TYPE_CHECKING:
     from .batcher import Batcher
+    from .collector import Collector
 
 BLOCK_ITEMS = 4096  # most items in one block
 PACE_WAIT = 1.0  # s add_many waits for the pacer at most (liveness, should a wake-up be missed)
+# add_many reads the results itself (Collector.help) while its iterator yields an item in
+# less than this on average (a generator, a list: not a queue that items trickle into, whose
+# waits would hold the outcomes back).
+HELP_ITEM_S = 20e-6
 
 
 class Bulk:
@@ -51,8 +56,48 @@ class Bulk:
         self.block = 1
         self.item_s = 0.0  # s the iterator took per item, over recent blocks (0: none yet)
         self.item_bytes = 0.0  # pickled bytes per item of the last block (0: none yet)
+        self.collector: Collector | None = None  # if this call may read results (_help)
+        self.helping = False
+        self.signals_checked = False
 
     def run(self) -> int:
+        collector = self.b._collector
+        if collector is not None and collector.may_help():
+            self.collector = collector
+        try:
+            return self._run()
+        finally:
+            self._stop_helping()
+
+    def _help(self) -> None:
+        """Read the results that arrived, here, while the iterator keeps up: one thread
+        then does what two would share a GIL for (Collector.help)."""
+        collector = self.collector
+        if collector is None:
+            return
+        if not (0 < self.item_s < HELP_ITEM_S):
+            self._stop_helping()
+            return
+        if not self.helping:
+            if not self.signals_checked:  # once a call
+                self.signals_checked = True
+                if not collector.signals_allow_help():
+                    self.collector = None
+                    return
+            with held_interrupt():  # the flag and the collector's count change together
+                self.helping = True
+                collector.join_helpers()
+        collector.help()
+
+    def _stop_helping(self) -> None:
+        """Before a wait, and at the end: the collector reads the results again."""
+        if self.helping:
+            assert self.collector is not None
+            with held_interrupt():
+                self.helping = False
+                self.collector.leave_helpers()
+
+    def _run(self) -> int:
         b = self.b
         # A block may take a quarter of interval to pull: the first item of a block waits
         # for the last, and must not wait past interval. (A tighter cap, 2 ms, kept halving
@@ -68,6 +113,7 @@ class Bulk:
                 self._send(keys, values, int(started * 1e9) + b._intake.interval_ns)
                 if self.item_bytes:  # large values: a block of about CHUNK_BYTES at most
                     self.block = max(1, min(self.block, int(CHUNK_BYTES / self.item_bytes)))
+                self._help()
             if bad is not None:
                 raise TypeError(f"add_many() takes (key, value) pairs; item {self.accepted} is "
                                 f"{type(bad[0]).__name__}: {bad[0]!r:.80}")
@@ -119,9 +165,12 @@ class Bulk:
     def _wait_for_room(self, free: Any, where: str) -> int:
         """``free()`` (read under the lock) once it is above 0; Full past timeout=."""
         b = self.b
+        if self.helping and free() <= 0:  # (a hint, unlocked) room may be in unread results
+            self._help()
         with b._lock:
             if free() <= 0:
                 b._refuse_to_wait_for_room_in_a_callback("add_many()")
+                self._stop_helping()  # the collector frees room while this waits
             if free() <= 0 and not b._wait_until(lambda: free() > 0, self.deadline):
                 b._ensure_running()  # raises Closed if close() or a failure stopped us
                 raise Full(f"add_many() waited past its timeout {where}; {self.accepted} "
@@ -138,6 +187,7 @@ class Bulk:
         with b._lock:
             allowed = pacer.allowance()
             if allowed < pacer.least:
+                self._stop_helping()
                 b._wait_until(lambda: pacer.allowance() >= pacer.least,
                               time.monotonic() + PACE_WAIT)
                 allowed = pacer.allowance()

@@ -4,17 +4,20 @@ One ``wait()`` covers every result pipe, every worker sentinel and a wakeup pipe
 becomes an outcome (outcomes.py), a failed attempt (recovery.py) or items handed back unrun,
 routed again (steal.py asks for them after a report, when a worker runs dry); a sentinel, a
 death handled by recovery.py; the timer seals overdue open chunks (intake.py), sends due
-retries and kills a do() past timeout=. The collector is the only reader of result pipes and the
-only thread that starts replacement workers, so a death is handled once, after the dead
-worker's last reports are read.
+retries and kills a do() past timeout=. Result pipes are read, and reports recorded, only by
+the holder of ``role``: this thread, or an add_many() reading them itself between its
+blocks (help); deaths, timers and replacement workers are this thread's alone. So a death is
+handled once, after the dead worker's last reports are read.
 """
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import logging
 import os
 import selectors
+import signal
 import threading
 import time
 import uuid
@@ -27,6 +30,7 @@ from .counters import LoadCounters
 from .deadletters import DeadLetterStore
 from .dispatch import Dispatcher
 from .errors import SerializationError, described
+from .interrupts import held_interrupt
 from .ledger import Segment, items_of, split_items
 from .lifecycle import Pool
 from .outcomes import Outcomes
@@ -41,6 +45,9 @@ log = logging.getLogger("mpbatch")
 _GONE = object()  # an item result taken out of a batch's results (failed alone)
 
 MAX_SLEEP = 86_400.0  # seconds; the collector wakes at least daily (epoll's limit is ~24.8 d)
+# While add_many() reads the results itself (help), the collector still drains them if it has
+# not for this long: a producer that stalls after a quick burst delays outcomes no longer.
+HELP_LAG_NS = 5_000_000
 
 
 class Collector(threading.Thread):
@@ -78,6 +85,15 @@ class Collector(threading.Thread):
         self._hand_lock = threading.Lock()
         self._handed_in = self._handed_out = 0
         self._ended = False  # run() has ended: a sender dead-letters its rejects itself
+        # Whoever reads the result pipes and records outcomes holds the role: this thread,
+        # or a thread inside add_many() that reads them itself (help).
+        self.role = threading.Lock()
+        self._helpers = 0  # add_many() calls reading the results themselves
+        self._help_lock = threading.Lock()
+        self._helper: int | None = None  # the thread in help() now
+        self._last_help_ns = 0
+        self._watching = True  # result pipes are in the epoll set (not while helped)
+        self.retired = False  # close() closed the pipes (set under role): nothing to read
         try:  # epoll can fail as the pipe could (EMFILE): a failed start leaks no descriptor
             self._selector: selectors.BaseSelector = selectors.DefaultSelector()
             self._rebuild_waitables()
@@ -129,24 +145,113 @@ class Collector(threading.Thread):
             except BaseException:  # a bug of ours (or a SystemExit from user code) must not
                 # silently stop every later outcome: flush() and close() would wait forever
                 log.exception("mpbatch collector: unexpected error; continuing")
-        self._ended = True  # set before the last look: a later reject runs in its sender
-        self._take_handed()
-        self._close_descriptors()
+        with self.role:  # no help() records outcomes after this
+            self._ended = True  # set before the last look: a later reject runs in its sender
+            self._take_handed()
+            self._close_descriptors()
 
     def _step(self) -> None:
-        for key, _ in self._selector.select(self._wait_seconds()):
-            kind, i = key.data
-            if key.fileobj not in self._waitables:
-                continue  # forgotten by an earlier event of this round
-            if kind == "wake":
-                os.read(self._wake_r, 4096)
-            elif kind == "results":
-                self._drain(i)
-            elif kind == "sentinel":
-                self._on_death(i)
-        if self._handed:
-            self._take_handed()
-        self._timers()
+        events = self._selector.select(self._wait_seconds())
+        with self.role:
+            for key, _ in events:
+                kind, i = key.data
+                if key.fileobj not in self._waitables:
+                    continue  # forgotten by an earlier event of this round
+                if kind == "wake":
+                    os.read(self._wake_r, 4096)
+                elif kind == "results":
+                    self._drain(i)
+                elif kind == "sentinel":
+                    self._on_death(i)
+            self._watch_results(not self._helpers)
+            if self._helpers and time.monotonic_ns() - self._last_help_ns >= HELP_LAG_NS:
+                self._drain_all()  # the helper is away (its producer stalls, say)
+                self._last_help_ns = time.monotonic_ns()
+            if self._handed:
+                self._take_handed()
+            self._timers()
+
+    # -- add_many() reading the results itself ------------------------------------------
+    #
+    # A caller split into a feeding thread and this reading one pays for it on the
+    # cheapest items: the two threads share one GIL, and each report wakes this one to take
+    # it (benchmarks/bare.py's bare-keyed-2t: ~7 % of W1's wall). So an add_many() whose
+    # items come quickly reads the reports itself between blocks, and this thread stops
+    # watching the result pipes until it leaves, or waits; it still watches deaths and
+    # timers, and drains the pipes itself after HELP_LAG_NS without a help().
+
+    def may_help(self) -> bool:
+        """Whether the calling thread may read results itself: not from inside a callback
+        (this thread, or a help() of its own), nor on Ray (no result pipes)."""
+        return (self.options.backend != "ray" and threading.current_thread() is not self
+                and not self.helping())
+
+    @staticmethod
+    def signals_allow_help() -> bool:
+        """Nor in the main thread of a program with signal handlers of its own in Python:
+        one could raise between taking reports and recording them (held_interrupt holds
+        Ctrl-C only). Asked once an add_many() would start to help (~15 us)."""
+        return threading.current_thread() is not threading.main_thread() \
+            or not _python_handlers()
+
+    def helping(self) -> bool:
+        """The calling thread is inside help(), running the callbacks of outcomes."""
+        return self._helper == threading.get_ident()
+
+    def join_helpers(self) -> None:
+        """One more add_many() reads results itself: stop watching the result pipes."""
+        with self._help_lock:
+            self._helpers += 1
+            first = self._helpers == 1
+        self._last_help_ns = time.monotonic_ns()
+        if first:
+            self.poke()
+
+    def leave_helpers(self) -> None:
+        """An add_many() that read results itself ends or waits: watch them again, unless
+        another one still reads them."""
+        with self._help_lock:
+            self._helpers -= 1
+            last = self._helpers == 0
+        if last:
+            self.poke()
+
+    def help(self) -> None:
+        """Read and record every report that has arrived, in the calling thread (inside
+        add_many(), between blocks); nothing if this thread holds the role now."""
+        # A Ctrl-C anywhere in here, the lock's acquire and release included, would leave
+        # the role held or reports taken and not recorded: it waits for the end.
+        with held_interrupt():
+            if not self.role.acquire(blocking=False):
+                return
+            try:
+                if not (self.retired or self._ended):
+                    self._helper = threading.get_ident()
+                    self._drain_all()
+            except BaseException:  # as in run(): user code's, and ours, must not escape into
+                # add_many(), whose items are in already
+                log.exception("mpbatch collector: unexpected error; continuing")
+            finally:
+                self._helper = None
+                self._last_help_ns = time.monotonic_ns()
+                self.role.release()
+
+    def _drain_all(self) -> None:
+        for i in range(self.pool.workers):
+            self._drain(i)
+
+    def _watch_results(self, on: bool) -> None:
+        """Put the result pipes in the epoll set, or take them out (while helped)."""
+        if on == self._watching:
+            return
+        self._watching = on
+        for obj, what in self._waitables.items():
+            if what[0] == "results":
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    if on:
+                        self._selector.register(obj, selectors.EVENT_READ, what)
+                    else:
+                        self._selector.unregister(obj)
 
     def _rebuild_waitables(self) -> None:
         # Watch every worker whose death is not handled yet. Never ask proc.exitcode here:
@@ -163,7 +268,8 @@ class Collector(threading.Thread):
         self._selector.close()
         self._selector = selectors.DefaultSelector()
         for obj, what in table.items():
-            self._selector.register(obj, selectors.EVENT_READ, what)
+            if what[0] != "results" or self._watching:
+                self._selector.register(obj, selectors.EVENT_READ, what)
 
     def _wait_seconds(self) -> float | None:
         now = time.monotonic_ns()
@@ -171,6 +277,8 @@ class Collector(threading.Thread):
         due = [] if retry is None else [retry]
         if self.options.timeout is not None:
             due.append(now + int(min(0.05, self.options.timeout / 4) * 1e9))
+        if self._helpers:
+            due.append(self._last_help_ns + HELP_LAG_NS)
         with self.accounts.lock:
             seal = self.next_seal()
             if seal is not None:
@@ -354,6 +462,17 @@ class Collector(threading.Thread):
     def halted(self) -> bool:
         """Stopped, and every item held then has its outcome."""
         return self.recovery.halted
+
+
+def _python_handlers() -> bool:
+    """A signal other than SIGINT has a handler written in Python."""
+    getsignal = _signal.getsignal  # (the C call: no enum wrapping, ~10x cheaper)
+    for sig in range(1, signal.NSIG):
+        if sig != signal.SIGINT:
+            with contextlib.suppress(OSError, ValueError):
+                if callable(getsignal(sig)):
+                    return True
+    return False
 
 
 def _one_each(segments: list[Segment], items: list) -> tuple[dict, list]:
