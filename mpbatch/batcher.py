@@ -32,7 +32,8 @@
    one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe;
    the result pipes leave it while an add_many() whose iterator is quick (< 20 us an
    item) reads them itself between blocks (Collector.help, under the collector's role
-   lock; back in it when add_many waits or ends, or has not read them for 5 ms):
+   lock; back in it when add_many waits or ends; drained by the collector when add_many
+   has not read them for half of interval, 1-20 ms):
    FINISHED -> on_result, futures, succeeded (outcomes.py)
    FAILED -> retry after backoff (solo chunk) or DeadLetter, on_dead_letter (recovery.py)
    sentinel -> a replacement starts; the items that were inside do() are split in halves

@@ -46,8 +46,10 @@ _GONE = object()  # an item result taken out of a batch's results (failed alone)
 
 MAX_SLEEP = 86_400.0  # seconds; the collector wakes at least daily (epoll's limit is ~24.8 d)
 # While add_many() reads the results itself (help), the collector still drains them if it has
-# not for this long: a producer that stalls after a quick burst delays outcomes no longer.
-HELP_LAG_NS = 5_000_000
+# not for half of interval, within these bounds: a producer that stalls after a quick burst
+# delays outcomes no longer. Each such wake-up costs the helper the GIL: at 5 ms, W1 lost
+# ~12 % of its wall to them; at 20 ms and at 50 ms, ~4 % (in-process, 10 runs each).
+HELP_LAG_NS = (1_000_000, 20_000_000)
 
 
 class Collector(threading.Thread):
@@ -92,6 +94,8 @@ class Collector(threading.Thread):
         self._help_lock = threading.Lock()
         self._helper: int | None = None  # the thread in help() now
         self._last_help_ns = 0
+        low, high = HELP_LAG_NS
+        self._help_lag_ns = min(high, max(low, int(options.interval * 5e8)))
         self._watching = True  # result pipes are in the epoll set (not while helped)
         self.retired = False  # close() closed the pipes (set under role): nothing to read
         try:  # epoll can fail as the pipe could (EMFILE): a failed start leaks no descriptor
@@ -164,7 +168,7 @@ class Collector(threading.Thread):
                 elif kind == "sentinel":
                     self._on_death(i)
             self._watch_results(not self._helpers)
-            if self._helpers and time.monotonic_ns() - self._last_help_ns >= HELP_LAG_NS:
+            if self._helpers and time.monotonic_ns() - self._last_help_ns >= self._help_lag_ns:
                 self._drain_all()  # the helper is away (its producer stalls, say)
                 self._last_help_ns = time.monotonic_ns()
             if self._handed:
@@ -178,7 +182,7 @@ class Collector(threading.Thread):
     # it (benchmarks/bare.py's bare-keyed-2t: ~7 % of W1's wall). So an add_many() whose
     # items come quickly reads the reports itself between blocks, and this thread stops
     # watching the result pipes until it leaves, or waits; it still watches deaths and
-    # timers, and drains the pipes itself after HELP_LAG_NS without a help().
+    # timers, and drains the pipes itself after _help_lag_ns without a help().
 
     def may_help(self) -> bool:
         """Whether the calling thread may read results itself: not from inside a callback
@@ -278,7 +282,7 @@ class Collector(threading.Thread):
         if self.options.timeout is not None:
             due.append(now + int(min(0.05, self.options.timeout / 4) * 1e9))
         if self._helpers:
-            due.append(self._last_help_ns + HELP_LAG_NS)
+            due.append(self._last_help_ns + self._help_lag_ns)
         with self.accounts.lock:
             seal = self.next_seal()
             if seal is not None:

@@ -27,7 +27,8 @@ log = logging.getLogger("mpbatch")
 
 
 class Outcomes:
-    """Records outcomes: the collector's, and those of any thread once it has stopped."""
+    """Records outcomes: the collector's (its thread, or an add_many() recording reports
+    itself under its role lock), and those of any thread once it has stopped."""
 
     def __init__(self, accounts: Accounts, options: Options,
                  store: DeadLetterStore | None = None, run_id: str | None = None) -> None:

@@ -1,4 +1,8 @@
-"""Recovery (caller process, collector thread): failed attempts, retries, deaths, timeouts.
+"""Recovery (caller process, the collector's role): failed attempts, retries, deaths, timeouts.
+
+A failed attempt reaches it from whoever holds the collector's role lock (the collector
+thread, or an add_many() recording reports itself); deaths and retries due come from the
+collector thread alone.
 
 A failed attempt (do() raised, returned a bad shape, its results did not unpickle) charges
 every item of the batch; those with attempts left wait ``retry_backoff * 2**n`` (jittered)
