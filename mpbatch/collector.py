@@ -98,6 +98,7 @@ class Collector(threading.Thread):
         self._help_lag_ns = min(high, max(low, int(options.interval * 5e8)))
         self._watching = True  # result pipes are in the epoll set (not while helped)
         self.retired = False  # close() closed the pipes (set under role): nothing to read
+        self.one_each = False  # a report came whose batch is rebuilt item by item (help)
         try:  # epoll can fail as the pipe could (EMFILE): a failed start leaks no descriptor
             self._selector: selectors.BaseSelector = selectors.DefaultSelector()
             self._rebuild_waitables()
@@ -379,6 +380,7 @@ class Collector(threading.Thread):
             self.recovery.attempt_failed(segments, error, None)
             return
         if layout == tp.ONE_EACH:
+            self.one_each = True
             batch, grouped = _one_each(segments, items)
         elif layout is not None:
             batch, grouped = _rebuilt(segments, layout, grouped)
