@@ -32,8 +32,10 @@
    one epoll on all result pipes (read in bulk), all worker sentinels and a wakeup pipe;
    the result pipes leave it while an add_many() whose iterator is quick (< 20 us an
    item) reads them itself between blocks (Collector.help, under the collector's role
-   lock; back in it when add_many waits or ends; drained by the collector when add_many
-   has not read them for half of interval, 1-20 ms):
+   lock; not in a main thread with Python signal handlers, for 8 blocks after the pacer
+   held it back, nor once a report of one item per key came; back in it when add_many
+   waits or ends; drained by the collector when add_many has not read them for half of
+   interval, 1-20 ms):
    FINISHED -> on_result, futures, succeeded (outcomes.py)
    FAILED -> retry after backoff (solo chunk) or DeadLetter, on_dead_letter (recovery.py)
    sentinel -> a replacement starts; the items that were inside do() are split in halves

@@ -65,13 +65,15 @@ class Bulk:
         # and reports are better read as they come (by the collector thread). On W2, where
         # the pacer holds back most blocks, reading them between blocks cost ~9 % of the
         # wall. Held back at start-up (spawn workers still importing), it helps later.
-        self.blocks = 0
+        self.sent_blocks = 0
         self.paced_at = -PACED_BLOCKS
+        self.one_each_at = 0  # the collector's count of such reports when this call began
 
     def run(self) -> int:
         collector = self.b._collector
         if collector is not None and collector.may_help():
             self.collector = collector
+            self.one_each_at = collector.one_each
         try:
             return self._run()
         finally:
@@ -83,14 +85,14 @@ class Bulk:
         collector = self.collector
         if collector is None:
             return
-        self.blocks += 1
-        if collector.one_each:
-            # Reports of one item per key are rebuilt item by item in the caller: on the
-            # thread that also feeds the workers that load cost DK 5-7 % of its wall.
+        if collector.one_each != self.one_each_at:
+            # Large reports of one item per key are rebuilt item by item in the caller: on
+            # the thread that also feeds the workers that load cost DK 5-7 % of its wall.
             self._stop_helping()
             self.collector = None  # for the rest of this call
             return
-        if self.blocks - self.paced_at <= PACED_BLOCKS or not 0 < self.item_s < HELP_ITEM_S:
+        if (self.sent_blocks - self.paced_at <= PACED_BLOCKS
+                or not 0 < self.item_s < HELP_ITEM_S):
             self._stop_helping()
             return
         if not self.helping:
@@ -126,6 +128,7 @@ class Bulk:
             if keys:
                 self._resize(time.monotonic() - started, len(keys), budget, limit)
                 self._send(keys, values, int(started * 1e9) + b._intake.interval_ns)
+                self.sent_blocks += 1
                 if self.item_bytes:  # large values: a block of about CHUNK_BYTES at most
                     self.block = max(1, min(self.block, int(CHUNK_BYTES / self.item_bytes)))
                 self._help()
@@ -202,7 +205,7 @@ class Bulk:
         with b._lock:
             allowed = pacer.allowance()
             if allowed < pacer.least:
-                self.paced_at = self.blocks
+                self.paced_at = self.sent_blocks
                 self._stop_helping()
                 b._wait_until(lambda: pacer.allowance() >= pacer.least,
                               time.monotonic() + PACE_WAIT)

@@ -1,6 +1,7 @@
-"""The collector thread (caller process): reads every report, sees every death, keeps time.
+"""The collector thread (caller process): reads the reports, sees every death, keeps time.
 
-One ``wait()`` covers every result pipe, every worker sentinel and a wakeup pipe. A report
+One ``wait()`` covers every result pipe (not while an add_many() reads them itself), every
+worker sentinel and a wakeup pipe. A report
 becomes an outcome (outcomes.py), a failed attempt (recovery.py) or items handed back unrun,
 routed again (steal.py asks for them after a report, when a worker runs dry); a sentinel, a
 death handled by recovery.py; the timer seals overdue open chunks (intake.py), sends due
@@ -50,10 +51,14 @@ MAX_SLEEP = 86_400.0  # seconds; the collector wakes at least daily (epoll's lim
 # delays outcomes no longer. Each such wake-up costs the helper the GIL: at 5 ms, W1 lost
 # ~12 % of its wall to them; at 20 ms and at 50 ms, ~4 % (in-process, 10 runs each).
 HELP_LAG_NS = (1_000_000, 20_000_000)
+# An add_many() stops helping once a report this large comes whose batch held one item per
+# key (Bulk._help): a tail of a few items, or one add() sealed by interval, does not count.
+ONE_EACH_ITEMS = 64
 
 
 class Collector(threading.Thread):
-    """Reads every worker's reports and turns them into outcomes."""
+    """Reads the workers' reports (all of them, unless add_many() helps) and turns them into
+    outcomes; handles every death and timer."""
 
     def __init__(self, pool: Pool, counters: LoadCounters, dispatcher: Dispatcher,
                  accounts: Accounts, options: Options,
@@ -98,7 +103,8 @@ class Collector(threading.Thread):
         self._help_lag_ns = min(high, max(low, int(options.interval * 5e8)))
         self._watching = True  # result pipes are in the epoll set (not while helped)
         self.retired = False  # close() closed the pipes (set under role): nothing to read
-        self.one_each = False  # a report came whose batch is rebuilt item by item (help)
+        # Reports of ONE_EACH_ITEMS or more whose batch is rebuilt item by item (help)
+        self.one_each = 0
         try:  # epoll can fail as the pipe could (EMFILE): a failed start leaks no descriptor
             self._selector: selectors.BaseSelector = selectors.DefaultSelector()
             self._rebuild_waitables()
@@ -380,7 +386,8 @@ class Collector(threading.Thread):
             self.recovery.attempt_failed(segments, error, None)
             return
         if layout == tp.ONE_EACH:
-            self.one_each = True
+            if n >= ONE_EACH_ITEMS:
+                self.one_each += 1
             batch, grouped = _one_each(segments, items)
         elif layout is not None:
             batch, grouped = _rebuilt(segments, layout, grouped)

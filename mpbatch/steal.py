@@ -1,9 +1,10 @@
-"""Work stealing (caller process, collector thread): a worker running dry takes queued work.
+"""Work stealing (caller process, the collector's role): a worker running dry takes queued work.
 
 Routing commits items to a worker when their chunk is sealed, by the items queued there,
 before anyone knows what they will cost: a run of costly items (hot keys) can leave one
 worker with seconds of queued work while another has none. On every report the collector
-calls ``Stealer.consider()``, which looks for such a pair:
+(its thread, or an add_many() recording reports itself) calls ``Stealer.consider()``, which
+looks for such a pair:
 
 - a thief: a started worker with nothing queued behind the batch it runs, if any;
 - a victim: the worker with the most queued, unstarted work, estimated as its queued items
