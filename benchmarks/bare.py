@@ -26,6 +26,10 @@ What they score on a workload is the ceiling a library works under on this machi
 without keys. Their ratios are taken against the best peer like everyone's, but they are not
 peers (a user does not write them), so they never set the bar.
 
+``bare-keyed-2t`` is ``bare-keyed`` with a second caller thread that reads every result, as
+the result-handler and collector threads of Pool, ProcessPoolExecutor and mpbatch do (run
+on W1): what splitting the caller into a sending and a reading thread costs on its own.
+
 A fourth, ``pipe-floor``, is for the large-value workloads (L16K-L1M) only: the machine's pipe
 bandwidth, with no pickle at all. Each value's raw bytes go, after a 4-byte length, straight
 from the caller's ``bytes`` object into one ``os.pipe()`` per worker (``os.writev``: no copy,
