@@ -102,7 +102,6 @@ class Collector(threading.Thread):
         low, high = HELP_LAG_NS
         self._help_lag_ns = min(high, max(low, int(options.interval * 5e8)))
         self._watching = True  # result pipes are in the epoll set (not while helped)
-        self.retired = False  # close() closed the pipes (set under role): nothing to read
         # Reports of ONE_EACH_ITEMS or more whose batch is rebuilt item by item (help)
         self.one_each = 0
         try:  # epoll can fail as the pipe could (EMFILE): a failed start leaks no descriptor
@@ -236,7 +235,7 @@ class Collector(threading.Thread):
             if not self.role.acquire(blocking=False):
                 return
             try:
-                if not (self.retired or self._ended):
+                if not self._ended:  # (set under role before close() closes the pipes)
                     self._helper = threading.get_ident()
                     self._drain_all()
             except BaseException:  # as in run(): user code's, and ours, must not escape into

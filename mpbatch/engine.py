@@ -125,7 +125,5 @@ class Engine:
         self.pool.stop(0 if error is not None else STOP_GRACE)
         collector.exit()
         collector.join()
-        with collector.role:  # an add_many() in another thread may be reading them (help)
-            collector.retired = True
         self.pool.close_pipes()
         return error or Closed("the Batcher closed before these items finished")
