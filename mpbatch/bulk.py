@@ -103,7 +103,7 @@ class Bulk:
                     return
             with held_interrupt():  # the flag and the collector's count change together
                 self.helping = True
-                collector.join_helpers()
+                collector.join_helpers(id(self))
         collector.help()
 
     def _stop_helping(self) -> None:
@@ -112,7 +112,7 @@ class Bulk:
             assert self.collector is not None
             with held_interrupt():
                 self.helping = False
-                self.collector.leave_helpers()
+                self.collector.leave_helpers(id(self))
 
     def _run(self) -> int:
         b = self.b

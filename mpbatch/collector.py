@@ -51,6 +51,9 @@ MAX_SLEEP = 86_400.0  # seconds; the collector wakes at least daily (epoll's lim
 # delays outcomes no longer. Each such wake-up costs the helper the GIL: at 5 ms, W1 lost
 # ~12 % of its wall to them; at 20 ms and at 50 ms, ~4 % (in-process, 10 runs each).
 HELP_LAG_NS = (1_000_000, 20_000_000)
+# A helper not heard from for this long is forgotten: a Ctrl-C in add_many()'s last
+# bytecodes can keep it from leaving, and the pipes would go unwatched for good.
+HELP_STALE_NS = 1_000_000_000
 # An add_many() stops helping once a report this large comes whose batch held one item per
 # key (Bulk._help): a tail of a few items, or one add() sealed by interval, does not count.
 ONE_EACH_ITEMS = 64
@@ -95,10 +98,11 @@ class Collector(threading.Thread):
         # Whoever reads the result pipes and records outcomes holds the role: this thread,
         # or a thread inside add_many() that reads them itself (help).
         self.role = threading.Lock()
-        self._helpers = 0  # add_many() calls reading the results themselves
+        self._helpers: set[int] = set()  # add_many() calls reading the results themselves
         self._help_lock = threading.Lock()
         self._helper: int | None = None  # the thread in help() now
-        self._last_help_ns = 0
+        self._last_help_ns = 0  # the pipes were last drained by a help(), or for a helper
+        self._heard_ns = 0  # a helper last joined or called help()
         low, high = HELP_LAG_NS
         self._help_lag_ns = min(high, max(low, int(options.interval * 5e8)))
         self._watching = True  # result pipes are in the epoll set (not while helped)
@@ -173,10 +177,9 @@ class Collector(threading.Thread):
                     self._drain(i)
                 elif kind == "sentinel":
                     self._on_death(i)
+            if self._helpers:
+                self._check_helpers()
             self._watch_results(not self._helpers)
-            if self._helpers and time.monotonic_ns() - self._last_help_ns >= self._help_lag_ns:
-                self._drain_all()  # the helper is away (its producer stalls, say)
-                self._last_help_ns = time.monotonic_ns()
             if self._handed:
                 self._take_handed()
             self._timers()
@@ -208,29 +211,43 @@ class Collector(threading.Thread):
         """The calling thread is inside help(), running the callbacks of outcomes."""
         return self._helper == threading.get_ident()
 
-    def join_helpers(self) -> None:
-        """One more add_many() reads results itself: stop watching the result pipes."""
+    def join_helpers(self, token: int) -> None:
+        """add_many() call ``token`` reads results itself: stop watching the result pipes."""
         with self._help_lock:
-            self._helpers += 1
-            first = self._helpers == 1
-        self._last_help_ns = time.monotonic_ns()
+            first = not self._helpers
+            self._helpers.add(token)
+        self._last_help_ns = self._heard_ns = time.monotonic_ns()
         if first:
             self.poke()
 
-    def leave_helpers(self) -> None:
-        """An add_many() that read results itself ends or waits: watch them again, unless
-        another one still reads them."""
+    def leave_helpers(self, token: int) -> None:
+        """Call ``token`` ends or waits: watch the pipes again, unless another call still
+        reads them. Idempotent, and a no-op for a call forgotten by _check_helpers."""
         with self._help_lock:
-            self._helpers -= 1
-            last = self._helpers == 0
+            if token not in self._helpers:
+                return
+            self._helpers.discard(token)
+            last = not self._helpers
         if last:
             self.poke()
+
+    def _check_helpers(self) -> None:
+        """(Under role.) Drain the pipes when the helpers are away (a producer stalls), and
+        forget them after HELP_STALE_NS without a help()."""
+        now = time.monotonic_ns()
+        if now - self._heard_ns >= HELP_STALE_NS:
+            with self._help_lock:
+                self._helpers.clear()
+        if now - self._last_help_ns >= self._help_lag_ns:
+            self._drain_all()
+            self._last_help_ns = time.monotonic_ns()
 
     def help(self) -> None:
         """Read and record every report that has arrived, in the calling thread (inside
         add_many(), between blocks); nothing if this thread holds the role now."""
         # A Ctrl-C anywhere in here, the lock's acquire and release included, would leave
         # the role held or reports taken and not recorded: it waits for the end.
+        self._heard_ns = time.monotonic_ns()
         with held_interrupt():
             if not self.role.acquire(blocking=False):
                 return
