@@ -463,16 +463,22 @@ def rotated(names, rep):
     return names[k:] + names[:k]
 
 
+def repeats_of(args, w):
+    """Measured runs of each contender on ``w``: --repeats, or the workload's least."""
+    return args.repeats if args.smoke else max(args.repeats, w.min_repeats)
+
+
 def run_workload(args, w, names, rounds, log, cache):
     """Sweep, then the measured repeats, interleaved and turned: A B C, B C A, C A B ..."""
     chosen, trials = sweep(args, w, names, rounds, log, cache)
     records = []
-    for rep in range(args.repeats):
+    repeats = repeats_of(args, w)
+    for rep in range(repeats):
         for name in rotated(names, rep):
             rec = measure_quietly(args, make_spec(args, w, name, w.n, chosen[name], rounds))
             rec |= {"contender": name, "repeat": rep, "chunk": chosen[name]}
             records.append(rec)
-            log(f"{w.name} {rep + 1}/{args.repeats} {name:17} chunk={chosen[name]!s:>6}: "
+            log(f"{w.name} {rep + 1}/{repeats} {name:17} chunk={chosen[name]!s:>6}: "
                 f"{fmt_run(rec, w.n, w.value_bytes)}")
     return chosen, trials, records
 
@@ -695,7 +701,7 @@ def stem(args):
 def write_json(args, w, env, chosen, trials, records, summary):
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{stem(args)}-{w.name}.json"
-    doc = {"workload": w.name, "title": w.title, "n": w.n, "repeats": args.repeats,
+    doc = {"workload": w.name, "title": w.title, "n": w.n, "repeats": repeats_of(args, w),
            "environment": env, "chunks": chosen, "sweep": trials, "summary": summary,
            "table_md": workload_table(w, summary), "runs": records}
     path.write_text(json.dumps(doc, indent=1, default=repr))
