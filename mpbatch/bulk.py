@@ -101,10 +101,10 @@ class Bulk:
                 if not collector.signals_allow_help():
                     self.collector = None
                     return
-            with held_interrupt():  # the flag and the collector's count change together
+            with held_interrupt():  # the flag and the collector's set change together
                 self.helping = True
                 collector.join_helpers(id(self))
-        collector.help()
+        collector.help(id(self))
 
     def _stop_helping(self) -> None:
         """Before a wait, and at the end: the collector reads the results again."""

@@ -51,8 +51,9 @@ MAX_SLEEP = 86_400.0  # seconds; the collector wakes at least daily (epoll's lim
 # delays outcomes no longer. Each such wake-up costs the helper the GIL: at 5 ms, W1 lost
 # ~12 % of its wall to them; at 20 ms and at 50 ms, ~4 % (in-process, 10 runs each).
 HELP_LAG_NS = (1_000_000, 20_000_000)
-# A helper not heard from for this long is forgotten: a Ctrl-C in add_many()'s last
-# bytecodes can keep it from leaving, and the pipes would go unwatched for good.
+# When no helper was heard from for this long, every helper is forgotten: a Ctrl-C in
+# add_many()'s last bytecodes can keep one from leaving, and the pipes would go unwatched for
+# good. One still helping joins again at its next help().
 HELP_STALE_NS = 1_000_000_000
 # An add_many() stops helping once a report this large comes whose batch held one item per
 # key (Bulk._help): a tail of a few items, or one add() sealed by interval, does not count.
@@ -101,8 +102,8 @@ class Collector(threading.Thread):
         self._helpers: set[int] = set()  # add_many() calls reading the results themselves
         self._help_lock = threading.Lock()
         self._helper: int | None = None  # the thread in help() now
-        self._last_help_ns = 0  # the pipes were last drained by a help(), or for a helper
-        self._heard_ns = 0  # a helper last joined or called help()
+        self._last_help_ns = 0  # the pipes were last drained for the helpers (or one joined)
+        self._heard_ns = 0  # a helper last joined, or began or ended a help()
         low, high = HELP_LAG_NS
         self._help_lag_ns = min(high, max(low, int(options.interval * 5e8)))
         self._watching = True  # result pipes are in the epoll set (not while helped)
@@ -213,10 +214,10 @@ class Collector(threading.Thread):
 
     def join_helpers(self, token: int) -> None:
         """add_many() call ``token`` reads results itself: stop watching the result pipes."""
-        with self._help_lock:
+        with self._help_lock:  # heard of first: _check_helpers must not forget it at once
+            self._last_help_ns = self._heard_ns = time.monotonic_ns()
             first = not self._helpers
             self._helpers.add(token)
-        self._last_help_ns = self._heard_ns = time.monotonic_ns()
         if first:
             self.poke()
 
@@ -237,17 +238,21 @@ class Collector(threading.Thread):
         now = time.monotonic_ns()
         if now - self._heard_ns >= HELP_STALE_NS:
             with self._help_lock:
-                self._helpers.clear()
+                if time.monotonic_ns() - self._heard_ns >= HELP_STALE_NS:  # none joined since
+                    self._helpers.clear()
         if now - self._last_help_ns >= self._help_lag_ns:
             self._drain_all()
             self._last_help_ns = time.monotonic_ns()
 
-    def help(self) -> None:
+    def help(self, token: int) -> None:
         """Read and record every report that has arrived, in the calling thread (inside
-        add_many(), between blocks); nothing if this thread holds the role now."""
+        add_many() call ``token``, between blocks); nothing if this thread holds the role
+        now."""
+        self._heard_ns = time.monotonic_ns()
+        if token not in self._helpers:  # (a hint, unlocked) forgotten while away: back in
+            self.join_helpers(token)
         # A Ctrl-C anywhere in here, the lock's acquire and release included, would leave
         # the role held or reports taken and not recorded: it waits for the end.
-        self._heard_ns = time.monotonic_ns()
         with held_interrupt():
             if not self.role.acquire(blocking=False):
                 return
@@ -260,7 +265,7 @@ class Collector(threading.Thread):
                 log.exception("mpbatch collector: unexpected error; continuing")
             finally:
                 self._helper = None
-                self._last_help_ns = time.monotonic_ns()
+                self._last_help_ns = self._heard_ns = time.monotonic_ns()
                 self.role.release()
 
     def _drain_all(self) -> None:
