@@ -8,11 +8,15 @@ Each ``--run`` is ``contender[:chunk][@DIR]``: a contender of run.py, its chunk 
 is run.py's own measured child (a fresh process, its tree's PSS sampled), so figures compare
 with run.py's. The order rotates each repeat, and every other round of rotations runs it
 backwards: no contender always runs first, nor always right after the same one. Reported:
-medians of wall time and peak PSS, and each run's wall divided by the first ``--run``'s in
-the same repeat (median and range): the ratio this VM's drifting speed leaves the least
-noisy. The JSON (every run, in its order) goes to results/<date>-ab-<workload>.json
-(``--smoke``: <date>-smoke-ab-<workload>.json); when a run fails or the run is
-interrupted, what was measured goes to <...>-ab-<workload>-failed.json instead.
+medians of wall time, peak PSS, the caller's CPU and the CPU of the processes it reaped
+(its workers, except under forkserver), and each run's wall divided by the first
+``--run``'s in the same repeat (median and range): the ratio this VM's drifting speed leaves
+the least noisy. ``--gc on|freeze|off`` also reports the caller's cyclic-GC collections of
+each generation and their CPU, with the GC as it is, frozen (``gc.freeze()`` once imports
+are done) or off, in every run. The JSON (every run, in its order) goes to
+results/<date>-ab-<workload>.json (``--smoke``: <date>-smoke-ab-<workload>.json); when a run
+fails or the run is interrupted, what was measured goes to <...>-ab-<workload>-failed.json
+instead.
 """
 
 import argparse
@@ -40,6 +44,10 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="s per run")
     p.add_argument("--smoke", action="store_true", help="run.py's tiny workloads (CI)")
+    p.add_argument("--gc", choices=run.GC_MODES,
+                   help="the caller's cyclic GC in every run: on (as it is), freeze "
+                        "(gc.freeze() once imports are done) or off; each then reports its "
+                        "collections and their CPU (default: as it is, not measured)")
     return p.parse_args(argv)
 
 
@@ -74,7 +82,7 @@ def rounds_of(labels, repeats):
 def spec(args, w, name, chunk, checkout, rounds):
     settings = argparse.Namespace(workers=args.workers, start_method=None, smoke=args.smoke,
                                   big=False, mpbatch=checkout, max_bytes=None)
-    return run.make_spec(settings, w, name, w.n, chunk, rounds)
+    return run.make_spec(settings, w, name, w.n, chunk, rounds) | {"gc": args.gc}
 
 
 def checkout_facts(checkout):
@@ -140,22 +148,47 @@ def summarise(labels, walls, records):
     out = []
     for label in labels:
         ratios = [x / y for x, y in zip(walls[label], base, strict=True)]
-        pss = [rec["peak_pss"] / 2**20 for rec in records
-               if rec["label"] == label and rec.get("peak_pss")]
-        out.append({"label": label, "wall": statistics.median(walls[label]),
-                    "ratio": statistics.median(ratios), "low": min(ratios),
-                    "high": max(ratios), "pss_mb": statistics.median(pss) if pss else None})
+        mine = [rec for rec in records if rec["label"] == label]
+        pss = [rec["peak_pss"] / 2**20 for rec in mine if rec.get("peak_pss")]
+        row = {"label": label, "wall": statistics.median(walls[label]),
+               "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+               "pss_mb": statistics.median(pss) if pss else None,
+               "caller_cpu": median_of(mine, "caller_cpu"),
+               "reaped_cpu": median_of(mine, "reaped_cpu")}
+        if all("gc" in rec for rec in mine):
+            row["gc_cpu"] = [statistics.median(rec["gc"]["cpu_s"][g] for rec in mine)
+                             for g in range(3)]
+            row["gc_collections"] = [statistics.median(rec["gc"]["collections"][g]
+                                                       for rec in mine) for g in range(3)]
+        out.append(row)
     return out
 
 
+def median_of(records, field):
+    values = [rec[field] for rec in records if rec.get(field) is not None]
+    return statistics.median(values) if values else None
+
+
 def table(summary):
-    lines = ["| run | wall s (median) | wall ÷ first, run by run: median (range) | peak PSS MB |",
-             "|---|---|---|---|"]
+    gc_shown = all("gc_cpu" in row for row in summary)
+    head = ("| run | wall s (median) | wall ÷ first, run by run: median (range) | peak PSS MB "
+            "| caller CPU s | reaped CPU s |")
+    lines = [head + (" GC CPU s, gen 0 / 1 / 2 (collections) |" if gc_shown else ""),
+             "|---|---|---|---|---|---|" + ("---|" if gc_shown else "")]
     for row in summary:
-        pss = "-" if row["pss_mb"] is None else f"{row['pss_mb']:.1f}"
-        lines.append(f"| {row['label']} | {row['wall']:.3f} | {row['ratio']:.3f} "
-                     f"({row['low']:.3f}-{row['high']:.3f}) | {pss} |")
+        cells = [row["label"], f"{row['wall']:.3f}",
+                 f"{row['ratio']:.3f} ({row['low']:.3f}-{row['high']:.3f})",
+                 _f(row["pss_mb"], ".1f"), _f(row["caller_cpu"], ".3f"),
+                 _f(row["reaped_cpu"], ".3f")]
+        if gc_shown:
+            cells.append(" / ".join(f"{s:.3f} ({n:.0f})" for s, n in
+                                    zip(row["gc_cpu"], row["gc_collections"], strict=True)))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _f(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark driver: mpbatch against the serial loop and its peers, on W1-W4, MEM, DK and L16K-L1M.
 
-    python benchmarks/run.py                        # every workload, 3 repeats, chunk sweep
+    python benchmarks/run.py                        # every workload, 3 repeats (W2, W3: 11)
     python benchmarks/run.py --smoke                # every workload and contender, tiny (CI)
     python benchmarks/run.py --workloads W1,W2 --repeats 5 --only pool,mpbatch-add_many
     python benchmarks/run.py --workloads MEM --big  # adds MEM10M: 10M items through add_many
@@ -18,6 +18,7 @@ import argparse
 import compileall
 import contextlib
 import datetime
+import gc
 import hashlib
 import importlib
 import importlib.metadata
@@ -56,6 +57,7 @@ CPU_SAMPLE_PERIOD = 0.1
 # The kernel lists each task's children in /proc (CONFIG_PROC_CHILDREN): TreeSampler.tree
 # reads those; without them it falls back to psutil, which reads every process on the machine.
 _TASK_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
+GC_MODES = ("on", "freeze", "off")  # ab.py --gc: see gc_mode
 RESULT_TAG = "RESULT "  # prefixes the child's one line of JSON on stdout
 MB = 2**20  # in PSS and in MB/s alike
 BUSY = 0.10  # flag a run when this share of the machine's CPU did work not of the run,
@@ -108,8 +110,10 @@ def child_main(spec):
                          spec["start_method"], spec.get("keys"), spec.get("max_bytes"))
     out = {}
     contenders.preload(spec["contender"])
+    clock = gc_mode(spec.get("gc"))
     rss = psutil.Process().memory_info().rss
     start, cpu = time.perf_counter(), time.process_time()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         count, checksum, extra = contenders.run(spec["contender"], job)
         out = {"count": count, "checksum": checksum, "extra": extra}
@@ -120,12 +124,73 @@ def child_main(spec):
     # The caller's own CPU (all its threads, not its workers): what the stream costs the
     # program that feeds it, whatever the number of workers.
     out["caller_cpu"] = time.process_time() - cpu
+    # The CPU of every descendant reaped meanwhile: the workers, under fork and the zygote
+    # (whose workers it reaps before it is reaped); not under forkserver, whose server
+    # outlives the run.
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["reaped_cpu"] = (done.ru_utime + done.ru_stime) - (kids.ru_utime + kids.ru_stime)
+    if clock is not None:
+        out["gc"] = clock.report()
     # The caller's own memory, apart from its workers': RSS when the clock started and the
     # peak RSS of its life (Linux: ru_maxrss in KiB). Their difference is what the run added
     # to the caller, at most (a peak reached before the clock, while importing, counts too).
     out["caller_rss_start"] = rss
     out["caller_rss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(RESULT_TAG + json.dumps(out, default=repr), flush=True)
+
+
+class GcClock:
+    """Collections of each generation and the CPU they took, in whichever thread ran them
+    (a callback at the start and the end of each: ~1 us a collection, so only on demand)."""
+
+    def __init__(self):
+        self.count = [0, 0, 0]
+        self.cpu = [0.0, 0.0, 0.0]
+        self.started = {}
+        gc.callbacks.append(self._note)
+
+    def _note(self, phase, info):
+        now = time.thread_time()
+        if phase == "start":
+            self.started[threading.get_ident()] = now
+            return
+        began = self.started.pop(threading.get_ident(), None)
+        if began is not None:
+            generation = info["generation"]
+            self.count[generation] += 1
+            self.cpu[generation] += now - began
+
+    def report(self):
+        return {"collections": self.count, "cpu_s": self.cpu}
+
+    def forget(self, enabled):
+        """In a forked child: no clock, and the GC as it was before gc_mode (``enabled``:
+        whether it was on then)."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._note)
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def gc_mode(mode):
+    """The caller's cyclic GC for one run (``--gc`` of ab.py): None, as it is, nothing
+    measured; "on", as it is, measured; "freeze", every object alive now left out of all
+    later collections (gc.freeze()), measured; "off", no collections (gc.disable())."""
+    if mode is None:
+        return None
+    if mode not in GC_MODES:
+        raise ValueError(f"gc mode {mode!r}: one of {GC_MODES}")
+    clock = GcClock()
+    # The caller's alone: a worker forked from it (Pool, ProcessPoolExecutor and the floors
+    # under fork, mpbatch's zygote) collects as it would have.
+    enabled = gc.isenabled()
+    os.register_at_fork(after_in_child=lambda: clock.forget(enabled))
+    if mode == "freeze":
+        gc.freeze()
+    elif mode == "off":
+        gc.disable()
+    return clock
 
 
 # --- the parent: sampling, one run, a sweep -----------------------------------------------------
@@ -754,7 +819,8 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="tiny run of everything, 1 repeat")
     p.add_argument("--workloads", type=lambda s: s.split(","), help="e.g. W1,W2 (default all)")
     p.add_argument("--only", type=lambda s: s.split(","), help="contenders, e.g. pool,serial")
-    p.add_argument("--repeats", type=int, help="measured runs per contender (default 3)")
+    p.add_argument("--repeats", type=int,
+                   help="measured runs per contender (default 3; W2, W3: at least 11)")
     p.add_argument("--chunksize", type=lambda s: [int(x) for x in s.split(",")],
                    help="chunk sizes to sweep instead of each workload's list; one: no sweep")
     p.add_argument("--no-sweep", action="store_true", help="use each list's middle value")

@@ -27,7 +27,7 @@ HOT_KEYS = 10  # W3: keys whose items cost HOT_COST units each
 HOT_COST = 20
 HOT_TAIL = 0.3  # W3: hot runs appear only in this last fraction of the stream
 RATE = 1000.0  # W4: items offered per second, on a fixed schedule
-CPU_MIN_REPEATS = 11  # W2, W3: measured runs at least (Workload.min_repeats)
+NOISY_MIN_REPEATS = 11  # W1, W2, W3: measured runs at least (Workload.min_repeats)
 LARGE = {"L16K": 16 << 10, "L64K": 64 << 10, "L1M": 1 << 20}  # workload -> bytes per value
 LARGE_TOTAL = 2 << 30  # bytes of values in a measured run of each (L16K: 131,072 items)
 LARGE_SMOKE_TOTAL = 8 << 20  # ... and in a --smoke run (L1M: 8 items)
@@ -226,11 +226,13 @@ class Workload:
     on_batch: bool = False
     distinct_keys: bool = False  # every key of the stream is distinct (DK): the keyed floor
     # builds its batches in C then, and sends only the results back
-    # Measured runs at least, whatever --repeats says (not in --smoke). W2 and W3 score ~1 s
-    # runs whose spread, run to run, is wider than the margins between the contenders: on
-    # W2, ProcessPoolExecutor against mpbatch swung from 0.95x to 1.05x between two
-    # interleaved sets of 6 runs, one minute apart. Their runs are short, so more of them
-    # cost ~3 min a workload.
+    # Measured runs at least, whatever --repeats says (not in --smoke). W1-W3 score short runs
+    # (W1 ~0.3 s, W2 ~1 s) whose spread, run to run, is wider than the margins between the
+    # contenders: on W2, mpbatch `add` against ProcessPoolExecutor (by median wall) came out
+    # at 0.93x, 0.94x, 0.98x, 1.00x and 1.05x in five interleaved sets of 6-8 runs within 15
+    # minutes; on W1, `add_many` at 0.74x Pool in a full run's 5 repeats (its runs 0.29-0.47
+    # s, Pool's 0.25-0.26) and 0.96x in 12 repeats right after. Six more repeats than
+    # --repeats 5 cost a full run ~1.5 min on W1, ~1.5 on W2 and ~5 on W3.
     min_repeats: int = 0
 
 
@@ -244,9 +246,10 @@ def workloads(smoke=False, big=False):
     # W2/W3's sweep runs half the stream: on a quarter, the last chunk's tail weighed twice
     # what it does in the full run, and small chunks looked better than they are.
     cpu = {"fn": spin, "do": do_spin, "chunks": (10, 50, 200), "sizes": (10, 50, 200),
-           "sweep_n": 10_000, "min_repeats": CPU_MIN_REPEATS}
+           "sweep_n": 10_000, "min_repeats": NOISY_MIN_REPEATS}
     table = [
-        Workload("W1", "overhead: 1M trivial items", 1_000_000, **overhead),
+        Workload("W1", "overhead: 1M trivial items", 1_000_000, **overhead,
+                 min_repeats=NOISY_MIN_REPEATS),
         Workload("W2", "CPU-bound: 20k items x 100 us", 20_000, items=cpu_items,
                  units_per_item=1, **cpu),
         Workload("W3", "skew: hot keys late in the stream", 20_000, items=skew_items,

@@ -58,6 +58,53 @@ def test_ab_harness_smoke_run():
     assert run.stdout.count("[1] ") == 3, out[-3000:]  # every run, each repeat
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ab_harness_reports_the_callers_gc():
+    """--gc: the caller's CPU, its workers' and its collections of each generation."""
+    run = subprocess.run(
+        [sys.executable, "benchmarks/ab.py", "--smoke", "--workload", "DK", "--repeats", "1",
+         "--gc", "freeze", "--run", "bare-keyed:100", "--run", "mpbatch-add_many:100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "| caller CPU s | reaped CPU s | GC CPU s, gen 0 / 1 / 2 (collections) |" in out
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| bare-keyed:100 |")
+            or line.startswith("| mpbatch-add_many:100 |")]
+    assert len(rows) == 2, out[-3000:]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert float(cells[4]) > 0 and float(cells[5]) > 0, row  # the caller's, the workers'
+        gens = cells[6].split(" / ")
+        assert len(gens) == 3 and all(g.endswith(")") for g in gens), row
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["on", "freeze", "off"])
+def test_gc_mode_counts_the_callers_collections_and_leaves_forked_workers_alone(mode):
+    code = f"""
+import gc, os, sys
+sys.path.insert(0, "benchmarks")
+import run
+clock = run.gc_mode({mode!r})
+gc.collect()
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, f"{{gc.isenabled()}} {{gc.get_freeze_count()}} {{len(gc.callbacks)}}".encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print(clock.report()["collections"][2], gc.isenabled(), os.read(r, 100).decode())
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=50, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    full, enabled, *child = run.stdout.split()
+    assert full == "1"  # the gc.collect() above, seen by the clock
+    assert enabled == str(mode != "off")
+    assert child == ["True", "0", "0"], child  # a forked worker: GC as it was, no clock
+
+
 def _runs_all_ok(stdout: str) -> list[str]:
     """The per-run lines ('  [1/1] name  rate ... ok') that did not end in ok."""
     runs = [line for line in stdout.splitlines() if line.lstrip().startswith("[")]
