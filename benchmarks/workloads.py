@@ -231,7 +231,7 @@ class Workload:
     # contenders: on W2, mpbatch `add` against ProcessPoolExecutor (by median wall) came out
     # at 0.93x, 0.94x, 0.98x, 1.00x and 1.05x in five interleaved sets of 6-8 runs within 15
     # minutes; on W1, `add_many` at 0.74x Pool in a full run's 5 repeats (its runs 0.29-0.47
-    # s, Pool's 0.25-0.26) and 0.96x in 12 repeats right after. Six more repeats than
+    # s, Pool's 0.25-0.26) and 0.93x in 12 repeats right after. Six more repeats than
     # --repeats 5 cost a full run ~1.5 min on W1, ~1.5 on W2 and ~5 on W3.
     min_repeats: int = 0
 
