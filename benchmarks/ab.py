@@ -14,7 +14,7 @@ medians of wall time, peak PSS, the caller's CPU and the CPU of the processes it
 the least noisy. ``--gc on|freeze|off`` also reports the caller's cyclic-GC collections of
 each generation and their CPU, with the GC as it is, frozen (``gc.freeze()`` once imports
 are done) or off, in every run. The JSON (every run, in its order) goes to
-results/<date>-ab-<workload>.json (``--smoke``: <date>-smoke-ab-<workload>.json); when a run
+results/<date>-ab-<workload>[-gc-<mode>].json (``--smoke``: <date>-smoke-ab-...); when a run
 fails or the run is interrupted, what was measured goes to <...>-ab-<workload>-failed.json
 instead.
 """
@@ -115,6 +115,7 @@ def main(argv=None):
     finally:
         summary = None if failure else summarise(labels, walls, records)
         path = HERE / "results" / (f"{run.stem(args)}-ab-{w.name}"
+                                   f"{f'-gc-{args.gc}' if args.gc else ''}"
                                    f"{'-failed' if failure else ''}.json")
         path.write_text(json.dumps({"workload": w.name, "environment": env,
                                     "summary": summary, "table_md": summary and table(summary),

@@ -1,6 +1,6 @@
 """Benchmark driver: mpbatch against the serial loop and its peers, on W1-W4, MEM, DK and L16K-L1M.
 
-    python benchmarks/run.py                        # every workload, 3 repeats (W2, W3: 11)
+    python benchmarks/run.py                        # every workload, 3 repeats (W1-W3: 11)
     python benchmarks/run.py --smoke                # every workload and contender, tiny (CI)
     python benchmarks/run.py --workloads W1,W2 --repeats 5 --only pool,mpbatch-add_many
     python benchmarks/run.py --workloads MEM --big  # adds MEM10M: 10M items through add_many
@@ -147,6 +147,7 @@ class GcClock:
         self.count = [0, 0, 0]
         self.cpu = [0.0, 0.0, 0.0]
         self.started = {}
+        self.forgotten = False  # in this process: a fork of the measured caller
         gc.callbacks.append(self._note)
 
     def _note(self, phase, info):
@@ -163,12 +164,18 @@ class GcClock:
     def report(self):
         return {"collections": self.count, "cpu_s": self.cpu}
 
-    def forget(self, enabled):
-        """In a forked child: no clock, and the GC as it was before gc_mode (``enabled``:
-        whether it was on then)."""
+    def forget(self, enabled, frozen):
+        """In a child forked from the measured caller: no clock, and the GC as it was
+        before gc_mode (``enabled``: on then; ``frozen``: gc_mode froze it). Once: a fork
+        of that child (a worker of mpbatch's zygote, which froze its own objects) runs
+        the handler again, and must keep what its parent chose."""
+        if self.forgotten:
+            return
+        self.forgotten = True
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._note)
-        gc.unfreeze()
+        if frozen:
+            gc.unfreeze()
         if enabled:
             gc.enable()
 
@@ -185,7 +192,7 @@ def gc_mode(mode):
     # The caller's alone: a worker forked from it (Pool, ProcessPoolExecutor and the floors
     # under fork, mpbatch's zygote) collects as it would have.
     enabled = gc.isenabled()
-    os.register_at_fork(after_in_child=lambda: clock.forget(enabled))
+    os.register_at_fork(after_in_child=lambda: clock.forget(enabled, mode == "freeze"))
     if mode == "freeze":
         gc.freeze()
     elif mode == "off":
@@ -820,7 +827,7 @@ def parse_args(argv):
     p.add_argument("--workloads", type=lambda s: s.split(","), help="e.g. W1,W2 (default all)")
     p.add_argument("--only", type=lambda s: s.split(","), help="contenders, e.g. pool,serial")
     p.add_argument("--repeats", type=int,
-                   help="measured runs per contender (default 3; W2, W3: at least 11)")
+                   help="measured runs per contender (default 3; W1-W3: at least 11)")
     p.add_argument("--chunksize", type=lambda s: [int(x) for x in s.split(",")],
                    help="chunk sizes to sweep instead of each workload's list; one: no sweep")
     p.add_argument("--no-sweep", action="store_true", help="use each list's middle value")

@@ -90,8 +90,14 @@ clock = run.gc_mode({mode!r})
 gc.collect()
 r, w = os.pipe()
 pid = os.fork()
-if pid == 0:
+if pid == 0:  # a worker forked by the caller; it freezes, as mpbatch's zygote does
     os.write(w, f"{{gc.isenabled()}} {{gc.get_freeze_count()}} {{len(gc.callbacks)}}".encode())
+    gc.freeze()
+    grandchild = os.fork()
+    if grandchild == 0:  # the zygote's worker keeps what the zygote chose
+        os.write(w, f" {{gc.get_freeze_count() > 0}}".encode())
+        os._exit(0)
+    os.waitpid(grandchild, 0)
     os._exit(0)
 os.waitpid(pid, 0)
 print(clock.report()["collections"][2], gc.isenabled(), os.read(r, 100).decode())
@@ -102,7 +108,8 @@ print(clock.report()["collections"][2], gc.isenabled(), os.read(r, 100).decode()
     full, enabled, *child = run.stdout.split()
     assert full == "1"  # the gc.collect() above, seen by the clock
     assert enabled == str(mode != "off")
-    assert child == ["True", "0", "0"], child  # a forked worker: GC as it was, no clock
+    # a forked worker: the GC as it was, no clock; its own fork keeps the freeze it made
+    assert child == ["True", "0", "0", "True"], child
 
 
 def _runs_all_ok(stdout: str) -> list[str]:
