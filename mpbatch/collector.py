@@ -246,8 +246,8 @@ class Collector(threading.Thread):
 
     def help(self, token: int) -> None:
         """Read and record every report that has arrived, in the calling thread (inside
-        add_many() call ``token``, between blocks); nothing if this thread holds the role
-        now."""
+        add_many() call ``token``, between blocks); nothing if another thread holds the
+        role now (the collector is reading them)."""
         self._heard_ns = time.monotonic_ns()
         if token not in self._helpers:  # (a hint, unlocked) forgotten while away: back in
             self.join_helpers(token)
