@@ -150,10 +150,10 @@ def summarise(labels, walls, records):
     for label in labels:
         ratios = [x / y for x, y in zip(walls[label], base, strict=True)]
         mine = [rec for rec in records if rec["label"] == label]
-        pss = [rec["peak_pss"] / 2**20 for rec in mine if rec.get("peak_pss")]
+        pss = median_of(mine, "peak_pss")
         row = {"label": label, "wall": statistics.median(walls[label]),
                "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
-               "pss_mb": statistics.median(pss) if pss else None,
+               "pss_mb": None if pss is None else pss / 2**20,
                "caller_cpu": median_of(mine, "caller_cpu"),
                "reaped_cpu": median_of(mine, "reaped_cpu")}
         if all("gc" in rec for rec in mine):
@@ -179,17 +179,13 @@ def table(summary):
     for row in summary:
         cells = [row["label"], f"{row['wall']:.3f}",
                  f"{row['ratio']:.3f} ({row['low']:.3f}-{row['high']:.3f})",
-                 _f(row["pss_mb"], ".1f"), _f(row["caller_cpu"], ".3f"),
-                 _f(row["reaped_cpu"], ".3f")]
+                 run.or_dash(row["pss_mb"], ".1f"), run.or_dash(row["caller_cpu"], ".3f"),
+                 run.or_dash(row["reaped_cpu"], ".3f")]
         if gc_shown:
             cells.append(" / ".join(f"{s:.3f} ({n:.0f})" for s, n in
                                     zip(row["gc_cpu"], row["gc_collections"], strict=True)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _f(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,17 @@ import psutil
 import workloads
 from contenders import MPBATCH_INTERVAL as INTERVAL
 from contenders import Tally
-from run import BUSY, BUSY_SECONDS, HERE, MB, RESULTS, ROOT, mpbatch_digest, wait_until_idle
+from run import (
+    BUSY,
+    BUSY_SECONDS,
+    HERE,
+    MB,
+    RESULTS,
+    ROOT,
+    mpbatch_digest,
+    or_dash,
+    wait_until_idle,
+)
 
 WORKERS = 2
 # size= per (workload, call): the sizes run.py's sweep chose on 2026-12-06 (README)
@@ -893,10 +903,6 @@ def summarize(workload, n, runs):
     return {"n": n, "rows": rows, "ratios": ratios}
 
 
-def _f(value, fmt):
-    return "-" if value is None else format(value, fmt)
-
-
 def table(workload, summary, title):
     rows, n = summary["rows"], summary["n"]
     head = ["contender", "size", "items/s", "÷ local same call", "÷ local add_many"]
@@ -914,16 +920,18 @@ def table(workload, summary, title):
         many = rows.get("local add_many", {}).get("items_per_s")
         ray = name.startswith("ray")
         cells = [name, str(row["size"] or "-"), f"{row['items_per_s']:,.0f}",
-                 _f(row["items_per_s"] / same if same else None, ".2f"),
-                 _f(row["items_per_s"] / many if many else None, ".2f")]
+                 or_dash(row["items_per_s"] / same if same else None, ".2f"),
+                 or_dash(row["items_per_s"] / many if many else None, ".2f")]
         if workload == "W2":
-            cells.append(_f(row.get("efficiency"), ".2f"))
+            cells.append(or_dash(row.get("efficiency"), ".2f"))
         cpu = row["cpu_s"]
-        cells += [f"{row['wall_s']:.2f}", _f(row["caller_cpu_us_per_item"], ".2f"),
-                  _f(cpu.get("workers"), ".2f"), _f(cpu.get("ray") if ray else None, ".2f"),
-                  _f(row.get("start_to_ready_s"), ".2f"), _f(row.get("peak_total_mb"), ".0f"),
-                  _f(row.get("peak_ray_all_mb") if ray else None, ".0f"),
-                  _f(row.get("peak_caller_mb"), ".0f"),
+        cells += [f"{row['wall_s']:.2f}", or_dash(row["caller_cpu_us_per_item"], ".2f"),
+                  or_dash(cpu.get("workers"), ".2f"),
+                  or_dash(cpu.get("ray") if ray else None, ".2f"),
+                  or_dash(row.get("start_to_ready_s"), ".2f"),
+                  or_dash(row.get("peak_total_mb"), ".0f"),
+                  or_dash(row.get("peak_ray_all_mb") if ray else None, ".0f"),
+                  or_dash(row.get("peak_caller_mb"), ".0f"),
                   f"{row['runs_ok']}/{row['runs']}"
                   + (f" ({row['runs_busy']} busy)" if row["runs_busy"] else "")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -507,6 +507,11 @@ def sweep(args, w, names, rounds, log, cache):
     return chosen, trials
 
 
+def or_dash(value, spec):
+    """``value`` formatted by ``spec``, or "-" where it was not measured (a table cell)."""
+    return "-" if value is None else format(value, spec)
+
+
 def fmt_run(rec, n, value_bytes=0):
     if not rec["ok"]:
         return f"FAILED {rec.get('error')}"
