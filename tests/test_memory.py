@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 import mpbatch
-from tests import fns, rayenv
+from tests import fns
 
 
 def memory_cgroup_root():
@@ -95,11 +95,16 @@ def _tree_memory(me, backend):
 @pytest.mark.timeout(120)
 def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory, backend):
     """Guarantee 6 on the large-value path (values out of band, worker buffers reused,
-    freed memory kept by the workers' malloc): after a warm-up of 100 MiB, 600 MiB more of
-    1 MiB values leave the whole process tree, caller and workers, within 100 MB of where
-    it was (on Ray 200 MB: a value in flight is also in the object store and copied out of
-    it), and 600 MiB after those add nothing to the peak (on Ray, nothing beyond the pages
-    of the fixed-size object store not touched yet)."""
+    freed memory kept by the workers' malloc): after a warm-up, 600 MiB more of 1 MiB values
+    leave the whole process tree, caller and workers, within 100 MB of where it was, and
+    600 MiB after those add less than 30 MB to the peak.
+
+    The warm-up is 100 values, but 2,000 on Ray: there the tree's memory climbs by ~200 MB
+    over the first ~2 GiB of values before it levels off (measured: 808 MB at the first
+    100 values, 987 at 1,200, 1,003-1,005 from 1,900 to 3,000). Between 100 and 700 values
+    ~28 MB of the rise were the object store's pages touched for the first time, the rest
+    anonymous memory: the caller's +41-51 MB and each actor's +16-28 MB. A shorter warm-up
+    measured that one-off climb (up to 211 MB once) instead of growth with the stream."""
     me = psutil.Process()
     pool = os.urandom((1 << 20) + 4096)
     peak = [0]
@@ -113,20 +118,17 @@ def test_a_long_stream_of_large_values_runs_in_bounded_memory(batcher_factory, b
     got = [0]
     b = batcher_factory(fns.digest, size=4, workers=2, buffer=8,
                         on_result=lambda key, vs, rs: got.__setitem__(0, got[0] + len(rs)))
-    b.add_many(values(100))
+    warm = 100 if backend == "process" else 2_000
+    b.add_many(values(warm))
     b.flush()
     start, peak[0] = _tree_memory(me, backend), 0
     b.add_many(values(600))
     b.flush()
     first = peak[0]
-    limit = 100 if backend == "process" else 200
-    assert first - start < limit * 1024 * 1024, \
+    assert first - start < 100 * 1024 * 1024, \
         f"the tree grew {(first - start) / 1e6:.0f} MB over 600 MiB more"
     b.add_many(values(600))
     b.flush()
-    # On Ray the tree's PSS also counts the object store's pages as its processes first
-    # touch them: up to the store's fixed size more (seen: 41 and 56 MB), never more.
-    rise = 30 * 1024 * 1024 if backend == "process" else rayenv.OBJECT_STORE_BYTES
-    assert peak[0] - first < rise, \
+    assert peak[0] - first < 30 * 1024 * 1024, \
         f"the peak rose {(peak[0] - first) / 1e6:.0f} MB over the next 600 MiB"
-    assert got[0] == 1300 and b.stats().succeeded == 1300
+    assert got[0] == b.stats().succeeded == warm + 1200
