@@ -79,6 +79,22 @@ def test_ab_harness_reports_the_callers_gc():
         assert len(gens) == 3 and all(g.endswith(")") for g in gens), row
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_profiles_harness_smoke_run():
+    """profiles.py: py-spy over a contender's runs, a row per process role and thread."""
+    run = subprocess.run(
+        [sys.executable, "benchmarks/profiles.py", "--smoke", "--gil", "--workload", "W1",
+         "--repeats", "3", "--run", "bare-keyed:100", "--run", "mpbatch-add_many:100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "| run | process, thread | s on the stack per run |" in run.stdout, out[-3000:]
+    for name in ("bare-keyed:100", "mpbatch-add_many:100"):
+        assert f"| {name} | caller, main thread | " in run.stdout, out[-3000:]
+    assert "importlib" not in run.stdout, out[-3000:]  # the child's imports are left out
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["on", "freeze", "off"])
 def test_gc_mode_counts_the_callers_collections_and_leaves_forked_workers_alone(mode):
