@@ -83,6 +83,7 @@ from run import (
     MB,
     RESULTS,
     ROOT,
+    frame_label,
     mpbatch_digest,
     or_dash,
     wait_until_idle,
@@ -769,20 +770,14 @@ def summarize_folded(path, top=12):
         n = int(count)
         threads[thread] += n
         if frames:
-            own[thread][_frame(frames[-1])] += n
-        for frame in set(map(_frame, frames)):
+            own[thread][frame_label(frames[-1])] += n
+        for frame in set(map(frame_label, frames)):
             inclusive[thread][frame] += n
     total = sum(threads.values()) or 1
     return {thread: {"samples": count, "share": count / total,
                      "self": own[thread].most_common(top),
                      "inclusive": inclusive[thread].most_common(top)}
             for thread, count in threads.most_common()}
-
-
-def _frame(frame):
-    """'func (path/to/file.py:12)' -> 'func (file.py)': lines merged per function."""
-    name, _, where = frame.partition(" (")
-    return f"{name} ({os.path.basename(where.split(':')[0])})" if where else name
 
 
 def run_profile(args, driver, rounds, log):

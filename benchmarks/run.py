@@ -760,6 +760,13 @@ def mpbatch_digest(args):
     return digest.hexdigest()[:12]
 
 
+def frame_label(frame):
+    """A py-spy frame, 'func (path/to/file.py:12)', as 'func (file.py)': lines merged per
+    function (ray_backend.py's and profiles.py's profiles)."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({os.path.basename(where.split(':')[0])})" if where else name
+
+
 def _git(*argv, cwd=ROOT):
     """Read-only git facts for the record (the commit measured); '' outside a checkout."""
     try:

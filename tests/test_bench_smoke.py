@@ -85,14 +85,55 @@ def test_profiles_harness_smoke_run():
     """profiles.py: py-spy over a contender's runs, a row per process role and thread."""
     run = subprocess.run(
         [sys.executable, "benchmarks/profiles.py", "--smoke", "--gil", "--workload", "W1",
-         "--repeats", "3", "--run", "bare-keyed:100", "--run", "mpbatch-add_many:100"],
+         "--repeats", "5", "--run", "bare-keyed:100", "--run", "mpbatch-add_many:100"],
         cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     assert "| run | process, thread | s on the stack per run |" in run.stdout, out[-3000:]
     for name in ("bare-keyed:100", "mpbatch-add_many:100"):
         assert f"| {name} | caller, main thread | " in run.stdout, out[-3000:]
-    assert "importlib" not in run.stdout, out[-3000:]  # the child's imports are left out
+        wall, caller_cpu, reaped_cpu = run.stdout.split(f"\n| {name} | ")[-1].split(" |")[:3]
+        assert float(wall) > 0 and float(caller_cpu) > 0 and float(reaped_cpu) > 0, out
+
+
+# py-spy's raw output for one contender, written by hand: the child (pid 10) and a worker it
+# started (pid 11) under spawn, whose command line holds a ';' as spawn's does.
+_CHILD = 'process 10:"python profiles.py --child"'
+_WORKER = 'process 11:"python -c from multiprocessing.spawn import spawn_main; spawn_main(5)"'
+_STACKS = [
+    ([_CHILD, "thread (10): MainThread", "<module> (profiles.py:1)", "child_main (profiles.py:2)",
+      "run (contenders.py:3)", "stream (contenders.py:4)", "pull (bulk.py:5)"], 30),
+    ([_CHILD, "thread (10): MainThread", "<module> (profiles.py:1)",
+      "_find_and_load (<frozen importlib._bootstrap>:6)"], 50),  # an import: left out
+    ([_CHILD, "thread (10): MainThread", "_shutdown (threading.py:7)"], 5),  # the exit: out
+    ([_CHILD, "thread (12): Thread-3 (_handle_results)", "Thread._bootstrap (threading.py:8)",
+      "Thread._bootstrap_inner (threading.py:9)", "Thread.run (threading.py:10)",
+      "Pool._handle_tasks (pool.py:11)", "send (connection.py:12)"], 10),
+    ([_CHILD, _WORKER, "thread (11): MainThread", "<module> (<string>:1)",
+      "spawn_main (spawn.py:13)", "serve (bare.py:14)"], 40),
+    ([_CHILD, _WORKER, "thread (13)", "watch (worker.py:15)"], 20),
+]
+_SPY = "".join(f"{';'.join(frames)} {n}\n" for frames, n in _STACKS)
+
+
+def test_profiles_counts_each_thread_of_the_runs_only():
+    """profiles.summarize on py-spy's format: roles, thread names, what is left out, the
+    seconds per run (no py-spy needed)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import profiles
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    got = profiles.summarize(_SPY, 0.0, per_s=10)  # e.g. a rate of 5 Hz, 2 repeats
+    caller, under = got["caller"]["threads"], got["under the caller"]["threads"]
+    # the imports (50) and the exit (5) are left out: 30 + 10 + 40 + 20 samples counted
+    assert caller["main thread"]["s"] == 3.0
+    assert caller["main thread"]["self"] == [["pull (bulk.py)", 1.0]]
+    assert caller["Pool._handle_tasks (pool.py)"]["s"] == 1.0  # not py-spy's stale name
+    assert under["main thread"]["s"] == 4.0 and under["main thread"]["share"] == 0.4
+    assert under["watch (worker.py)"]["s"] == 2.0  # a thread started by _thread
+    assert set(caller) == {"main thread", "Pool._handle_tasks (pool.py)"}
+    assert set(under) == {"main thread", "watch (worker.py)"}
 
 
 @pytest.mark.timeout(60)
