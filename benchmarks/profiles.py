@@ -9,8 +9,8 @@ Each --run is one contender of run.py at one chunk size. It runs ``--repeats`` t
 child process (the workload at run.py's size, after the contender's imports, with this
 checkout's mpbatch, as run.py's child does), and ``py-spy record --subprocesses --threads``
 samples that process and every process under it (workers, zygote) at ``--rate`` Hz
-(pip install -e ".[bench]"; py-spy needs ptrace rights over its child: in a container,
-CAP_SYS_PTRACE). The child also records each run's wall time, its own CPU and the CPU of
+(pip install -e ".[bench]"; py-spy needs ptrace rights over the child it starts: in a
+container, CAP_SYS_PTRACE). The child also records each run's wall time, its own CPU and the CPU of
 the processes it reaped (its workers, except under forkserver), under py-spy.
 
 With ``--gil`` only the thread holding each process's GIL is sampled: where Python code
