@@ -81,8 +81,16 @@ def test_ab_harness_reports_the_callers_gc():
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_profiles_harness_smoke_run():
+def test_profiles_harness_smoke_run(tmp_path):
     """profiles.py: py-spy over a contender's runs, a row per process role and thread."""
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    probe = subprocess.run([spy, "record", "--format", "raw", "--output", str(tmp_path / "p"),
+                            "--", sys.executable, "-c", "import time; time.sleep(0.2)"],
+                           capture_output=True, text=True, timeout=60, check=False)
+    if probe.returncode != 0 and "ermission" in probe.stderr + probe.stdout:
+        pytest.skip("py-spy may not trace its child here (ptrace denied: in a container it "
+                    f"needs CAP_SYS_PTRACE): {probe.stderr.strip()[-200:]}")
+    assert probe.returncode == 0, probe.stderr[-2000:]
     run = subprocess.run(
         [sys.executable, "benchmarks/profiles.py", "--smoke", "--gil", "--workload", "W1",
          "--repeats", "5", "--run", "bare-keyed:100", "--run", "mpbatch-add_many:100"],
