@@ -191,7 +191,7 @@ def table(runs):
     return "\n".join(lines)
 
 
-def _checked(spec, smoke):
+def _checked(spec):
     """(name, chunk) of one --run; exits naming what is wrong."""
     import contenders
 
@@ -232,7 +232,7 @@ def main():
         sys.exit(f"unknown workload {args.workload!r}")
     specs = []
     for text in args.run:
-        name, chunk, contenders = _checked(text, args.smoke)
+        name, chunk, contenders = _checked(text)
         if not contenders.applies(name, w):
             sys.exit(f"--run {text}: {name} does not run {args.workload}")
         specs.append((name, chunk))
