@@ -41,19 +41,16 @@ import datetime
 import json
 import os
 import re
-import resource
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import workloads
 from ab import checkout_facts, contender
-from run import RESULTS, ROOT, frame_label
+from run import RESULTS, ROOT, RunClock, frame_label, py_spy
 
 THREADING = ("Thread._bootstrap", "Thread._bootstrap_inner", "Thread.run")
 # py-spy's folded frames: a command line may hold ';' (spawn's `-c ...; spawn_main(...)`),
@@ -71,23 +68,17 @@ def child_main(workload, name, chunk, repeats, rounds, smoke, done):
     contenders.preload(name)
     runs = []
     for _ in range(repeats):
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start, cpu = time.perf_counter(), time.process_time()
+        timer = RunClock()
         count, _, _ = contenders.run(name, contenders.Job(w, w.n, chunk, rounds))
-        wall, own = time.perf_counter() - start, time.process_time() - cpu
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        reaped = (after.ru_utime + after.ru_stime) - (kids.ru_utime + kids.ru_stime)
+        runs.append(timer.read())
         if count != w.n:
             sys.exit(f"{name}: {count} results of {w.n}")
-        runs.append({"wall": wall, "caller_cpu": own, "reaped_cpu": reaped})
     Path(done).write_text(json.dumps(runs))
 
 
 def record(args, name, chunk, rounds, folder):
     """py-spy's raw (folded) output of one contender's child, and the child's runs."""
-    # The venv's own bin first: a venv's python run by its path has no PATH entry there.
-    exe = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                       os.environ.get("PATH", "")]))
+    exe = py_spy()
     if exe is None:
         sys.exit('py-spy is not installed: pip install -e ".[bench]"')
     out, done = Path(folder) / f"{name}-{chunk}.txt", Path(folder) / f"{name}-{chunk}.json"

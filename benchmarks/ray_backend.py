@@ -86,6 +86,7 @@ from run import (
     frame_label,
     mpbatch_digest,
     or_dash,
+    py_spy,
     wait_until_idle,
 )
 
@@ -728,7 +729,7 @@ def start_spies(folder, spec, caller, workers):
     py-spy's idle detection counts waiting threads here), pausing the process for each
     sample; returns once each has had time to attach. CPU per thread, from /proc, is in
     the run's record."""
-    exe = shutil.which("py-spy")
+    exe = py_spy()
     if exe is None:
         return []
     stem = f"{spec['workload']}-{spec['name'].replace(' ', '-')}"

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,23 +113,14 @@ def child_main(spec):
     contenders.preload(spec["contender"])
     clock = gc_mode(spec.get("gc"))
     rss = psutil.Process().memory_info().rss
-    start, cpu = time.perf_counter(), time.process_time()
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    timer = RunClock()
     try:
         count, checksum, extra = contenders.run(spec["contender"], job)
         out = {"count": count, "checksum": checksum, "extra": extra}
     except BaseException as exc:  # reported as the run's error, not raised
         traceback.print_exc()
         out = {"error": f"{type(exc).__name__}: {exc}"}
-    out["wall"] = time.perf_counter() - start
-    # The caller's own CPU (all its threads, not its workers): what the stream costs the
-    # program that feeds it, whatever the number of workers.
-    out["caller_cpu"] = time.process_time() - cpu
-    # The CPU of every descendant reaped meanwhile: the workers, under fork and the zygote
-    # (whose workers it reaps before it is reaped); not under forkserver, whose server
-    # outlives the run.
-    done = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out["reaped_cpu"] = (done.ru_utime + done.ru_stime) - (kids.ru_utime + kids.ru_stime)
+    out |= timer.read()
     if clock is not None:
         out["gc"] = clock.report()
     # The caller's own memory, apart from its workers': RSS when the clock started and the
@@ -137,6 +129,27 @@ def child_main(spec):
     out["caller_rss_start"] = rss
     out["caller_rss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(RESULT_TAG + json.dumps(out, default=repr), flush=True)
+
+
+class RunClock:
+    """One run's wall time, the caller's own CPU (all its threads, not its workers: what the
+    stream costs the program that feeds it, whatever the number of workers) and the CPU of
+    every descendant reaped meanwhile: the workers, under fork and the zygote (whose workers
+    it reaps before it is reaped); not under forkserver, whose server outlives the run."""
+
+    def __init__(self):
+        self.start, self.cpu = time.perf_counter(), time.process_time()
+        self.reaped = _reaped_cpu()
+
+    def read(self):
+        return {"wall": time.perf_counter() - self.start,
+                "caller_cpu": time.process_time() - self.cpu,
+                "reaped_cpu": _reaped_cpu() - self.reaped}
+
+
+def _reaped_cpu():
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
 
 
 class GcClock:
@@ -758,6 +771,13 @@ def mpbatch_digest(args):
     for path in sorted((args.mpbatch / "mpbatch").rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def py_spy():
+    """The py-spy executable, or None: the running venv's own first (a venv's python run by
+    its path puts nothing of the venv on PATH), then PATH."""
+    return shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                        os.environ.get("PATH", "")]))
 
 
 def frame_label(frame):
