@@ -193,6 +193,7 @@ def _runs_all_ok(stdout: str) -> list[str]:
                      "| submit_bytes_per_pending_call |"]),
     ("keyed.py", ["| mpbatch add_many affinity |", "| pool map |",
                   "| affinity / the better of least-loaded and key", "W3 (1,000 items)"]),
+    ("fill.py", ["| 20,000 : 500 | mpbatch@", "| 400,000 : 5000 | pool |"]),
 ])
 def test_files_and_executor_harness_smoke_run(script, rows):
     run = subprocess.run(
