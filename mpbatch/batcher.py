@@ -10,9 +10,10 @@
    buffer is full (then flagged FULL: the worker runs it at once), when half of interval
    has passed (the collector's timer), or on flush()/close(); add_many (bulk.py) sends
    blocks of up to 4 batches ("key", "affinity": each block split by owner in one pass)
- dispatch (dispatch.py): pick i (least-loaded: least queued work, min (sent[i] - done[i])
-   x cost[i], from shared memory, counters.py, with cost[i] worker i's recent work_ns per
-   item, costs.py; round-robin; key: spread crc32 of the key; affinity: its home unless
+ dispatch (dispatch.py): pick i (least-loaded: least work queued ahead, min (sent[i] -
+   done[i] - held[i]) x cost[i], the fullest batch held of equals, from shared memory,
+   counters.py, with held[i] the items of the batch worker i is filling and cost[i] its
+   recent work_ns per item, costs.py; round-robin; key: spread crc32 of the key; affinity: its home unless
    it has spill_after of work queued, affinity.py), record the chunk in ledger i
    (ledger.py), sent[i] += n; add_many pulls its next block once the worker with the
    fewest queued items has room for half a batch under ~20 ms of work at the pooled cost,
@@ -20,7 +21,8 @@
    recorded and written (interrupts.py)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
    (transport.py; processes: lifecycle.py, zygote.py)         (inlet.py); group by key;
-                                                              flush at min(size, buffer),
+                                                              held[i] = its items; flush
+                                                              at min(size, buffer),
                                                               max_bytes, deadline, FULL or
                                                               FLUSH; do(batch[, state]);
                                                               check its shape (results.py)

@@ -16,7 +16,7 @@ import secrets
 
 from .shm import Segment
 
-# Shared-memory layout: worker i owns 128 bytes (16 int64 cells, 6 unused), two cache
+# Shared-memory layout: worker i owns 128 bytes (16 int64 cells, 5 unused), two cache
 # lines, so that two workers never write the same cache line.
 #   int64 sent     at 128*i + 0   writer: dispatcher   items sent to worker i (this incarnation)
 #   int64 done     at 128*i + 8   writer: worker i     items worker i has reported back
@@ -33,8 +33,10 @@ from .shm import Segment
 #                                                      (steal.py); one store, never torn
 #   int64 given    at 128*i + 72  writer: worker i     items of ``done`` handed back unrun
 #                                                      (cost per item: work_ns/(done-given))
+#   int64 held     at 128*i + 80  writer: worker i     items in the batch it is filling (not
+#                                                      yet in do(); routing, costs.py)
 CELLS = 16
-SENT, DONE, B_START, B_END, BUSY_NS, BATCHES, WORK_NS, CANCEL, ASK, GIVEN = range(10)
+SENT, DONE, B_START, B_END, BUSY_NS, BATCHES, WORK_NS, CANCEL, ASK, GIVEN, HELD = range(11)
 ASK_ITEMS = 0xFFFFFFFF  # the low half of ``ask``: items asked for
 
 

@@ -53,6 +53,7 @@ from .counters import (
     CANCEL,
     CELLS,
     DONE,
+    HELD,
     WORK_NS,
     LoadCounters,
 )
@@ -601,7 +602,7 @@ class RayPool:
     def _forward(self, slot: _Slot, proc: RayProc, data: bytes, snapshot: tuple) -> bool:
         """Copy the actor's counters into line i, then hand its frames to the collector;
         False if ``proc`` is no longer the current instance."""
-        done, work_ns, batches, b_start, b_end, busy_age = snapshot
+        done, work_ns, batches, b_start, b_end, busy_age, held = snapshot
         cells, base = self.counters.cells, CELLS * slot.i
         with slot.cond:
             if slot.proc is not proc or not proc.is_alive():
@@ -613,6 +614,7 @@ class RayPool:
             cells[base + B_START] = b_start
             cells[base + B_END] = b_end
             cells[base + BUSY_NS] = time.monotonic_ns() - busy_age if busy_age >= 0 else 0
+            cells[base + HELD] = held
             cells[base + DONE] = done
             conn = slot.results_w
         if data and conn is not None:

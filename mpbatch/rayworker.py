@@ -9,7 +9,7 @@ ends of them:
 
 ``pull`` waits until the loop has reported something (or PULL_WAIT passes) and returns the
 frames with a snapshot of the loop's counters (items done, time in do(), the batch in
-do() and since when), which the caller copies into its own shared-memory line for this
+do() and since when, the items of the batch being filled), which the caller copies into its own shared-memory line for this
 worker: routing, pacing, timeouts and death handling read them there as they do locally.
 
 Each instance draws a token when it starts. Ray restarts a dead actor in place
@@ -33,7 +33,7 @@ import cloudpickle
 
 from . import transport as tp
 from . import worker
-from .counters import B_END, B_START, BATCHES, BUSY_NS, CANCEL, CELLS, DONE, WORK_NS
+from .counters import B_END, B_START, BATCHES, BUSY_NS, CANCEL, CELLS, DONE, HELD, WORK_NS
 from .inlet import Inlet
 from .lifecycle import _widen
 from .results import failure
@@ -182,7 +182,7 @@ class RayWorker:
             cells = self.counters.cells
             busy = cells[BUSY_NS]
             snapshot = (cells[DONE], cells[WORK_NS], cells[BATCHES], cells[B_START],
-                        cells[B_END], time.monotonic_ns() - busy if busy else -1)
+                        cells[B_END], time.monotonic_ns() - busy if busy else -1, cells[HELD])
             self._answered = time.monotonic()
             exitcode = self.exitcode if ended or self.exitcode == worker.EXIT_INIT_FAILED \
                 else None

@@ -41,6 +41,7 @@ from .counters import (
     CELLS,
     DONE,
     GIVEN,
+    HELD,
     WORK_NS,
     LoadCounters,
 )
@@ -387,6 +388,7 @@ class _Loop:
         """Hold nothing (the items held went to do(), back to the caller, or failed)."""
         self.held, self.held_n, self.held_bytes = defaultdict(list), 0, 0
         self.held_parts, self.held_values, self.held_want = [], [], False
+        self.cells[self.base + HELD] = 0
 
     def _fail_held(self, exc: BaseException, end: int) -> None:
         """A key's hash() or == raised while items were grouped: fail every item held and
@@ -416,6 +418,7 @@ class _Loop:
         self._group(self.held, keys, values, lo, hi)
         self.held_n += hi - lo
         self.pos += hi - lo
+        self.cells[self.base + HELD] = self.held_n  # routing fills this batch first
 
     def _group(self, held: defaultdict, keys: list, values: list, lo: int, hi: int) -> None:
         if self.one_key:  # the whole chunk has one key: one extend, in C

@@ -10,7 +10,17 @@ import pytest
 
 import mpbatch
 from mpbatch.costs import Costs
-from mpbatch.counters import B_END, B_START, BUSY_NS, DONE, GIVEN, SENT, WORK_NS, LoadCounters
+from mpbatch.counters import (
+    B_END,
+    B_START,
+    BUSY_NS,
+    DONE,
+    GIVEN,
+    HELD,
+    SENT,
+    WORK_NS,
+    LoadCounters,
+)
 from mpbatch.dispatch import SPREAD_PACED_BATCHES, Pacer, Router, key_hash
 from tests import fns
 
@@ -60,6 +70,43 @@ def test_least_loaded_uses_every_worker(batcher_factory, backend):
     b = batcher_factory(fns.with_pid, routing="least-loaded", size=10, workers=2)
     rows = pids_and_values(b, [("same-key", i) for i in range(2000)])
     assert len({pid for _, pid, _ in rows}) == 2
+
+
+def test_least_loaded_fills_one_batch_at_a_time(batcher_factory, backend):
+    """Items sent one chunk at a time, each held by its worker before the next goes, join
+    the batch being filled until it is full and runs, interval (60 s) or no interval.
+    Were the held items counted as work queued ahead, the chunks would alternate between
+    the two workers, each would hold half a batch, and neither would run for a minute."""
+    got = []
+    twenty = threading.Event()
+
+    def on_result(key, values, results):
+        got.extend(results)
+        if len(got) == 20:
+            twenty.set()
+
+    b = batcher_factory(fns.with_pid, size=20, interval=60, workers=2, on_result=on_result)
+    for i in range(20):
+        assert b.add_many([("k", i)]) == 1  # one chunk
+        if i < 19:  # the last one fills the batch: it runs, and HELD drops to 0
+            _until(lambda n=i + 1: _held(b) == [n, 0], f"worker 0 to hold {i + 1} items")
+    assert twenty.wait(timeout=20), f"{len(got)} results of 20 in 20 s"
+    assert len({pid for pid, _ in got}) == 1  # one batch: all on worker 0
+    assert sorted(v for _, v in got) == list(range(20))
+    _until(lambda: _held(b) == [0, 0], "the batch, once run, to be held no more")
+
+
+def _held(b):
+    return [b._counters.get(i, HELD) for i in range(2)]
+
+
+def _until(check, what, timeout=20.0):
+    """Wait for ``check()``, a state of another process read from shared memory, which
+    signals no event: polled, failing the test past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.002)
 
 
 def test_least_loaded_avoids_a_busy_worker(batcher_factory, tmp_path):
@@ -206,6 +253,29 @@ def test_least_loaded_weighs_queued_items_by_each_workers_measured_cost(shared_c
     counters.set(0, SENT, 100)
     assert router.least_loaded() == 1  # 100 items at the pooled ~1 ms against 12 ms
     assert router.costs.per_worker[0] == 0 and router.costs.of(0) == router.costs.pooled
+
+
+def test_least_loaded_counts_no_part_batch_as_work_ahead(shared_counters):
+    # Items in the batch a worker is filling run with the next chunk, not before it: they
+    # are no work ahead of it. Of equals, the chunk goes to the fuller batch.
+    counters = shared_counters(2)
+    router = Router("least-loaded", counters)
+    counters.set(0, SENT, 50)
+    counters.set(0, HELD, 50)
+    assert router.least_loaded() == 0  # neither has work ahead: worker 0's batch is fuller
+    counters.set(1, SENT, 10)
+    counters.set(1, HELD, 10)
+    assert router.least_loaded() == 0
+    counters.set(1, HELD, 0)  # worker 1 has not taken its 10 yet: they are ahead
+    assert router.least_loaded() == 0
+    counters.set(0, SENT, 50 + 20)  # 20 sent to worker 0 behind its 50 held
+    assert router.least_loaded() == 1
+    for i in range(2):  # known costs weigh the work ahead, never the part batch
+        counters.set(i, WORK_NS, 10 * 1_000_000)
+        counters.set(i, DONE, 10)
+        counters.set(i, SENT, counters.get(i, SENT) + 10)
+    counters.set(0, HELD, 60)  # worker 0: 10 ahead and 60 held; worker 1: 10 ahead
+    assert router.least_loaded() == 0
 
 
 def test_costs_take_no_sample_while_given_and_done_disagree(shared_counters):
