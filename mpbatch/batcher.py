@@ -13,12 +13,12 @@
  dispatch (dispatch.py): pick i (least-loaded: least work queued ahead, min (sent[i] -
    done[i] - held[i]) x cost[i], the fullest batch held of equals, from shared memory,
    counters.py, with held[i] the items of the batch worker i is filling and cost[i] its
-   recent work_ns per item, costs.py; round-robin; key: spread crc32 of the key; affinity: its home unless
-   it has spill_after of work queued, affinity.py), record the chunk in ledger i
-   (ledger.py), sent[i] += n; add_many pulls its next block once the worker with the
-   fewest queued items has room for half a batch under ~20 ms of work at the pooled cost,
-   or two batches (three under affinity: Pacer); a Ctrl-C waits until the chunk is
-   recorded and written (interrupts.py)
+   recent work_ns per item, costs.py; round-robin; key: spread crc32 of the key;
+   affinity: its home unless it has spill_after of work queued, affinity.py), record the
+   chunk in ledger i (ledger.py), sent[i] += n; add_many pulls its next block once the
+   worker with the fewest queued items has room for half a batch under ~20 ms of work at
+   the pooled cost, or two batches (three under affinity: Pacer); a Ctrl-C waits until
+   the chunk is recorded and written (interrupts.py)
  item pipe i ==== CHUNK(n, deadline, pickle(keys, values)) ===>  main thread (idle) or reader
    (transport.py; processes: lifecycle.py, zygote.py)         (inlet.py); group by key;
                                                               held[i] = its items; flush

@@ -9,8 +9,9 @@ ends of them:
 
 ``pull`` waits until the loop has reported something (or PULL_WAIT passes) and returns the
 frames with a snapshot of the loop's counters (items done, time in do(), the batch in
-do() and since when, the items of the batch being filled), which the caller copies into its own shared-memory line for this
-worker: routing, pacing, timeouts and death handling read them there as they do locally.
+do() and since when, the items of the batch being filled), which the caller copies into its
+own shared-memory line for this worker: routing, pacing, timeouts and death handling read
+them there as they do locally.
 
 Each instance draws a token when it starts. Ray restarts a dead actor in place
 (max_restarts=-1), and calls that were meant for the dead instance may reach the new one:

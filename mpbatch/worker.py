@@ -383,6 +383,9 @@ class _Loop:
             self._hold_by_bytes(keys, values, sizes, deadline, want)
         if flags & tp.FULL:  # the caller knows no more items can join this batch
             self._flush()
+        # What waits for more items, once the chunk is in: routing fills this batch first
+        # (costs.Costs.least). Not a batch about to run (size=1: never anything).
+        self.cells[self.base + HELD] = self.held_n
 
     def _clear_held(self) -> None:
         """Hold nothing (the items held went to do(), back to the caller, or failed)."""
@@ -418,7 +421,6 @@ class _Loop:
         self._group(self.held, keys, values, lo, hi)
         self.held_n += hi - lo
         self.pos += hi - lo
-        self.cells[self.base + HELD] = self.held_n  # routing fills this batch first
 
     def _group(self, held: defaultdict, keys: list, values: list, lo: int, hi: int) -> None:
         if self.one_key:  # the whole chunk has one key: one extend, in C
