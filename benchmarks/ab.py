@@ -11,9 +11,11 @@ backwards: no contender always runs first, nor always right after the same one. 
 medians of wall time, peak PSS, the caller's CPU and the CPU of the processes it reaped
 (its workers, except under forkserver), and each run's wall divided by the first
 ``--run``'s in the same repeat (median and range): the ratio this VM's drifting speed leaves
-the least noisy. ``--gc on|freeze|off`` also reports the caller's cyclic-GC collections of
-each generation and their CPU, with the GC as it is, frozen (``gc.freeze()`` once imports
-are done) or off, in every run. The JSON (every run, in its order) goes to
+the least noisy. On the paced W4, whose wall is its schedule's, also the medians of each
+run's p50 and p99 latency and its p99 over the first run's in the same repeat. ``--gc
+on|freeze|off`` also reports the caller's cyclic-GC collections of each generation and
+their CPU, with the GC as it is, frozen (``gc.freeze()`` once imports are done) or off, in
+every run. The JSON (every run, in its order) goes to
 results/<date>-ab-<workload>[-gc-<mode>].json (``--smoke``: <date>-smoke-ab-...); when a run
 fails or the run is interrupted, what was measured goes to <...>-ab-<workload>-failed.json
 instead.
@@ -139,9 +141,19 @@ def measure_all(args, w, runs, rounds, walls, records):
             if rec.get("leftovers"):
                 return f"{label}: LEFTOVER processes after its run: {rec['leftovers']}"
             walls[label].append(rec["wall"])
-            print(f"[{r}] {label}: {rec['wall']:.3f} s, peak PSS "
-                  f"{rec.get('peak_pss', 0) / 2**20:.1f} MB", flush=True)
+            latency = _latency(rec)
+            shown = (f"p50 {latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms"
+                     if latency else f"peak PSS {(rec.get('peak_pss') or 0) / 2**20:.1f} MB")
+            print(f"[{r}] {label}: {rec['wall']:.3f} s, {shown}", flush=True)
     return None
+
+
+def _latency(rec):
+    """A paced run's (W4's) latency percentiles, or None: its wall is the schedule's."""
+    extra = rec.get("extra") or {}
+    if extra.get("p99_ms") is None:
+        return None
+    return {"p50_ms": extra["p50_ms"], "p99_ms": extra["p99_ms"]}
 
 
 def summarise(labels, walls, records):
@@ -156,6 +168,13 @@ def summarise(labels, walls, records):
                "pss_mb": None if pss is None else pss / 2**20,
                "caller_cpu": median_of(mine, "caller_cpu"),
                "reaped_cpu": median_of(mine, "reaped_cpu")}
+        if all(_latency(rec) for rec in records):  # paced (W4): what to compare is latency
+            first = {rec["repeat"]: _latency(rec)["p99_ms"] for rec in records
+                     if rec["label"] == labels[0]}
+            p99s = [_latency(rec)["p99_ms"] / first[rec["repeat"]] for rec in mine]
+            row["p50_ms"] = statistics.median(_latency(rec)["p50_ms"] for rec in mine)
+            row["p99_ms"] = statistics.median(_latency(rec)["p99_ms"] for rec in mine)
+            row["p99_ratio"] = (statistics.median(p99s), min(p99s), max(p99s))
         if all("gc" in rec for rec in mine):
             row["gc_cpu"] = [statistics.median(rec["gc"]["cpu_s"][g] for rec in mine)
                              for g in range(3)]
@@ -172,15 +191,22 @@ def median_of(records, field):
 
 def table(summary):
     gc_shown = all("gc_cpu" in row for row in summary)
+    latency_shown = all("p99_ms" in row for row in summary)
     head = ("| run | wall s (median) | wall ÷ first, run by run: median (range) | peak PSS MB "
             "| caller CPU s | reaped CPU s |")
+    head += " p50 ms | p99 ms | p99 ÷ first, run by run |" if latency_shown else ""
     lines = [head + (" GC CPU s, gen 0 / 1 / 2 (collections) |" if gc_shown else ""),
-             "|---|---|---|---|---|---|" + ("---|" if gc_shown else "")]
+             "|---|---|---|---|---|---|" + ("---|---|---|" if latency_shown else "")
+             + ("---|" if gc_shown else "")]
     for row in summary:
         cells = [row["label"], f"{row['wall']:.3f}",
                  f"{row['ratio']:.3f} ({row['low']:.3f}-{row['high']:.3f})",
                  run.or_dash(row["pss_mb"], ".1f"), run.or_dash(row["caller_cpu"], ".3f"),
                  run.or_dash(row["reaped_cpu"], ".3f")]
+        if latency_shown:
+            mid, low, high = row["p99_ratio"]
+            cells += [f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}",
+                      f"{mid:.2f} ({low:.2f}-{high:.2f})"]
         if gc_shown:
             cells.append(" / ".join(f"{s:.3f} ({n:.0f})" for s, n in
                                     zip(row["gc_cpu"], row["gc_collections"], strict=True)))

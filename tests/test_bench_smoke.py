@@ -60,6 +60,21 @@ def test_ab_harness_smoke_run():
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_ab_harness_reports_latency_on_the_paced_workload():
+    # W4's wall is its schedule's: the table shows p50, p99 and p99 over the first run's.
+    run = subprocess.run(
+        [sys.executable, "benchmarks/ab.py", "--smoke", "--workload", "W4", "--repeats", "2",
+         "--run", "ppe:1", "--run", "mpbatch-add:1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "| p50 ms | p99 ms | p99 ÷ first, run by run |" in run.stdout, out[-3000:]
+    assert "| 1.00 (1.00-1.00) |" in run.stdout.split("| ppe:1 |")[1], out[-3000:]
+    assert run.stdout.count("[1] ") == 2 and "p99 " in run.stdout, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_ab_harness_reports_the_callers_gc():
     """--gc: the caller's CPU, its workers' and its collections of each generation."""
     run = subprocess.run(
