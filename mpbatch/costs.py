@@ -5,9 +5,10 @@ items it hands back unrun go to GIVEN, also before DONE (counters.py). ``Costs.u
 folds what changed since its last look into a cost per item for each worker and one over
 all of them. Four readers use them:
 
-- routing (dispatch.Router.least_loaded): a chunk goes to the worker with the least queued
-  *work*, its queued items times its cost per item, not the fewest queued items: a worker
-  whose queue is a run of costly items (hot keys) looks as busy as it is;
+- routing (dispatch.Router.least_loaded): a chunk goes to the worker with the least *work*
+  queued ahead of it, its queued items (less those of the batch it is filling, which wait
+  for the chunk) times its cost per item, not the fewest queued items: a worker whose
+  queue is a run of costly items (hot keys) looks as busy as it is;
 - add_many's pacing (dispatch.Pacer): about HORIZON_NS of work per worker, at the pooled
   cost;
 - work stealing (steal.Stealer): the victim is the worker with the most queued work;
@@ -128,25 +129,30 @@ class Costs:
         # The cells at the last sample taken from a worker are its incarnation's totals.
         return [w / r if r > 0 else pooled for _, r, w in self._seen]
 
-    def least(self) -> int:
+    def least(self, fill: bool = True) -> int:
         """The worker with the least work queued ahead of a new chunk: items sent and not
         done, less those of the batch it is filling, times its cost per item now
         (``current()``); of equals, the one whose batch is fullest, then the lowest index.
-        O(workers).
+        O(workers). ``fill=False`` (a solo chunk, which runs after what is held, alone):
+        the held items count as work ahead, and the batch is not filled.
 
         A batch being filled runs no sooner than the items that join it: its items wait
         for them. Counted as queued work, they kept their worker from the very items that
-        would fill it. Under a steady stream each worker then filled a batch of its own at
-        a share of the rate, and items waited the longer: on W1 one worker of two held a
-        part batch of ~4,500 items for the whole of interval while the other took every
-        chunk; at 20,000 items/s with size=500 items waited a median 39 ms for their
-        results, 24 ms once batches fill one at a time (benchmarks/fill.py).
+        would fill it, so under a steady stream each worker filled a batch of its own at a
+        share of the rate (tests/test_routing.py: two workers, items sent one at a time,
+        each held half a batch and neither ran). At 20,000 items/s with size=500 items
+        waited a median 32 ms for their results, 23 ms once batches fill one at a time
+        (benchmarks/fill.py; results/2026-12-08-1e24614-fill.json).
         """
         cells, best, best_key = self.counters.cells, 0, (0.0, 0)
         for i, cost in enumerate(self.current()):
             base = CELLS * i
-            held = cells[base + HELD]  # racy reads of another process's cells: a hint
-            queued = max(0, cells[base + SENT] - cells[base + DONE] - held)
+            # Racy reads of another process's cells, a hint, in this order: items leave
+            # HELD (the batch runs) before they reach DONE, so DONE read first never loses
+            # them twice (they may count as queued for a moment: too many, not too few).
+            done = cells[base + DONE]
+            held = cells[base + HELD] if fill else 0
+            queued = max(0, cells[base + SENT] - done - held)
             key = (queued * (cost or 1.0), -held)
             if i == 0 or key < best_key:
                 best, best_key = i, key

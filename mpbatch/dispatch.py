@@ -75,10 +75,11 @@ class Router:
             self.for_key = affinity.for_key  # type: ignore[method-assign]
             self.owners = affinity.owners  # type: ignore[method-assign]
 
-    def least_loaded(self) -> int:
-        """The worker with the least queued work: items sent but not reported, times its
-        cost per item (costs.py); O(workers) per chunk."""
-        return self.costs.least()
+    def least_loaded(self, fill: bool = True) -> int:
+        """The worker with the least work queued ahead: items sent but not reported, less
+        those of the batch it is filling (not with ``fill=False``), times its cost per item
+        (costs.Costs.least); O(workers) per chunk."""
+        return self.costs.least(fill)
 
     def round_robin(self) -> int:
         i = self._next
@@ -264,7 +265,9 @@ class Dispatcher:
         Returns the workers they went to.
         """
         if self.router.routing != "key":
-            i = self.router.least_loaded()
+            # A solo chunk runs after what the worker holds, alone: that part batch is
+            # work ahead of it, and would run short.
+            i = self.router.least_loaded(fill=not solo)
             self._send_each(i, segments, solo, full, batch)
             return [i]
         by_worker: dict[int, list[Segment]] = {}

@@ -86,26 +86,28 @@ def test_least_loaded_fills_one_batch_at_a_time(batcher_factory, backend):
             twenty.set()
 
     b = batcher_factory(fns.with_pid, size=20, interval=60, workers=2, on_result=on_result)
+    deadline = time.monotonic() + 30  # for the whole test, inside pytest's 60 s
     for i in range(20):
         assert b.add_many([("k", i)]) == 1  # one chunk
         if i < 19:  # the last one fills the batch: it runs, and HELD drops to 0
-            _until(lambda n=i + 1: _held(b) == [n, 0], f"worker 0 to hold {i + 1} items")
-    assert twenty.wait(timeout=20), f"{len(got)} results of 20 in 20 s"
+            _until(lambda n=i + 1: _held(b) == [n, 0], f"worker 0 to hold {i + 1} items",
+                   deadline)
+    assert twenty.wait(timeout=max(0.0, deadline - time.monotonic())), \
+        f"{len(got)} results of 20"
     assert len({pid for pid, _ in got}) == 1  # one batch: all on worker 0
     assert sorted(v for _, v in got) == list(range(20))
-    _until(lambda: _held(b) == [0, 0], "the batch, once run, to be held no more")
+    _until(lambda: _held(b) == [0, 0], "the batch, once run, to be held no more", deadline)
 
 
 def _held(b):
     return [b._counters.get(i, HELD) for i in range(2)]
 
 
-def _until(check, what, timeout=20.0):
+def _until(check, what, deadline):
     """Wait for ``check()``, a state of another process read from shared memory, which
-    signals no event: polled, failing the test past ``timeout``."""
-    deadline = time.monotonic() + timeout
+    signals no event: polled, failing the test at ``deadline`` (monotonic s)."""
     while not check():
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        assert time.monotonic() < deadline, f"still waiting for {what}"
         time.sleep(0.002)
 
 
@@ -270,12 +272,17 @@ def test_least_loaded_counts_no_part_batch_as_work_ahead(shared_counters):
     assert router.least_loaded() == 0
     counters.set(0, SENT, 50 + 20)  # 20 sent to worker 0 behind its 50 held
     assert router.least_loaded() == 1
-    for i in range(2):  # known costs weigh the work ahead, never the part batch
-        counters.set(i, WORK_NS, 10 * 1_000_000)
+    # Known costs weigh the work ahead, never the part batch: worker 0 has 10 items ahead
+    # and 60 held, worker 1 has 20 ahead, all at 100 us (1 ms against 2 ms; counted, the
+    # held ones would make worker 0's 7 ms).
+    for i, ahead, held in ((0, 10, 60), (1, 20, 0)):
+        counters.set(i, WORK_NS, 10 * 100_000)
         counters.set(i, DONE, 10)
-        counters.set(i, SENT, counters.get(i, SENT) + 10)
-    counters.set(0, HELD, 60)  # worker 0: 10 ahead and 60 held; worker 1: 10 ahead
+        counters.set(i, SENT, 10 + ahead + held)
+        counters.set(i, HELD, held)
     assert router.least_loaded() == 0
+    # A solo chunk (a retry) runs after what its worker holds, alone: held items count.
+    assert router.least_loaded(fill=False) == 1
 
 
 def test_costs_take_no_sample_while_given_and_done_disagree(shared_counters):
