@@ -141,8 +141,8 @@ class Costs:
         would fill it, so under a steady stream each worker filled a batch of its own at a
         share of the rate (tests/test_routing.py: two workers, items sent one at a time,
         each held half a batch and neither ran). At 20,000 items/s with size=500 items
-        waited a median 32 ms for their results, 23 ms once batches fill one at a time
-        (benchmarks/fill.py; results/2026-12-08-1e24614-fill.json).
+        waited a median 28 ms for their results, 23 ms once batches fill one at a time
+        (benchmarks/fill.py; results/2026-12-08-0749e62-fill.json).
         """
         cells, best, best_key = self.counters.cells, 0, (0.0, 0)
         for i, cost in enumerate(self.current()):
