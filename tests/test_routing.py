@@ -22,7 +22,7 @@ from mpbatch.counters import (
     LoadCounters,
 )
 from mpbatch.dispatch import SPREAD_PACED_BATCHES, Pacer, Router, key_hash
-from tests import fns
+from tests import fns, fns_catalogue
 
 
 def pids_and_values(b, items):
@@ -97,6 +97,25 @@ def test_least_loaded_fills_one_batch_at_a_time(batcher_factory, backend):
     assert len({pid for pid, _ in got}) == 1  # one batch: all on worker 0
     assert sorted(v for _, v in got) == list(range(20))
     _until(lambda: _held(b) == [0, 0], "the batch, once run, to be held no more", deadline)
+
+
+def test_a_part_batch_that_fails_to_group_is_held_no_more(batcher_factory):
+    """Keys whose == raises in a worker fail the batch being filled with them: the worker
+    holds nothing after, and routing must not see a part batch there to fill."""
+    dead = []
+    b = batcher_factory(fns.with_pid, size=100, interval=60, workers=2,
+                        on_dead_letter=dead.append)
+    deadline = time.monotonic() + 30
+    items = [("k", i) for i in range(5)] + [(fns_catalogue.ComparesBadlyInWorkers("x"), 5)]
+    for i, item in enumerate(items):  # one chunk each, each held before the next goes
+        assert b.add_many([item]) == 1
+        _until(lambda n=i + 1: _held(b) == [n, 0], f"worker 0 to hold {i + 1}", deadline)
+    # An equal key joins them: the two meet, and compare, as it is grouped.
+    assert b.add_many([(fns_catalogue.ComparesBadlyInWorkers("x"), 6)]) == 1
+    _until(lambda: b.stats().dead_lettered == 7, "the 7 items held with it to fail",
+           deadline)
+    assert [sorted(map(len, d.batch.values())) for d in dead] == [[2, 5]]  # one batch
+    _until(lambda: _held(b) == [0, 0], "nothing to be held", deadline)
 
 
 def _held(b):
