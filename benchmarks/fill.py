@@ -34,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from ab import at_least_one, checkout_facts
+from run import RESULTS, ROOT, _git, rotated
+
 KEYS = 100
 INTERVAL = 0.05  # s, the README's example and W1's
 SCENARIOS = ((20_000, 500), (100_000, 2000), (400_000, 5000), (100_000, 200))
@@ -125,28 +126,16 @@ def runs_of(args):
         checkout = Path(where).resolve()
         if not (checkout / "mpbatch").is_dir():
             sys.exit(f"--run {where}: no mpbatch/ in {checkout}")
-        label = f"mpbatch@{_commit(checkout)}{'+' if _dirty(checkout) else ''}"
+        facts = checkout_facts(checkout)
+        label = f"mpbatch@{facts['commit'] or 'unknown'}{'+' if facts['dirty'] else ''}"
         if label in runs:
             label = f"{label}:{checkout}"
         if label in runs:
             sys.exit(f"--run {where}: given twice")
-        runs[label] = {"run": "mpbatch", "checkout": str(checkout)}
+        runs[label] = {"run": "mpbatch", "checkout": str(checkout)} | facts
     if not args.no_pool:
         runs["pool"] = {"run": "pool"}
     return runs
-
-
-def _git(*argv, cwd):
-    out = subprocess.run(["git", *argv], cwd=cwd, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def _commit(checkout):
-    return _git("rev-parse", "--short", "HEAD", cwd=checkout) or "unknown"
-
-
-def _dirty(checkout):
-    return bool(_git("status", "--porcelain", "--", "mpbatch", cwd=checkout))
 
 
 def summarize(labels, records):
@@ -192,13 +181,6 @@ def scenario(text):
     return rate, size
 
 
-def at_least_one(text):
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
-    return n
-
-
 def positive(text):
     value = float(text)
     if not value > 0:
@@ -237,9 +219,9 @@ def main(argv=None):
     records = []
     for repeat in range(repeats):
         for rate, size in scenarios:
-            turned = labels[repeat % len(labels):] + labels[:repeat % len(labels)]
-            for label in turned:
-                spec = runs[label] | {"rate": rate, "size": size, "seconds": seconds}
+            for label in rotated(labels, repeat):
+                spec = {"run": runs[label]["run"], "checkout": runs[label].get("checkout"),
+                        "rate": rate, "size": size, "seconds": seconds}
                 rec = measure(spec, args.timeout)
                 records.append(rec | {"label": label, "repeat": repeat,
                                       "scenario": f"{rate:,} : {size}"})
@@ -247,10 +229,11 @@ def main(argv=None):
                       f"{rec['p50_ms']:.1f} ms, p99 {rec['p99_ms']:.1f} ms  ok", flush=True)
     summary = summarize(labels, records)
     env = {"python": sys.version.split()[0], "cpus": os.cpu_count(),
-           "commit": _commit(ROOT), "argv": sys.argv[1:] if argv is None else argv,
-           "runs": runs, "keys": KEYS, "interval": INTERVAL, "seconds": seconds}
+           "commit": _git("rev-parse", "--short", "HEAD"),
+           "argv": sys.argv[1:] if argv is None else argv, "runs": runs, "keys": KEYS,
+           "interval": INTERVAL, "seconds": seconds}
     stem = f"{datetime.date.today()}-{'smoke-' if args.smoke else ''}fill"
-    path = HERE / "results" / f"{stem}.json"
+    path = RESULTS / f"{stem}.json"
     path.write_text(json.dumps({"environment": env, "summary": summary,
                                 "table_md": table(summary, labels), "runs": records},
                                indent=1))
